@@ -1,0 +1,467 @@
+"""The engine core: continuous batching over a paged KV cache, timed by the roofline.
+
+A pure state machine with no clock of its own: :meth:`Engine.plan_step` is handed the
+current emulated time and decides the next iteration (which sequences, how many tokens
+each, how long it takes); :meth:`Engine.complete_step` applies it when that time has
+come. The asyncio runner calls these in real time, the virtual driver in virtual time.
+
+Three scheduling styles, each following its engine's source:
+
+* ``vllm`` — running sequences first, then waiting ones, in one mixed step under a token
+  budget (chunked prefill); out of blocks -> preempt by recompute (FCFS: the last admitted;
+  priority policy: the worst (priority, arrival), lower priority value runs first).
+* ``sglang`` — prefill-first: a prefill (extend) batch whenever waiting work fits, else a
+  decode batch; out of blocks while decoding -> retract the sequence with the fewest output
+  tokens (longest prompt on ties); priority: higher value first, and a waiting request
+  preempts a running one whose priority is at least 10 lower.
+* ``tgi`` — FIFO; blocks for prompt + min(max_new_tokens, 1024) reserved up front; when the
+  head does not fit it waits (head-of-line blocking); new requests are prefilled whole, in
+  their own step; no preemption.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .kvcache import KVCache
+from .metrics_state import EngineStats
+from .profiles import Profile
+from .roofline import StepShape, step_time_ms
+
+ENGINE_KINDS = ("vllm", "sglang", "tgi")
+SGLANG_PRIORITY_PREEMPT_GAP = 10
+TGI_RESERVE_CAP = 1024
+
+
+class SeqState(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_arrival_order = itertools.count()
+
+
+@dataclass(eq=False, slots=True)
+class Sequence:
+    """One request inside the engine. Times are emulated seconds."""
+
+    rid: str
+    prompt_len: int
+    block_hashes: list[int]
+    target_tokens: int  # how many tokens the reply will have
+    hit_limit: bool  # the reply ends because of max_new_tokens, not by itself
+    max_new_tokens: int
+    priority: int = 0
+    arrival: float = 0.0
+    on_progress: Callable[[Sequence], None] | None = None
+    state: SeqState = SeqState.WAITING
+    computed: int = 0  # tokens whose KV is in the cache
+    output: int = 0  # generated tokens
+    shared: list[int] = field(default_factory=list)  # prefix-cache blocks held (a contiguous prefix)
+    private_blocks: int = 0
+    reserved_blocks: int = 0  # TGI's up-front reservation not yet used
+    can_register: bool = True
+    cached_tokens: int = 0
+    first_scheduled: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    finished_at: float | None = None
+    finish_reason: str | None = None  # stop | length | abort
+    preemptions: int = 0
+    order: int = field(default_factory=lambda: next(_arrival_order))
+
+    @property
+    def to_feed(self) -> int:
+        """Known tokens whose KV is not computed yet (prompt + generated so far)."""
+        return self.prompt_len + self.output - self.computed
+
+    @property
+    def finished(self) -> bool:
+        return self.state is SeqState.FINISHED
+
+    @property
+    def first_token_at(self) -> float | None:
+        return self.token_times[0] if self.token_times else None
+
+
+@dataclass(slots=True)
+class Step:
+    start: float
+    end: float
+    work: list[tuple[Sequence, int]]
+    shape: StepShape
+
+
+class _WaitingQueue:
+    """FCFS deque or a priority heap; ``sign`` turns 'higher first' into a min-heap."""
+
+    def __init__(self, priority: bool, higher_first: bool) -> None:
+        self.priority = priority
+        self.sign = -1 if higher_first else 1
+        self._fifo: deque[Sequence] = deque()
+        self._heap: list[tuple[int, float, int, Sequence]] = []
+
+    def __len__(self) -> int:
+        return len(self._heap) if self.priority else len(self._fifo)
+
+    def __iter__(self):
+        if self.priority:
+            return (entry[3] for entry in sorted(self._heap))
+        return iter(self._fifo)
+
+    def push(self, seq: Sequence, *, front: bool = False) -> None:
+        if self.priority:
+            heapq.heappush(self._heap, (self.sign * seq.priority, seq.arrival, seq.order, seq))
+        elif front:
+            self._fifo.appendleft(seq)
+        else:
+            self._fifo.append(seq)
+
+    def peek(self) -> Sequence:
+        return self._heap[0][3] if self.priority else self._fifo[0]
+
+    def pop(self) -> Sequence:
+        return heapq.heappop(self._heap)[3] if self.priority else self._fifo.popleft()
+
+    def remove(self, seq: Sequence) -> None:
+        if self.priority:
+            self._heap = [e for e in self._heap if e[3] is not seq]
+            heapq.heapify(self._heap)
+        else:
+            self._fifo.remove(seq)
+
+
+class Engine:
+    """One emulated engine instance (one model on one GPU group)."""
+
+    def __init__(
+        self,
+        kind: str,
+        profile: Profile,
+        *,
+        priority_scheduling: bool = False,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        prefix_caching: bool = True,
+        max_batch_prefill_tokens: int = 4096,
+    ) -> None:
+        if kind not in ENGINE_KINDS:
+            raise ValueError(f"unknown engine kind {kind!r}; expected one of {', '.join(ENGINE_KINDS)}")
+        self.kind = kind
+        self.profile = profile
+        self.priority_scheduling = priority_scheduling and kind != "tgi"
+        self.max_num_seqs = max_num_seqs or profile.max_num_seqs
+        self.token_budget = max_num_batched_tokens or profile.max_num_batched_tokens
+        self.max_batch_prefill_tokens = max_batch_prefill_tokens
+        self.kv = KVCache(profile.num_gpu_blocks, profile.block_size, prefix_caching=prefix_caching)
+        self.waiting = _WaitingQueue(self.priority_scheduling, higher_first=(kind == "sglang"))
+        self.running: list[Sequence] = []
+        self.current: Step | None = None
+        self.stats = EngineStats()
+        self.sleeping = False
+        self.sleep_level = 0
+
+    # ----- requests -------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.state = SeqState.WAITING
+        self.waiting.push(seq)
+        self.stats.waiting_changed(len(self.waiting))
+
+    def abort(self, seq: Sequence, now: float) -> None:
+        """Client went away: free its KV now and count it as ``finished_reason="abort"``."""
+        if seq.finished:
+            return
+        if seq.state is SeqState.WAITING:
+            self.waiting.remove(seq)
+        else:
+            self.running.remove(seq)
+        self._free(seq)
+        self._finish(seq, "abort", now)
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    @property
+    def idle(self) -> bool:
+        return not self.running and not len(self.waiting)
+
+    # ----- iteration --------------------------------------------------------------------------
+    def plan_step(self, now: float) -> Step | None:
+        """Decide the iteration starting at ``now``; None when there is nothing to run."""
+        if self.current is not None:
+            raise RuntimeError("a step is already in flight")
+        if self.sleeping or self.idle:
+            return None
+        if self.kind == "vllm":
+            work = self._schedule_vllm()
+        elif self.kind == "sglang":
+            work = self._schedule_sglang()
+        else:
+            work = self._schedule_tgi()
+        if not work:
+            return None
+        shape = StepShape()
+        for seq, chunk in work:
+            if seq.first_scheduled is None:
+                seq.first_scheduled = now
+                self.stats.observe_queue_time(now - seq.arrival)
+            if seq.to_feed == 1 and seq.output > 0:
+                shape.add_decode(seq.computed + 1)
+            else:
+                shape.add_prefill(chunk, seq.computed)
+        duration = step_time_ms(self.profile, shape) / 1e3
+        self.current = Step(now, now + duration, work, shape)
+        return self.current
+
+    def complete_step(self) -> list[Sequence]:
+        """Apply the in-flight step at its end time; returns the sequences that produced a token."""
+        step = self.current
+        if step is None:
+            return []
+        self.current = None
+        now = step.end
+        progressed: list[Sequence] = []
+        block_size = self.kv.block_size
+        for seq, chunk in step.work:
+            if seq.state is not SeqState.RUNNING:
+                continue  # aborted or preempted while the step ran
+            seq.computed += chunk
+            self._register_full_blocks(seq, block_size)
+            if seq.computed < seq.prompt_len + seq.output:
+                continue  # a prefill chunk that did not reach the end
+            seq.output += 1
+            seq.token_times.append(now)
+            self.stats.generation_tokens += 1
+            if seq.output == 1:
+                self.stats.prompt_tokens += seq.prompt_len
+            if seq.output >= seq.target_tokens:
+                self.running.remove(seq)
+                self._free(seq)
+                self._finish(seq, "length" if seq.hit_limit else "stop", now)
+            progressed.append(seq)
+            if seq.on_progress is not None:
+                seq.on_progress(seq)
+        self.stats.steps += 1
+        self.stats.busy_seconds += step.end - step.start
+        return progressed
+
+    # ----- scheduling styles -----------------------------------------------------------------
+    def _schedule_vllm(self) -> list[tuple[Sequence, int]]:
+        budget = self.token_budget
+        work: list[tuple[Sequence, int]] = []
+        preempted = False
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            chunk = min(seq.to_feed, budget)
+            scheduled = True
+            while not self.kv.allocate(self._blocks_needed(seq, chunk)):
+                victim = self._vllm_victim()
+                victim_index = self.running.index(victim)
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    scheduled = False
+                    break
+                if victim_index < index:  # already scheduled this step: take it back out
+                    index -= 1
+                    for position, (scheduled_seq, scheduled_chunk) in enumerate(work):
+                        if scheduled_seq is victim:
+                            del work[position]
+                            budget += scheduled_chunk
+                            break
+            if not scheduled:
+                continue  # seq left self.running; same index now holds the next one
+            work.append((seq, chunk))
+            self._hold(seq, chunk)
+            budget -= chunk
+            index += 1
+        if not preempted:
+            while len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+                seq = self.waiting.peek()
+                self._first_admission(seq)
+                chunk = min(seq.to_feed, budget)
+                if not self.kv.allocate(self._blocks_needed(seq, chunk)):
+                    break
+                self.waiting.pop()
+                self._start(seq)
+                work.append((seq, chunk))
+                self._hold(seq, chunk)
+                budget -= chunk
+        self.stats.waiting_changed(len(self.waiting))
+        return work
+
+    def _vllm_victim(self) -> Sequence:
+        if self.priority_scheduling:
+            return max(self.running, key=lambda s: (s.priority, s.arrival, s.order))
+        return self.running[-1]
+
+    def _schedule_sglang(self) -> list[tuple[Sequence, int]]:
+        work = self._sglang_prefill_batch()
+        if work:
+            return work
+        # Decode batch: every running sequence that has finished its prefill.
+        decoding = [s for s in self.running if s.output > 0]
+        decoding.sort(key=lambda s: (s.output, -s.prompt_len), reverse=True)
+        while decoding and self.kv.free < sum(self._blocks_needed(s, 1) for s in decoding):
+            victim = decoding.pop()  # fewest output tokens, longest prompt
+            self._preempt(victim)
+        for seq in decoding:
+            self.kv.allocate(self._blocks_needed(seq, 1))
+            self._hold(seq, 1)
+            work.append((seq, 1))
+        return work
+
+    def _sglang_prefill_batch(self) -> list[tuple[Sequence, int]]:
+        budget = self.token_budget
+        work: list[tuple[Sequence, int]] = []
+        # A chunked prefill in progress continues first.
+        for seq in self.running:
+            if seq.output == 0 and seq.to_feed > 0 and budget > 0:
+                chunk = min(seq.to_feed, budget)
+                if not self.kv.allocate(self._blocks_needed(seq, chunk)):
+                    return work
+                self._hold(seq, chunk)
+                work.append((seq, chunk))
+                budget -= chunk
+        while len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting.peek()
+            self._first_admission(seq)
+            chunk = min(seq.to_feed, budget)
+            if not self.kv.allocate(self._blocks_needed(seq, chunk)):
+                if not self._sglang_priority_preempt(seq):
+                    break
+                continue
+            self.waiting.pop()
+            self._start(seq)
+            self._hold(seq, chunk)
+            work.append((seq, chunk))
+            budget -= chunk
+        self.stats.waiting_changed(len(self.waiting))
+        return work
+
+    def _sglang_priority_preempt(self, incoming: Sequence) -> bool:
+        if not self.priority_scheduling or not self.running:
+            return False
+        victim = min(self.running, key=lambda s: (s.priority, -s.arrival))
+        if incoming.priority - victim.priority < SGLANG_PRIORITY_PREEMPT_GAP:
+            return False
+        self._preempt(victim)
+        return True
+
+    def _schedule_tgi(self) -> list[tuple[Sequence, int]]:
+        work: list[tuple[Sequence, int]] = []
+        prefill_tokens = 0
+        while len(self.waiting) and len(self.running) < self.max_num_seqs:
+            seq = self.waiting.peek()
+            if work and prefill_tokens + seq.to_feed > self.max_batch_prefill_tokens:
+                break
+            self._first_admission(seq)
+            reserve = self.kv.blocks_for(seq.prompt_len + min(seq.max_new_tokens, TGI_RESERVE_CAP))
+            reserve -= len(seq.shared)
+            if not self.kv.allocate(reserve):
+                break  # head-of-line blocking: nothing behind the head may pass it
+            self.waiting.pop()
+            self._start(seq)
+            seq.reserved_blocks = reserve
+            chunk = seq.to_feed
+            self._hold(seq, chunk)
+            work.append((seq, chunk))
+            prefill_tokens += chunk
+        self.stats.waiting_changed(len(self.waiting))
+        if work:
+            return work  # new requests are prefilled in a step of their own
+        for seq in self.running:
+            need = self._blocks_needed(seq, 1)
+            if need and not self.kv.allocate(need):
+                continue  # past its reservation and out of blocks: it waits (no preemption)
+            self._hold(seq, 1)
+            work.append((seq, 1))
+        return work
+
+    # ----- block bookkeeping -----------------------------------------------------------------
+    def _held_blocks(self, seq: Sequence) -> int:
+        return len(seq.shared) + seq.private_blocks
+
+    def _blocks_needed(self, seq: Sequence, chunk: int) -> int:
+        """New blocks to allocate so ``chunk`` more tokens fit (TGI draws on its reservation first)."""
+        need = self.kv.blocks_for(seq.computed + chunk) - self._held_blocks(seq)
+        if seq.reserved_blocks:
+            return max(0, need - seq.reserved_blocks)
+        return max(0, need)
+
+    def _hold(self, seq: Sequence, chunk: int) -> None:
+        need = self.kv.blocks_for(seq.computed + chunk) - self._held_blocks(seq)
+        if need <= 0:
+            return
+        from_reserve = min(need, seq.reserved_blocks)
+        seq.reserved_blocks -= from_reserve
+        seq.private_blocks += need
+
+    def _register_full_blocks(self, seq: Sequence, block_size: int) -> None:
+        while seq.can_register and len(seq.shared) < len(seq.block_hashes):
+            if seq.computed < (len(seq.shared) + 1) * block_size:
+                return
+            if self.kv.register(seq.block_hashes[len(seq.shared)]):
+                seq.shared.append(seq.block_hashes[len(seq.shared)])
+                seq.private_blocks -= 1
+            else:
+                seq.can_register = False
+
+    def _first_admission(self, seq: Sequence) -> None:
+        """Prefix-cache lookup the first time (or again after a preemption) a sequence is admitted."""
+        if seq.computed or seq.shared:
+            return
+        acquired = self.kv.match_prefix(seq.block_hashes, seq.prompt_len)
+        seq.shared = acquired
+        cached = len(acquired) * self.kv.block_size
+        # The last prompt token is always recomputed to produce logits (as vLLM does).
+        seq.computed = min(cached, seq.prompt_len + seq.output - 1)
+        if seq.output == 0:
+            seq.cached_tokens = seq.computed
+        self.stats.prefix_hit_tokens = self.kv.hits_tokens
+        self.stats.prefix_query_tokens = self.kv.queries_tokens
+
+    def _start(self, seq: Sequence) -> None:
+        seq.state = SeqState.RUNNING
+        self.running.append(seq)
+
+    def _free(self, seq: Sequence) -> None:
+        self.kv.release_shared(seq.shared)
+        self.kv.release(seq.private_blocks + seq.reserved_blocks)
+        seq.shared = []
+        seq.private_blocks = 0
+        seq.reserved_blocks = 0
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Preemption by recompute (vLLM) / retraction (SGLang): drop KV, back to the queue head."""
+        self.running.remove(seq)
+        self._free(seq)
+        seq.computed = 0
+        seq.can_register = True
+        seq.preemptions += 1
+        seq.state = SeqState.WAITING
+        self.waiting.push(seq, front=True)
+        self.stats.preemptions += 1
+
+    def _finish(self, seq: Sequence, reason: str, now: float) -> None:
+        seq.state = SeqState.FINISHED
+        seq.finish_reason = reason
+        seq.finished_at = now
+        self.stats.record_finish(seq, now)
+        if reason == "abort" and seq.on_progress is not None:
+            seq.on_progress(seq)
+
+    # ----- admin ------------------------------------------------------------------------------
+    def preempt_all(self) -> None:
+        for seq in list(reversed(self.running)):
+            self._preempt(seq)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv.reset()
