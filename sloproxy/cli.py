@@ -1,0 +1,112 @@
+"""The ``sloproxy`` command: one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from . import __version__
+
+
+def run_async(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run on uvloop where available (the production event loop), else asyncio's default."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a declared dependency off Windows
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def _emulate(args: argparse.Namespace) -> int:
+    from .emulator.fleet import InstanceSpec, instance_config, load_fleet, serve_forever
+
+    if args.fleet:
+        fleet = load_fleet(args.fleet)
+        if args.speedup is not None:
+            fleet.speedup = args.speedup
+        tables: dict = {}
+        configs = [instance_config(spec, fleet, tables) for spec in fleet.instances]
+    else:
+        missing = [flag for flag, value in (("--engine", args.engine), ("--model", args.model),
+                                            ("--port", args.port)) if value is None]
+        if missing:
+            print(f"sloproxy emulate: {', '.join(missing)} required without --fleet", file=sys.stderr)
+            return 2
+        spec = InstanceSpec(
+            name=f"{args.engine}-{args.port}", engine=args.engine, model=args.model, port=args.port,
+            profile=args.profile, host=args.host, speedup=args.speedup or 1.0, lengths=args.lengths,
+            max_model_len=args.max_model_len, scheduling_policy=args.scheduling_policy,
+            max_num_seqs=args.max_num_seqs, max_concurrent_requests=args.max_concurrent_requests,
+            sse_space=args.sse_space, legacy_errors=args.legacy_errors,
+        )
+        configs = [instance_config(spec)]
+    run_async(serve_forever(configs))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.which == "calibration":
+        from .emulator.calibration import main as calibration_main
+
+        return calibration_main(json_output=args.json)
+    raise AssertionError(args.which)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(speedup=args.speedup, requests=args.requests)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .emulator.profiles import DEFAULT_PROFILE, PROFILES
+
+    parser = argparse.ArgumentParser(prog="sloproxy", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"sloproxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    emulate = commands.add_parser("emulate", help="run emulated vLLM / TGI / SGLang engines")
+    emulate.add_argument("--fleet", help="fleet YAML: start every instance it lists")
+    emulate.add_argument("--engine", choices=("vllm", "tgi", "sglang"))
+    emulate.add_argument("--model", help="served model name")
+    emulate.add_argument("--port", type=int)
+    emulate.add_argument("--host", default="127.0.0.1")
+    emulate.add_argument("--profile", default=DEFAULT_PROFILE, choices=sorted(PROFILES))
+    emulate.add_argument("--speedup", type=float, default=None, help="divide every duration by K")
+    emulate.add_argument("--lengths", help="JSONL of true reply lengths (workload or prompt_hash keyed)")
+    emulate.add_argument("--max-model-len", type=int)
+    emulate.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs")
+    emulate.add_argument("--max-num-seqs", type=int)
+    emulate.add_argument("--max-concurrent-requests", type=int, default=128, help="TGI: 429 past this")
+    emulate.add_argument("--sse-space", action="store_true", help="TGI: write 'data: ' as TGI >= 2 does")
+    emulate.add_argument("--legacy-errors", action="store_true", help="vLLM: flat error bodies")
+    emulate.set_defaults(func=_emulate)
+
+    bench = commands.add_parser("bench", help="benchmarks that print measured figures")
+    bench.add_argument("which", choices=("calibration",))
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=_bench)
+
+    demo = commands.add_parser("demo", help="start an emulated fleet and send it real traffic")
+    demo.add_argument("--speedup", type=float, default=10.0)
+    demo.add_argument("--requests", type=int, default=24)
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"sloproxy {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""HTTP plumbing the three emulated engines share: body decoding, JSON replies, SSE, control routes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from .instance import Generation, Instance
+
+T = TypeVar("T")
+INSTANCE_KEY: web.AppKey[Instance] = web.AppKey("instance", Instance)
+_encode = msgspec.json.encode
+
+
+class ApiError(Exception):
+    """Raised by handlers; the middleware turns it into the engine's own error body."""
+
+    def __init__(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body
+        self.headers = headers
+
+
+@web.middleware
+async def api_error_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as error:
+        return json_response(error.body, status=error.status, headers=error.headers)
+
+
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=_encode(obj), status=status, content_type="application/json", headers=headers)
+
+
+def encode(obj: Any) -> bytes:
+    return _encode(obj)
+
+
+async def decode_body(request: web.Request, type_: type[T], error: Callable[[str], ApiError]) -> T:
+    """Decode and validate the JSON body into ``type_``; malformed input becomes ``error(message)``."""
+    raw = await request.read()
+    try:
+        return msgspec.json.decode(raw, type=type_)
+    except msgspec.ValidationError as exc:
+        raise error(f"Invalid request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise error(f"Invalid JSON body: {exc}") from None
+
+
+async def json_object(request: web.Request, error: Callable[[str], ApiError]) -> dict[str, Any]:
+    """A JSON object body for the small admin routes, or ``error(message)``."""
+    try:
+        body = await request.json()
+    except ValueError:
+        raise error("Invalid JSON body.") from None
+    if not isinstance(body, dict):
+        raise error("The request body must be a JSON object.")
+    return body
+
+
+def instance_of(request: web.Request) -> Instance:
+    return request.app[INSTANCE_KEY]
+
+
+def unix_now() -> int:
+    return int(time.time())
+
+
+async def start_sse(request: web.Request, extra_headers: dict[str, str] | None = None) -> web.StreamResponse:
+    response = web.StreamResponse(
+        status=200,
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **(extra_headers or {})},
+    )
+    await response.prepare(request)
+    return response
+
+
+def reply_text(generation: Generation, start: int, end: int) -> str:
+    return "".join(generation.piece(i) for i in range(start, end))
+
+
+async def emulator_state(request: web.Request) -> web.Response:
+    """Test hook (not an engine route): the engine's internal state at this instant."""
+    instance = instance_of(request)
+    engine = instance.engine
+    return json_response({
+        "name": instance.config.name,
+        "engine": engine.kind,
+        "running": len(engine.running),
+        "waiting": len(engine.waiting),
+        "kv_blocks_total": engine.kv.num_blocks,
+        "kv_blocks_used": engine.kv.used,
+        "kv_usage": engine.kv.usage,
+        "preemptions": engine.stats.preemptions,
+        "finished": dict(engine.stats.finished),
+        "generation_tokens": engine.stats.generation_tokens,
+        "sleeping": engine.sleeping,
+        "emulated_now": instance.now(),
+        "speedup": instance.speedup,
+    })
+
+
+async def emulator_health(request: web.Request) -> web.Response:
+    """Test hook: ``{"healthy": false}`` makes ``/health`` fail as a dead engine's would."""
+    body = await request.json()
+    instance_of(request).healthy = bool(body.get("healthy", True))
+    return json_response({"healthy": instance_of(request).healthy})
+
+
+def new_app(instance: Instance) -> web.Application:
+    app = web.Application(middlewares=[api_error_middleware], client_max_size=64 * 1024 * 1024)
+    app[INSTANCE_KEY] = instance
+    app.router.add_get("/_emulator/state", emulator_state)
+    app.router.add_post("/_emulator/health", emulator_health)
+    return app
