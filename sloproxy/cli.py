@@ -30,17 +30,29 @@ def _emulate(args: argparse.Namespace) -> int:
         tables: dict = {}
         configs = [instance_config(spec, fleet, tables) for spec in fleet.instances]
     else:
-        missing = [flag for flag, value in (("--engine", args.engine), ("--model", args.model),
-                                            ("--port", args.port)) if value is None]
+        missing = [
+            flag
+            for flag, value in (("--engine", args.engine), ("--model", args.model), ("--port", args.port))
+            if value is None
+        ]
         if missing:
             print(f"sloproxy emulate: {', '.join(missing)} required without --fleet", file=sys.stderr)
             return 2
         spec = InstanceSpec(
-            name=f"{args.engine}-{args.port}", engine=args.engine, model=args.model, port=args.port,
-            profile=args.profile, host=args.host, speedup=args.speedup or 1.0, lengths=args.lengths,
-            max_model_len=args.max_model_len, scheduling_policy=args.scheduling_policy,
-            max_num_seqs=args.max_num_seqs, max_concurrent_requests=args.max_concurrent_requests,
-            sse_space=args.sse_space, legacy_errors=args.legacy_errors,
+            name=f"{args.engine}-{args.port}",
+            engine=args.engine,
+            model=args.model,
+            port=args.port,
+            profile=args.profile,
+            host=args.host,
+            speedup=args.speedup or 1.0,
+            lengths=args.lengths,
+            max_model_len=args.max_model_len,
+            scheduling_policy=args.scheduling_policy,
+            max_num_seqs=args.max_num_seqs,
+            max_concurrent_requests=args.max_concurrent_requests,
+            sse_space=args.sse_space,
+            legacy_errors=args.legacy_errors,
         )
         configs = [instance_config(spec)]
     run_async(serve_forever(configs))
@@ -91,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench)
 
     demo = commands.add_parser("demo", help="start an emulated fleet and send it real traffic")
-    demo.add_argument("--speedup", type=float, default=10.0)
+    demo.add_argument("--speedup", type=float, default=4.0)
     demo.add_argument("--requests", type=int, default=24)
     demo.set_defaults(func=_demo)
     return parser

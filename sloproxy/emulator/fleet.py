@@ -71,8 +71,9 @@ def load_fleet(path: str | Path) -> FleetSpec:
     return fleet
 
 
-def instance_config(spec: InstanceSpec, fleet: FleetSpec | None = None,
-                    tables: dict[str, LengthTable] | None = None) -> InstanceConfig:
+def instance_config(
+    spec: InstanceSpec, fleet: FleetSpec | None = None, tables: dict[str, LengthTable] | None = None
+) -> InstanceConfig:
     speedup = spec.speedup or (fleet.speedup if fleet else 1.0)
     if speedup <= 0:
         raise ValueError(f"instance {spec.name}: speedup must be positive")
@@ -82,12 +83,22 @@ def instance_config(spec: InstanceSpec, fleet: FleetSpec | None = None,
         tables = tables if tables is not None else {}
         table = tables.get(lengths_path) or tables.setdefault(lengths_path, LengthTable.load(lengths_path))
     return InstanceConfig(
-        name=spec.name, engine=spec.engine, model=spec.model, profile=get_profile(spec.profile),
-        port=spec.port, host=spec.host or (fleet.host if fleet else "127.0.0.1"), speedup=speedup,
-        max_model_len=spec.max_model_len, priority_scheduling=spec.scheduling_policy == "priority",
-        max_num_seqs=spec.max_num_seqs, max_concurrent_requests=spec.max_concurrent_requests,
-        max_queued_requests=spec.max_queued_requests, lengths=table, prefix_caching=spec.prefix_caching,
-        legacy_errors=spec.legacy_errors, sse_space=spec.sse_space,
+        name=spec.name,
+        engine=spec.engine,
+        model=spec.model,
+        profile=get_profile(spec.profile),
+        port=spec.port,
+        host=spec.host or (fleet.host if fleet else "127.0.0.1"),
+        speedup=speedup,
+        max_model_len=spec.max_model_len,
+        priority_scheduling=spec.scheduling_policy == "priority",
+        max_num_seqs=spec.max_num_seqs,
+        max_concurrent_requests=spec.max_concurrent_requests,
+        max_queued_requests=spec.max_queued_requests,
+        lengths=table,
+        prefix_caching=spec.prefix_caching,
+        legacy_errors=spec.legacy_errors,
+        sse_space=spec.sse_space,
     )
 
 
@@ -132,8 +143,10 @@ async def start_fleet(configs: list[InstanceConfig]) -> RunningFleet:
 async def serve_forever(configs: list[InstanceConfig], announce: Callable[[str], None] = print) -> None:
     fleet = await start_fleet(configs)
     for config in configs:
-        announce(f"emulating {config.engine} '{config.model}' ({config.profile.name}) as {config.name} "
-                 f"on http://{config.host}:{config.port} (speedup {config.speedup:g})")
+        announce(
+            f"emulating {config.engine} '{config.model}' ({config.profile.name}) as {config.name} "
+            f"on http://{config.host}:{config.port} (speedup {config.speedup:g})"
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -89,21 +89,23 @@ async def emulator_state(request: web.Request) -> web.Response:
     """Test hook (not an engine route): the engine's internal state at this instant."""
     instance = instance_of(request)
     engine = instance.engine
-    return json_response({
-        "name": instance.config.name,
-        "engine": engine.kind,
-        "running": len(engine.running),
-        "waiting": len(engine.waiting),
-        "kv_blocks_total": engine.kv.num_blocks,
-        "kv_blocks_used": engine.kv.used,
-        "kv_usage": engine.kv.usage,
-        "preemptions": engine.stats.preemptions,
-        "finished": dict(engine.stats.finished),
-        "generation_tokens": engine.stats.generation_tokens,
-        "sleeping": engine.sleeping,
-        "emulated_now": instance.now(),
-        "speedup": instance.speedup,
-    })
+    return json_response(
+        {
+            "name": instance.config.name,
+            "engine": engine.kind,
+            "running": len(engine.running),
+            "waiting": len(engine.waiting),
+            "kv_blocks_total": engine.kv.num_blocks,
+            "kv_blocks_used": engine.kv.used,
+            "kv_usage": engine.kv.usage,
+            "preemptions": engine.stats.preemptions,
+            "finished": dict(engine.stats.finished),
+            "generation_tokens": engine.stats.generation_tokens,
+            "sleeping": engine.sleeping,
+            "emulated_now": instance.now(),
+            "speedup": instance.speedup,
+        }
+    )
 
 
 async def emulator_health(request: web.Request) -> web.Response:

@@ -75,11 +75,13 @@ class Instance:
     def __init__(self, config: InstanceConfig) -> None:
         self.config = config
         profile = config.profile
-        self.max_model_len = min(config.max_model_len or profile.model.max_position,
-                                 profile.kv_capacity_tokens)
+        self.max_model_len = min(config.max_model_len or profile.model.max_position, profile.kv_capacity_tokens)
         self.engine = Engine(
-            config.engine, profile, priority_scheduling=config.priority_scheduling,
-            max_num_seqs=config.max_num_seqs, prefix_caching=config.prefix_caching,
+            config.engine,
+            profile,
+            priority_scheduling=config.priority_scheduling,
+            max_num_seqs=config.max_num_seqs,
+            prefix_caching=config.prefix_caching,
         )
         self.speedup = config.speedup
         self.lora_adapters: dict[str, str] = {}  # name -> path
@@ -141,13 +143,23 @@ class Instance:
     def new_request_id(self) -> str:
         return f"{next(self._rid_counter):x}{int(time.time() * 1000) % 100000:05d}"
 
-    def submit(self, prompt: str, max_new_tokens: int, *, rid: str | None = None, ignore_eos: bool = False,
-               priority: int = 0, min_tokens: int = 0, prompt_ids: list[int] | None = None) -> Generation:
+    def submit(
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        *,
+        rid: str | None = None,
+        ignore_eos: bool = False,
+        priority: int = 0,
+        min_tokens: int = 0,
+        prompt_ids: list[int] | None = None,
+    ) -> Generation:
         """Queue one request in the engine; the caller has already validated lengths."""
         ids = prompt_ids if prompt_ids is not None else token_ids(prompt)
         key = prompt_key(prompt) if prompt_ids is None else prompt_key(" ".join(map(str, prompt_ids)))
-        target, hit_limit = reply_length(key, max_new_tokens, ignore_eos=ignore_eos,
-                                         table=self.config.lengths, min_tokens=min_tokens)
+        target, hit_limit = reply_length(
+            key, max_new_tokens, ignore_eos=ignore_eos, table=self.config.lengths, min_tokens=min_tokens
+        )
         generation: Generation
         rid = rid or self.new_request_id()
 
@@ -155,9 +167,15 @@ class Instance:
             generation._event.set()
 
         seq = Sequence(
-            rid=rid, prompt_len=len(ids), block_hashes=block_hashes(ids, self.engine.kv.block_size),
-            target_tokens=target, hit_limit=hit_limit, max_new_tokens=max_new_tokens, priority=priority,
-            arrival=self.now(), on_progress=on_progress,
+            rid=rid,
+            prompt_len=len(ids),
+            block_hashes=block_hashes(ids, self.engine.kv.block_size),
+            target_tokens=target,
+            hit_limit=hit_limit,
+            max_new_tokens=max_new_tokens,
+            priority=priority,
+            arrival=self.now(),
+            on_progress=on_progress,
         )
         generation = Generation(seq=seq, seed=int(key, 16), prompt_tokens=len(ids))
         self.engine.stats.requests_received += 1

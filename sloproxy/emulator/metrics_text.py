@@ -37,54 +37,69 @@ def _histogram(name: str, doc: str, labels: dict[str, str], hist: Histogram) -> 
 def vllm_metrics(instance: Instance) -> Iterator[Metric]:
     engine, stats = instance.engine, instance.engine.stats
     labels = {"model_name": instance.config.model, "engine": "0"}
-    yield _gauge("vllm:num_requests_running", "Requests in model execution batches.", labels,
-                 len(engine.running))
+    yield _gauge("vllm:num_requests_running", "Requests in model execution batches.", labels, len(engine.running))
     yield _gauge("vllm:num_requests_waiting", "Requests waiting to be processed.", labels, len(engine.waiting))
-    yield _gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", labels,
-                 engine.kv.usage)
+    yield _gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", labels, engine.kv.usage)
     yield _counter("vllm:num_preemptions", "Cumulative number of preemptions.", labels, stats.preemptions)
     yield _counter("vllm:prompt_tokens", "Number of prefill tokens processed.", labels, stats.prompt_tokens)
-    yield _counter("vllm:generation_tokens", "Number of generation tokens processed.", labels,
-                   stats.generation_tokens)
-    success = CounterMetricFamily("vllm:request_success", "Count of successfully processed requests.",
-                                  labels=[*labels, "finished_reason"])
+    yield _counter("vllm:generation_tokens", "Number of generation tokens processed.", labels, stats.generation_tokens)
+    success = CounterMetricFamily(
+        "vllm:request_success", "Count of successfully processed requests.", labels=[*labels, "finished_reason"]
+    )
     for reason in ("stop", "length", "abort"):
         success.add_metric([*labels.values(), reason], stats.finished.get(reason, 0))
     yield success
-    yield _counter("vllm:prefix_cache_queries", "Prefix cache queries, in terms of tokens.", labels,
-                   engine.kv.queries_tokens)
-    yield _counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of tokens.", labels,
-                   engine.kv.hits_tokens)
+    yield _counter(
+        "vllm:prefix_cache_queries", "Prefix cache queries, in terms of tokens.", labels, engine.kv.queries_tokens
+    )
+    yield _counter("vllm:prefix_cache_hits", "Prefix cache hits, in terms of tokens.", labels, engine.kv.hits_tokens)
     profile = instance.config.profile
     cache_info = GaugeMetricFamily(
-        "vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
+        "vllm:cache_config_info",
+        "Information of the LLMEngine CacheConfig",
         labels=["block_size", "num_gpu_blocks", "enable_prefix_caching", "gpu_memory_utilization", "engine"],
     )
-    cache_info.add_metric([str(profile.block_size), str(engine.kv.num_blocks),
-                           str(engine.kv.prefix_caching), str(profile.gpu_memory_utilization), "0"], 1.0)
+    cache_info.add_metric(
+        [
+            str(profile.block_size),
+            str(engine.kv.num_blocks),
+            str(engine.kv.prefix_caching),
+            str(profile.gpu_memory_utilization),
+            "0",
+        ],
+        1.0,
+    )
     yield cache_info
-    lora = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
-                             labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+    lora = GaugeMetricFamily(
+        "vllm:lora_requests_info",
+        "Running stats on lora requests.",
+        labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+    )
     lora.add_metric(["4", ",".join(instance.lora_adapters), ""], float(instance.started_at))
     yield lora
-    sleep_state = GaugeMetricFamily("vllm:engine_sleep_state", "Engine sleep state.",
-                                    labels=["engine", "model_name", "sleep_state"])
+    sleep_state = GaugeMetricFamily(
+        "vllm:engine_sleep_state", "Engine sleep state.", labels=["engine", "model_name", "sleep_state"]
+    )
     current = {0: "awake", 1: "weights_offloaded", 2: "discard_all"}[engine.sleep_level]
     for state in ("awake", "weights_offloaded", "discard_all"):
         sleep_state.add_metric(["0", instance.config.model, state], 1.0 if state == current else 0.0)
     yield sleep_state
-    yield _histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
-                     labels, stats.ttft)
-    yield _histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
-                     labels, stats.itl)
-    yield _histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
-                     labels, stats.e2e)
-    yield _histogram("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase.",
-                     labels, stats.queue_time)
-    yield _histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed.", labels,
-                     stats.prompt_len)
-    yield _histogram("vllm:request_generation_tokens", "Number of generation tokens processed.", labels,
-                     stats.generation_len)
+    yield _histogram(
+        "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", labels, stats.ttft
+    )
+    yield _histogram(
+        "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", labels, stats.itl
+    )
+    yield _histogram(
+        "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", labels, stats.e2e
+    )
+    yield _histogram(
+        "vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase.", labels, stats.queue_time
+    )
+    yield _histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed.", labels, stats.prompt_len)
+    yield _histogram(
+        "vllm:request_generation_tokens", "Number of generation tokens processed.", labels, stats.generation_len
+    )
 
 
 def sglang_metrics(instance: Instance) -> Iterator[Metric]:
@@ -92,8 +107,7 @@ def sglang_metrics(instance: Instance) -> Iterator[Metric]:
     labels = {"model_name": instance.config.model}
     used_tokens = engine.kv.used * engine.kv.block_size
     yield _gauge("sglang:num_running_reqs", "The number of running requests.", labels, len(engine.running))
-    yield _gauge("sglang:num_queue_reqs", "The number of requests in the waiting queue.", labels,
-                 len(engine.waiting))
+    yield _gauge("sglang:num_queue_reqs", "The number of requests in the waiting queue.", labels, len(engine.waiting))
     yield _gauge("sglang:num_used_tokens", "The number of used tokens.", labels, used_tokens)
     yield _gauge("sglang:token_usage", "The token usage.", labels, engine.kv.usage)
     hit_rate = engine.kv.hits_tokens / engine.kv.queries_tokens if engine.kv.queries_tokens else 0.0
@@ -101,18 +115,20 @@ def sglang_metrics(instance: Instance) -> Iterator[Metric]:
     throughput = stats.generation_tokens / stats.busy_seconds if stats.busy_seconds else 0.0
     yield _gauge("sglang:gen_throughput", "The generation throughput (token/s).", labels, throughput)
     yield _counter("sglang:prompt_tokens", "Number of prefill tokens processed.", labels, stats.prompt_tokens)
-    yield _counter("sglang:generation_tokens", "Number of generation tokens processed.", labels,
-                   stats.generation_tokens)
-    yield _counter("sglang:num_aborted_requests", "Number of requests aborted.", labels,
-                   stats.finished.get("abort", 0))
-    yield _histogram("sglang:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
-                     labels, stats.ttft)
-    yield _histogram("sglang:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
-                     labels, stats.itl)
-    yield _histogram("sglang:e2e_request_latency_seconds", "Histogram of End-to-end request latency.",
-                     labels, stats.e2e)
-    yield _histogram("sglang:queue_time_seconds", "Histogram of queueing time in seconds.", labels,
-                     stats.queue_time)
+    yield _counter(
+        "sglang:generation_tokens", "Number of generation tokens processed.", labels, stats.generation_tokens
+    )
+    yield _counter("sglang:num_aborted_requests", "Number of requests aborted.", labels, stats.finished.get("abort", 0))
+    yield _histogram(
+        "sglang:time_to_first_token_seconds", "Histogram of time to first token in seconds.", labels, stats.ttft
+    )
+    yield _histogram(
+        "sglang:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", labels, stats.itl
+    )
+    yield _histogram(
+        "sglang:e2e_request_latency_seconds", "Histogram of End-to-end request latency.", labels, stats.e2e
+    )
+    yield _histogram("sglang:queue_time_seconds", "Histogram of queueing time in seconds.", labels, stats.queue_time)
 
 
 def tgi_metrics_text(instance: Instance) -> bytes:

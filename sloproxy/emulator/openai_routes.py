@@ -42,7 +42,7 @@ class ChatRequest(msgspec.Struct):
 
 
 class CompletionRequest(msgspec.Struct):
-    prompt: str | list[int] | list[str]
+    prompt: str | list[int | str]
     model: str | None = None
     max_tokens: int | None = None
     stream: bool = False
@@ -113,7 +113,8 @@ def _max_tokens(instance: Instance, dialect: Dialect, prompt_tokens: int, reques
             f"'max_tokens' or 'max_completion_tokens' is too large: {requested}. This model's maximum "
             f"context length is {limit} tokens and your request has {prompt_tokens} input tokens "
             f"({requested} > {limit} - {prompt_tokens}).",
-            "max_tokens", status=dialect.context_error_status,
+            "max_tokens",
+            status=dialect.context_error_status,
         )
     return requested
 
@@ -122,8 +123,7 @@ def _check_common(instance: Instance, dialect: Dialect, n: int, priority: int) -
     if n != 1:
         raise dialect.bad_request("The emulator serves n=1 only.", "n")
     if dialect.check_priority and priority != 0 and not instance.engine.priority_scheduling:
-        raise dialect.bad_request(
-            f"Got priority {priority} but Priority scheduling is not enabled.", "priority")
+        raise dialect.bad_request(f"Got priority {priority} but Priority scheduling is not enabled.", "priority")
     queued_limit = instance.config.max_queued_requests
     if queued_limit is not None and len(instance.engine.waiting) >= queued_limit:
         message = "The request queue is full." if dialect.name == "sglang" else "Too many queued requests."
@@ -148,8 +148,11 @@ def _finish(dialect: Dialect, reason: str | None) -> str | None:
 
 def _usage(generation: Generation) -> dict[str, int]:
     completion = generation.seq.output
-    return {"prompt_tokens": generation.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": generation.prompt_tokens + completion}
+    return {
+        "prompt_tokens": generation.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": generation.prompt_tokens + completion,
+    }
 
 
 async def chat_completions(request: web.Request, dialect: Dialect) -> web.StreamResponse:
@@ -162,58 +165,109 @@ async def chat_completions(request: web.Request, dialect: Dialect) -> web.Stream
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_new = _max_tokens(instance, dialect, prompt_tokens, requested)
     rid = _request_id(request, body.rid or body.request_id)
-    generation = instance.submit(prompt, max_new, rid=rid, ignore_eos=body.ignore_eos,
-                                 priority=body.priority, min_tokens=body.min_tokens)
+    generation = instance.submit(
+        prompt, max_new, rid=rid, ignore_eos=body.ignore_eos, priority=body.priority, min_tokens=body.min_tokens
+    )
     reply_id = "" if dialect.empty_chat_id else f"{dialect.chat_id_prefix}{rid}"
     reply_model = model if dialect.echo_model else instance.config.model
     try:
         if body.stream:
-            return await _stream(request, dialect, instance, generation, reply_id, reply_model,
-                                 chat=True, usage=_include_usage(dialect, body.stream_options))
+            return await _stream(
+                request,
+                dialect,
+                instance,
+                generation,
+                reply_id,
+                reply_model,
+                chat=True,
+                usage=_include_usage(dialect, body.stream_options),
+            )
         await _wait(generation)
         text = "".join(generation.piece(i) for i in range(generation.seq.output))
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": _finish(dialect, generation.seq.finish_reason), **_choice_extra(dialect)}
-        return json_response({"id": reply_id, "object": "chat.completion", "created": unix_now(),
-                              "model": reply_model, "choices": [choice], "usage": _usage(generation),
-                              **_chunk_extra(dialect, instance)})
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": _finish(dialect, generation.seq.finish_reason),
+            **_choice_extra(dialect),
+        }
+        return json_response(
+            {
+                "id": reply_id,
+                "object": "chat.completion",
+                "created": unix_now(),
+                "model": reply_model,
+                "choices": [choice],
+                "usage": _usage(generation),
+                **_chunk_extra(dialect, instance),
+            }
+        )
     finally:
         instance.release(generation)
 
 
 async def completions(request: web.Request, dialect: Dialect) -> web.StreamResponse:
     instance = instance_of(request)
-    body = await decode_body(request, CompletionRequest,
-                             lambda m: dialect.bad_request(m, status=_decode_status(dialect)))
+    body = await decode_body(
+        request, CompletionRequest, lambda m: dialect.bad_request(m, status=_decode_status(dialect))
+    )
     model = _served_model(instance, dialect, body.model)
     _check_common(instance, dialect, body.n, body.priority)
     prompt_ids: list[int] | None = None
     if isinstance(body.prompt, str):
         prompt = body.prompt
     elif body.prompt and all(isinstance(p, int) for p in body.prompt):
-        prompt_ids = list(body.prompt)  # type: ignore[arg-type]
+        prompt_ids = [int(p) for p in body.prompt]
         prompt = ""
-    elif len(body.prompt) == 1:
-        prompt = str(body.prompt[0])
+    elif len(body.prompt) == 1 and isinstance(body.prompt[0], str):
+        prompt = body.prompt[0]
     else:
-        raise dialect.bad_request("The emulator serves one prompt per request.", "prompt")
+        raise dialect.bad_request("The emulator serves one prompt (a string or token ids) per request.", "prompt")
     prompt_tokens = len(prompt_ids) if prompt_ids is not None else instance.count_tokens_of(prompt)
     max_new = _max_tokens(instance, dialect, prompt_tokens, 16 if body.max_tokens is None else body.max_tokens)
     rid = _request_id(request, body.rid or body.request_id)
-    generation = instance.submit(prompt, max_new, rid=rid, ignore_eos=body.ignore_eos, priority=body.priority,
-                                 min_tokens=body.min_tokens, prompt_ids=prompt_ids)
+    generation = instance.submit(
+        prompt,
+        max_new,
+        rid=rid,
+        ignore_eos=body.ignore_eos,
+        priority=body.priority,
+        min_tokens=body.min_tokens,
+        prompt_ids=prompt_ids,
+    )
     reply_id = f"{dialect.completion_id_prefix}{rid}"
     reply_model = model if dialect.echo_model else instance.config.model
     try:
         if body.stream:
-            return await _stream(request, dialect, instance, generation, reply_id, reply_model,
-                                 chat=False, usage=_include_usage(dialect, body.stream_options))
+            return await _stream(
+                request,
+                dialect,
+                instance,
+                generation,
+                reply_id,
+                reply_model,
+                chat=False,
+                usage=_include_usage(dialect, body.stream_options),
+            )
         await _wait(generation)
         text = "".join(generation.piece(i) for i in range(generation.seq.output))
-        choice = {"index": 0, "text": text, "logprobs": None,
-                  "finish_reason": _finish(dialect, generation.seq.finish_reason), **_choice_extra(dialect)}
-        return json_response({"id": reply_id, "object": "text_completion", "created": unix_now(),
-                              "model": reply_model, "choices": [choice], "usage": _usage(generation)})
+        choice = {
+            "index": 0,
+            "text": text,
+            "logprobs": None,
+            "finish_reason": _finish(dialect, generation.seq.finish_reason),
+            **_choice_extra(dialect),
+        }
+        return json_response(
+            {
+                "id": reply_id,
+                "object": "text_completion",
+                "created": unix_now(),
+                "model": reply_model,
+                "choices": [choice],
+                "usage": _usage(generation),
+            }
+        )
     finally:
         instance.release(generation)
 
@@ -239,13 +293,27 @@ async def _wait(generation: Generation) -> None:
         pass
 
 
-async def _stream(request: web.Request, dialect: Dialect, instance: Instance, generation: Generation,
-                  reply_id: str, model: str, *, chat: bool, usage: bool) -> web.StreamResponse:
+async def _stream(
+    request: web.Request,
+    dialect: Dialect,
+    instance: Instance,
+    generation: Generation,
+    reply_id: str,
+    model: str,
+    *,
+    chat: bool,
+    usage: bool,
+) -> web.StreamResponse:
     response = await start_sse(request)
     prefix = dialect.sse_prefix
     created = unix_now()
-    head = {"id": reply_id, "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": created, "model": model, **_chunk_extra(dialect, instance)}
+    head = {
+        "id": reply_id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": model,
+        **_chunk_extra(dialect, instance),
+    }
     if dialect.name == "tgi":  # serde's tag="object" puts "object" first
         head = {"object": head.pop("object"), **head}
     choice_extra = _choice_extra(dialect)
@@ -289,4 +357,3 @@ async def models_list(instance: Instance, entry: Callable[[str, str | None], dic
     data = [entry(instance.config.model, None)]
     data += [entry(name, instance.config.model) for name in instance.lora_adapters]
     return json_response({"object": "list", "data": data})
-

@@ -132,12 +132,18 @@ PROFILES: dict[str, Profile] = {
     for p in (
         # A10 (24 GB): small budget as vLLM picks for small GPUs.
         _profile(
-            "a10-llama2-7b", "llama2-7b", "a10", max_num_batched_tokens=2048,
+            "a10-llama2-7b",
+            "llama2-7b",
+            "a10",
+            max_num_batched_tokens=2048,
             efficiency=AMPERE_EFFICIENCY,
         ),
         # A100 40 GB: public report, 75 tok/s single stream (all costs included) -> see AMPERE_EFFICIENCY.
         _profile(
-            "a100-40g-llama3-8b", "llama3-8b", "a100-40g", max_num_batched_tokens=2048,
+            "a100-40g-llama3-8b",
+            "llama3-8b",
+            "a100-40g",
+            max_num_batched_tokens=2048,
             efficiency=AMPERE_EFFICIENCY,
         ),
         _profile("a100-80g-llama3-8b", "llama3-8b", "a100-80g", efficiency=AMPERE_EFFICIENCY),

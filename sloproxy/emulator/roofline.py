@@ -56,18 +56,19 @@ def step_time_ms(profile: Profile, shape: StepShape) -> float:
     flops = profile.flops
     bw_scale = REFERENCE_BW / profile.gpu.hbm_bytes_per_s  # slower memory -> slower small ops
 
-    gemm = max(
-        model.weight_bytes / (bw * eff.weights_bw),
-        2.0 * model.params * shape.tokens / (flops * eff.matmul),
-    ) * 1e3
+    gemm = (
+        max(
+            model.weight_bytes / (bw * eff.weights_bw),
+            2.0 * model.params * shape.tokens / (flops * eff.matmul),
+        )
+        * 1e3
+    )
     per_seq = eff.per_seq_ms * bw_scale * (shape.decode_seqs + (1 if shape.prefill_tokens else 0))
     kv_read = shape.decode_context_tokens * profile.kv_bytes_per_token / (bw * eff.kv_bw) * 1e3
     attn_floor = shape.max_decode_context * eff.attn_latency_ms_per_token
     decode_attention = max(kv_read, attn_floor)
     # QK^T and AV: 2 matmuls x 2 FLOPs x hidden per (query, key) pair per layer.
-    prefill_attention = (
-        4.0 * model.layers * model.hidden * shape.prefill_attention_work / (flops * eff.attention) * 1e3
-    )
+    prefill_attention = 4.0 * model.layers * model.hidden * shape.prefill_attention_work / (flops * eff.attention) * 1e3
     tp = 2 * model.layers * profile.tp_allreduce_ms_per_layer if profile.tensor_parallel > 1 else 0.0
     total = eff.step_overhead_ms + gemm + per_seq + decode_attention + prefill_attention + tp
     if shape.prefill_tokens:

@@ -33,11 +33,12 @@ def sglang_error(status: int, message: str, type_: str, param: str | None) -> di
 
 def _context_message(prompt_tokens: int, requested: int | None, limit: int) -> str:
     if prompt_tokens >= limit:
-        return (f"The input ({prompt_tokens} tokens) is longer than the model's context length "
-                f"({limit} tokens).")
-    return (f"Requested token count exceeds the model's maximum context length of {limit} tokens. "
-            f"You requested a total of {prompt_tokens + (requested or 0)} tokens: {prompt_tokens} tokens "
-            f"from the input messages and {requested} tokens for the completion.")
+        return f"The input ({prompt_tokens} tokens) is longer than the model's context length ({limit} tokens)."
+    return (
+        f"Requested token count exceeds the model's maximum context length of {limit} tokens. "
+        f"You requested a total of {prompt_tokens + (requested or 0)} tokens: {prompt_tokens} tokens "
+        f"from the input messages and {requested} tokens for the completion."
+    )
 
 
 DIALECT = Dialect(
@@ -85,8 +86,12 @@ def _finish_reason(generation: Generation) -> dict[str, Any] | None:
 def _meta(generation: Generation, started: float, instance: Instance) -> dict[str, Any]:
     seq = generation.seq
     meta: dict[str, Any] = {
-        "id": seq.rid, "finish_reason": _finish_reason(generation), "prompt_tokens": generation.prompt_tokens,
-        "weight_version": "default", "completion_tokens": seq.output, "cached_tokens": seq.cached_tokens,
+        "id": seq.rid,
+        "finish_reason": _finish_reason(generation),
+        "prompt_tokens": generation.prompt_tokens,
+        "weight_version": "default",
+        "completion_tokens": seq.output,
+        "cached_tokens": seq.cached_tokens,
     }
     if seq.finished:
         meta["e2e_latency"] = (seq.finished_at or instance.now()) - started
@@ -114,15 +119,21 @@ def build_app(instance: Instance) -> web.Application:
         if prompt_tokens >= instance.max_model_len:
             raise bad(_context_message(prompt_tokens, None, instance.max_model_len))
         if params.max_new_tokens < 0:
-            raise bad("max_new_tokens must be at least 0, got " f"{params.max_new_tokens}.")
+            raise bad(f"max_new_tokens must be at least 0, got {params.max_new_tokens}.")
         limit = instance.config.max_queued_requests
         if limit is not None and len(instance.engine.waiting) >= limit:
             raise bad("The request queue is full.", 503)
         max_new = max(1, min(params.max_new_tokens, instance.max_model_len - prompt_tokens))
         started = instance.now()
-        generation = instance.submit(prompt, max_new, rid=body.rid, ignore_eos=params.ignore_eos,
-                                     priority=body.priority or 0, min_tokens=params.min_new_tokens,
-                                     prompt_ids=ids)
+        generation = instance.submit(
+            prompt,
+            max_new,
+            rid=body.rid,
+            ignore_eos=params.ignore_eos,
+            priority=body.priority or 0,
+            min_tokens=params.min_new_tokens,
+            prompt_ids=ids,
+        )
         try:
             if not body.stream:
                 async for _ in generation.updates():
@@ -146,8 +157,15 @@ def build_app(instance: Instance) -> web.Application:
 
     async def models(request: web.Request) -> web.Response:
         def card(name: str, parent: str | None) -> dict[str, Any]:
-            return {"id": name, "object": "model", "created": unix_now(), "owned_by": "sglang",
-                    "root": name, "max_model_len": instance.max_model_len}
+            return {
+                "id": name,
+                "object": "model",
+                "created": unix_now(),
+                "owned_by": "sglang",
+                "root": name,
+                "max_model_len": instance.max_model_len,
+            }
+
         return await openai_routes.models_list(instance, card)
 
     async def health(request: web.Request) -> web.Response:
@@ -165,37 +183,54 @@ def build_app(instance: Instance) -> web.Application:
         return web.Response(status=200)
 
     async def model_info(request: web.Request) -> web.Response:
-        return json_response({"model_path": instance.config.model, "tokenizer_path": instance.config.model,
-                              "is_generation": True})
+        return json_response(
+            {"model_path": instance.config.model, "tokenizer_path": instance.config.model, "is_generation": True}
+        )
 
     async def server_info(request: web.Request) -> web.Response:
         engine = instance.engine
-        return json_response({
-            "model_path": instance.config.model, "served_model_name": instance.config.model,
-            "context_length": instance.max_model_len, "chunked_prefill_size": engine.token_budget,
-            "max_running_requests": engine.max_num_seqs, "max_total_num_tokens": engine.kv.num_blocks
-            * engine.kv.block_size, "enable_priority_scheduling": engine.priority_scheduling,
-            "schedule_low_priority_values_first": False, "page_size": engine.kv.block_size,
-            "version": SGLANG_VERSION,
-            "internal_states": [{"last_gen_throughput": _throughput(instance), "memory_usage": {}}],
-        })
+        return json_response(
+            {
+                "model_path": instance.config.model,
+                "served_model_name": instance.config.model,
+                "context_length": instance.max_model_len,
+                "chunked_prefill_size": engine.token_budget,
+                "max_running_requests": engine.max_num_seqs,
+                "max_total_num_tokens": engine.kv.num_blocks * engine.kv.block_size,
+                "enable_priority_scheduling": engine.priority_scheduling,
+                "schedule_low_priority_values_first": False,
+                "page_size": engine.kv.block_size,
+                "version": SGLANG_VERSION,
+                "internal_states": [{"last_gen_throughput": _throughput(instance), "memory_usage": {}}],
+            }
+        )
 
     async def get_load(request: web.Request) -> web.Response:
         engine = instance.engine
         pending = sum(s.to_feed for s in engine.running)
-        return json_response([{
-            "dp_rank": 0, "num_reqs": len(engine.running) + len(engine.waiting),
-            "num_waiting_reqs": len(engine.waiting), "num_tokens": engine.kv.used * engine.kv.block_size,
-            "num_pending_tokens": pending, "ts_tic": time.time(),
-        }])
+        return json_response(
+            [
+                {
+                    "dp_rank": 0,
+                    "num_reqs": len(engine.running) + len(engine.waiting),
+                    "num_waiting_reqs": len(engine.waiting),
+                    "num_tokens": engine.kv.used * engine.kv.block_size,
+                    "num_pending_tokens": pending,
+                    "ts_tic": time.time(),
+                }
+            ]
+        )
 
     async def flush_cache(request: web.Request) -> web.Response:
         if not instance.engine.idle:
             return web.Response(status=400, text="Flush cache failed.\n")
         instance.engine.reset_prefix_cache()
-        return web.Response(text=(
-            "Cache flushed.\nPlease check backend logs for more details. (When there are running or "
-            "waiting requests, the operation will not be performed.)\n"))
+        return web.Response(
+            text=(
+                "Cache flushed.\nPlease check backend logs for more details. (When there are running or "
+                "waiting requests, the operation will not be performed.)\n"
+            )
+        )
 
     async def abort_request(request: web.Request) -> web.Response:
         body = await json_object(request, bad)
@@ -216,8 +251,9 @@ def build_app(instance: Instance) -> web.Application:
         return web.Response(status=200)
 
     async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=render_metrics(instance),
-                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        return web.Response(
+            body=render_metrics(instance), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+        )
 
     app.router.add_post("/generate", generate)
     app.router.add_post("/v1/chat/completions", chat)

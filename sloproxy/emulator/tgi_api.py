@@ -30,8 +30,10 @@ def tgi_error(status: int, message: str, type_: str, param: str | None) -> dict:
 
 
 def _validation_message(prompt_tokens: int, requested: int | None, limit: int) -> str:
-    return (f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= {limit}. "
-            f"Given: {prompt_tokens} `inputs` tokens and {requested or 0} `max_new_tokens`")
+    return (
+        f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= {limit}. "
+        f"Given: {prompt_tokens} `inputs` tokens and {requested or 0} `max_new_tokens`"
+    )
 
 
 def _dialect(instance: Instance) -> Dialect:
@@ -90,8 +92,13 @@ def build_app(instance: Instance) -> web.Application:
             raise invalid("`max_new_tokens` must be strictly positive")
         if prompt_tokens + max_new > instance.max_model_len:
             instance.engine.stats.rejected["validation"] += 1
-            raise ApiError(422, {"error": _validation_message(prompt_tokens, max_new, instance.max_model_len),
-                                 "error_type": "validation"})
+            raise ApiError(
+                422,
+                {
+                    "error": _validation_message(prompt_tokens, max_new, instance.max_model_len),
+                    "error_type": "validation",
+                },
+            )
         if instance.engine.num_in_flight >= instance.config.max_concurrent_requests:
             instance.engine.stats.rejected["overloaded"] += 1
             raise ApiError(429, {"error": "Model is overloaded", "error_type": "overloaded"})
@@ -103,15 +110,25 @@ def build_app(instance: Instance) -> web.Application:
         total = ((seq.finished_at or seq.arrival) - seq.arrival) * 1e3
         inference = total - queue
         per_token = inference / seq.output if seq.output else 0.0
-        return {"x-compute-type": "gpu+optimized", "x-compute-time": f"{total / 1e3:.6f}",
-                "x-total-time": f"{total:.0f}", "x-validation-time": "0", "x-queue-time": f"{queue:.0f}",
-                "x-inference-time": f"{inference:.0f}", "x-time-per-token": f"{per_token:.0f}",
-                "x-prompt-tokens": str(generation.prompt_tokens), "x-generated-tokens": str(seq.output)}
+        return {
+            "x-compute-type": "gpu+optimized",
+            "x-compute-time": f"{total / 1e3:.6f}",
+            "x-total-time": f"{total:.0f}",
+            "x-validation-time": "0",
+            "x-queue-time": f"{queue:.0f}",
+            "x-inference-time": f"{inference:.0f}",
+            "x-time-per-token": f"{per_token:.0f}",
+            "x-prompt-tokens": str(generation.prompt_tokens),
+            "x-generated-tokens": str(seq.output),
+        }
 
     def details(generation: Generation, stream: bool) -> dict[str, Any]:
         seq = generation.seq
-        out: dict[str, Any] = {"finish_reason": _FINISH.get(seq.finish_reason or "stop", "length"),
-                               "generated_tokens": seq.output, "seed": None}
+        out: dict[str, Any] = {
+            "finish_reason": _FINISH.get(seq.finish_reason or "stop", "length"),
+            "generated_tokens": seq.output,
+            "seed": None,
+        }
         if stream:
             out["input_length"] = generation.prompt_tokens
         else:
@@ -161,8 +178,12 @@ def build_app(instance: Instance) -> web.Application:
                 frames = []
                 for index in range(sent, produced):
                     last = seq.finished and index == produced - 1
-                    event: dict[str, Any] = {"index": index + 1, "token": _token(generation, index),
-                                             "generated_text": None, "details": None}
+                    event: dict[str, Any] = {
+                        "index": index + 1,
+                        "token": _token(generation, index),
+                        "generated_text": None,
+                        "details": None,
+                    }
                     if last:
                         event["generated_text"] = "".join(generation.piece(i) for i in range(produced))
                         if body.parameters.details:
@@ -196,18 +217,30 @@ def build_app(instance: Instance) -> web.Application:
         return json_response({"error": "unhealthy", "error_type": "healthcheck"}, status=503)
 
     async def info(request: web.Request) -> web.Response:
-        return json_response({
-            "model_id": instance.config.model, "model_sha": None, "model_pipeline_tag": "text-generation",
-            "max_concurrent_requests": instance.config.max_concurrent_requests, "max_best_of": 2,
-            "max_stop_sequences": 4, "max_input_tokens": instance.max_model_len - 1,
-            "max_total_tokens": instance.max_model_len, "validation_workers": 2, "max_client_batch_size": 4,
-            "router": "text-generation-router", "version": TGI_VERSION, "sha": None, "docker_label": None,
-        })
+        return json_response(
+            {
+                "model_id": instance.config.model,
+                "model_sha": None,
+                "model_pipeline_tag": "text-generation",
+                "max_concurrent_requests": instance.config.max_concurrent_requests,
+                "max_best_of": 2,
+                "max_stop_sequences": 4,
+                "max_input_tokens": instance.max_model_len - 1,
+                "max_total_tokens": instance.max_model_len,
+                "validation_workers": 2,
+                "max_client_batch_size": 4,
+                "router": "text-generation-router",
+                "version": TGI_VERSION,
+                "sha": None,
+                "docker_label": None,
+            }
+        )
 
     async def models(request: web.Request) -> web.Response:
         model = instance.config.model
-        return json_response({"object": "list",
-                              "data": [{"id": model, "object": "model", "created": 0, "owned_by": model}]})
+        return json_response(
+            {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": model}]}
+        )
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=render_metrics(instance), headers={"Content-Type": "text/plain"})
@@ -228,5 +261,3 @@ def build_app(instance: Instance) -> web.Application:
 def _token(generation: Generation, index: int) -> dict[str, Any]:
     piece = generation.piece(index)
     return {"id": piece_id(piece), "text": piece, "logprob": -0.5, "special": False}
-
-

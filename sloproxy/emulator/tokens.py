@@ -22,15 +22,15 @@ VOCAB_SIZE = 128_256
 _TOKEN_RE = re.compile(r" ?[A-Za-z]{1,6}| ?[0-9]{1,3}| ?[^\sA-Za-z0-9]|\s+")
 
 # Short words, each one token under the rule above.
-_WORDS = (
-    "the of and to in is that for it as with was on be by at this are from or an have not they "
-    "which one you had but all were we when there can more if no out so said what up its about "
-    "into than them only other new some could time these two may then do first any my now such "
-    "like our over man me even most made after also did many before must back years where "
-    "much your way well down should each just those people how too little state good very "
-    "make world still own see men work long get here both life being under never day same "
-    "know while last might us great old year off come since go came right used take"
-).split()
+_WORDS = """
+the of and to in is that for it as with was on be by at this are from or an have not they
+which one you had but all were we when there can more if no out so said what up its about
+into than them only other new some could time these two may then do first any my now such
+like our over man me even most made after also did many before must back years where much
+your way well down should each just those people how too little state good very make world
+still own see men work long get here both life being under never day same know while last
+might us great old year off come since go came right used take
+""".split()
 OUTPUT_PIECES: tuple[str, ...] = tuple(" " + w for w in _WORDS)
 
 

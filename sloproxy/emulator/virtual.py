@@ -28,17 +28,23 @@ class RunSummary:
 _ids = itertools.count()
 
 
-def make_sequence(engine: Engine, prompt_tokens: int, output_tokens: int, arrival: float,
-                  *, unique: bool = True, priority: int = 0) -> Sequence:
+def make_sequence(
+    engine: Engine, prompt_tokens: int, output_tokens: int, arrival: float, *, unique: bool = True, priority: int = 0
+) -> Sequence:
     """A request with ``ignore_eos`` semantics: exactly ``output_tokens`` tokens."""
     rid = f"v{next(_ids)}"
     # Distinct token ids per request unless asked to share a prefix.
     base = hash(rid) if unique else 0
     ids = [(base + i) % 128_000 for i in range(prompt_tokens)]
     return Sequence(
-        rid=rid, prompt_len=prompt_tokens, block_hashes=block_hashes(ids, engine.kv.block_size),
-        target_tokens=output_tokens, hit_limit=True, max_new_tokens=output_tokens,
-        priority=priority, arrival=arrival,
+        rid=rid,
+        prompt_len=prompt_tokens,
+        block_hashes=block_hashes(ids, engine.kv.block_size),
+        target_tokens=output_tokens,
+        hit_limit=True,
+        max_new_tokens=output_tokens,
+        priority=priority,
+        arrival=arrival,
     )
 
 
@@ -52,8 +58,9 @@ def run_until_idle(engine: Engine, now: float = 0.0, limit_steps: int = 10_000_0
     raise RuntimeError("engine did not drain")
 
 
-def closed_loop(engine: Engine, *, concurrency: int, requests: int, prompt_tokens: int,
-                output_tokens: int) -> RunSummary:
+def closed_loop(
+    engine: Engine, *, concurrency: int, requests: int, prompt_tokens: int, output_tokens: int
+) -> RunSummary:
     """Keep ``concurrency`` requests in flight until ``requests`` have completed."""
     now = 0.0
     issued = 0
@@ -87,11 +94,14 @@ def closed_loop(engine: Engine, *, concurrency: int, requests: int, prompt_token
 def summarise(done: list[Sequence], end: float, preemptions: int) -> RunSummary:
     start = min(s.arrival for s in done)
     ttfts = [s.token_times[0] - s.arrival for s in done]
-    tpots = [(s.token_times[-1] - s.token_times[0]) / (len(s.token_times) - 1)
-             for s in done if len(s.token_times) > 1]
+    tpots = [(s.token_times[-1] - s.token_times[0]) / (len(s.token_times) - 1) for s in done if len(s.token_times) > 1]
     tokens = sum(s.output for s in done)
     return RunSummary(
-        requests=len(done), duration_s=end - start, output_tokens_per_s=tokens / (end - start),
-        mean_ttft_s=statistics.fmean(ttfts), median_ttft_s=statistics.median(ttfts),
-        mean_tpot_s=statistics.fmean(tpots) if tpots else 0.0, preemptions=preemptions,
+        requests=len(done),
+        duration_s=end - start,
+        output_tokens_per_s=tokens / (end - start),
+        mean_ttft_s=statistics.fmean(ttfts),
+        median_ttft_s=statistics.median(ttfts),
+        mean_tpot_s=statistics.fmean(tpots) if tpots else 0.0,
+        preemptions=preemptions,
     )

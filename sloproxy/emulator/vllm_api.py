@@ -36,15 +36,29 @@ def _dialect(instance: Instance) -> Dialect:
 
 def _model_card(instance: Instance, name: str, parent: str | None) -> dict[str, Any]:
     return {
-        "id": name, "object": "model", "created": unix_now(), "owned_by": "vllm",
-        "root": instance.lora_adapters.get(name, name), "parent": parent,
+        "id": name,
+        "object": "model",
+        "created": unix_now(),
+        "owned_by": "vllm",
+        "root": instance.lora_adapters.get(name, name),
+        "parent": parent,
         "max_model_len": None if parent else instance.max_model_len,
-        "permission": [{
-            "id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission", "created": unix_now(),
-            "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
-            "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
-            "organization": "*", "group": None, "is_blocking": False,
-        }],
+        "permission": [
+            {
+                "id": f"modelperm-{uuid.uuid4().hex}",
+                "object": "model_permission",
+                "created": unix_now(),
+                "allow_create_engine": False,
+                "allow_sampling": True,
+                "allow_logprobs": True,
+                "allow_search_indices": False,
+                "allow_view": True,
+                "allow_fine_tuning": False,
+                "organization": "*",
+                "group": None,
+                "is_blocking": False,
+            }
+        ],
     }
 
 
@@ -74,8 +88,9 @@ def build_app(instance: Instance) -> web.Application:
         return json_response({"version": VLLM_VERSION})
 
     async def metrics(request: web.Request) -> web.Response:
-        return web.Response(body=render_metrics(instance),
-                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        return web.Response(
+            body=render_metrics(instance), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+        )
 
     async def tokenize_route(request: web.Request) -> web.Response:
         body = await json_object(request, bad)
@@ -87,8 +102,9 @@ def build_app(instance: Instance) -> web.Application:
             raise error(400, "Either 'prompt' or 'messages' is required.", param="prompt")
         ids = token_ids(text)
         strs = tokenize(text) if body.get("return_token_strs") else None
-        return json_response({"count": len(ids), "max_model_len": instance.max_model_len, "tokens": ids,
-                              "token_strs": strs})
+        return json_response(
+            {"count": len(ids), "max_model_len": instance.max_model_len, "tokens": ids, "token_strs": strs}
+        )
 
     async def detokenize(request: web.Request) -> web.Response:
         body = await json_object(request, bad)
@@ -152,4 +168,3 @@ def build_app(instance: Instance) -> web.Application:
     app.router.add_get("/is_sleeping", is_sleeping)
     app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
     return app
-
