@@ -1,0 +1,27 @@
+"""vLLM adapter: reads load from ``vllm:*`` metrics (old and new names)."""
+
+from __future__ import annotations
+
+from .base import BackendLoad, EngineAdapter, labels_of, metric_values
+
+
+class VLLMAdapter(EngineAdapter):
+    engine = "vllm"
+
+    def parse_load(self, metrics_text: str) -> BackendLoad:
+        values = metric_values(metrics_text)
+        usage = values.get("vllm:kv_cache_usage_perc", values.get("vllm:gpu_cache_usage_perc"))
+        capacity = None
+        info = labels_of(metrics_text, "vllm:cache_config_info")
+        if info and info.get("num_gpu_blocks", "").isdigit() and info.get("block_size", "").isdigit():
+            capacity = int(info["num_gpu_blocks"]) * int(info["block_size"])
+        preemptions = values.get("vllm:num_preemptions_total")
+        generated = values.get("vllm:generation_tokens_total")
+        return BackendLoad(
+            running=int(values.get("vllm:num_requests_running", 0)),
+            waiting=int(values.get("vllm:num_requests_waiting", 0)),
+            kv_usage=usage,
+            kv_capacity_tokens=capacity,
+            preemptions=None if preemptions is None else int(preemptions),
+            generation_tokens=None if generated is None else int(generated),
+        )

@@ -1,0 +1,54 @@
+"""Small HTTP helpers for tests: raw bytes in, parsed frames out (no client library smoothing)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+
+async def post_json(url: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, Any, dict[str, str]]:
+    async with aiohttp.ClientSession() as session, session.post(url, json=body, headers=headers) as response:
+        raw = await response.read()
+        try:
+            parsed = json.loads(raw) if raw else None
+        except ValueError:
+            parsed = raw.decode()
+        return response.status, parsed, dict(response.headers)
+
+
+async def get(url: str) -> tuple[int, bytes, dict[str, str]]:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status, await response.read(), dict(response.headers)
+
+
+async def stream_raw(url: str, body: Any) -> tuple[int, bytes]:
+    async with aiohttp.ClientSession() as session, session.post(url, json=body) as response:
+        return response.status, await response.read()
+
+
+def sse_events(raw: bytes, prefix: bytes = b"data: ") -> list[bytes]:
+    """Split an SSE body into event payloads; asserts every event uses exactly ``prefix``."""
+    events = [e for e in raw.split(b"\n\n") if e]
+    payloads = []
+    for event in events:
+        assert event.startswith(prefix), f"event {event[:40]!r} does not start with {prefix!r}"
+        rest = event[len(prefix) :]
+        assert not rest.startswith(b" "), f"unexpected extra space in {event[:40]!r}"
+        payloads.append(rest)
+    return payloads
+
+
+def metric_samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Parse with prometheus_client's own text parser: sample name -> [(labels, value)]."""
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
+    return samples
+
+
+def metric_types(text: str) -> dict[str, str]:
+    return {family.name: family.type for family in text_string_to_metric_families(text)}
