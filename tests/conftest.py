@@ -15,14 +15,24 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # One fleet for the fidelity tests: each engine kind with small, fast-to-fill settings.
 FIDELITY_FLEET = [
-    {"name": "vllm", "engine": "vllm", "model": "llama-3-8b", "profile": "h100-llama3-8b",
-     "max_model_len": 4096},
-    {"name": "vllm-legacy", "engine": "vllm", "model": "llama-3-8b", "profile": "h100-llama3-8b",
-     "legacy_errors": True, "scheduling_policy": "priority"},
-    {"name": "tgi", "engine": "tgi", "model": "llama-3-8b", "profile": "a10-llama2-7b",
-     "max_concurrent_requests": 4},
-    {"name": "sglang", "engine": "sglang", "model": "qwen-7b", "profile": "h100-llama3-8b",
-     "max_model_len": 4096, "max_queued_requests": 64},
+    {"name": "vllm", "engine": "vllm", "model": "llama-3-8b", "profile": "h100-llama3-8b", "max_model_len": 4096},
+    {
+        "name": "vllm-legacy",
+        "engine": "vllm",
+        "model": "llama-3-8b",
+        "profile": "h100-llama3-8b",
+        "legacy_errors": True,
+        "scheduling_policy": "priority",
+    },
+    {"name": "tgi", "engine": "tgi", "model": "llama-3-8b", "profile": "a10-llama2-7b", "max_concurrent_requests": 4},
+    {
+        "name": "sglang",
+        "engine": "sglang",
+        "model": "qwen-7b",
+        "profile": "h100-llama3-8b",
+        "max_model_len": 4096,
+        "max_queued_requests": 64,
+    },
 ]
 
 

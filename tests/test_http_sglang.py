@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 
 import aiohttp
@@ -14,8 +15,11 @@ from tests.helpers import get, metric_samples, metric_types, post_json, sse_even
 async def test_generate_non_stream_meta_info(fleet):
     status, body, _ = await post_json(
         fleet.url("sglang") + "/generate",
-        {"text": "The capital of France is", "sampling_params": {"max_new_tokens": 5, "ignore_eos": True},
-         "rid": "r-1"},
+        {
+            "text": "The capital of France is",
+            "sampling_params": {"max_new_tokens": 5, "ignore_eos": True},
+            "rid": "r-1",
+        },
     )
     assert status == 200
     meta = body["meta_info"]
@@ -37,7 +41,7 @@ async def test_generate_stream_is_cumulative(fleet):
     assert events[-1] == b"[DONE]"
     frames = [json.loads(e) for e in events[:-1]]
     texts = [f["text"] for f in frames]
-    assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:], strict=False))
+    assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(texts))
     assert frames[-1]["meta_info"]["completion_tokens"] == 4
     assert frames[-1]["meta_info"]["finish_reason"]["type"] == "length"
 
@@ -45,8 +49,13 @@ async def test_generate_stream_is_cumulative(fleet):
 async def test_chat_stream_separate_finish_chunk(fleet):
     _, raw = await stream_raw(
         fleet.url("sglang") + "/v1/chat/completions",
-        {"model": "qwen-7b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "ignore_eos": True,
-         "stream": True},
+        {
+            "model": "qwen-7b",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 3,
+            "ignore_eos": True,
+            "stream": True,
+        },
     )
     events = sse_events(raw)
     assert events[-1] == b"[DONE]"
@@ -60,10 +69,12 @@ async def test_chat_stream_separate_finish_chunk(fleet):
 
 async def test_abort_request_ends_running_generation(fleet):
     url = fleet.url("sglang")
-    job = asyncio.ensure_future(post_json(
-        url + "/generate", {"text": "go", "sampling_params": {"max_new_tokens": 3000, "ignore_eos": True},
-                            "rid": "long-1"},
-    ))
+    job = asyncio.ensure_future(
+        post_json(
+            url + "/generate",
+            {"text": "go", "sampling_params": {"max_new_tokens": 3000, "ignore_eos": True}, "rid": "long-1"},
+        )
+    )
     await asyncio.sleep(0.3)
     status, _, _ = await post_json(url + "/abort_request", {"rid": "long-1"})
     assert status == 200
@@ -76,9 +87,12 @@ async def test_abort_request_ends_running_generation(fleet):
 
 async def test_flush_cache_refused_while_running(fleet):
     url = fleet.url("sglang")
-    job = asyncio.ensure_future(post_json(
-        url + "/generate", {"text": "go", "sampling_params": {"max_new_tokens": 1500, "ignore_eos": True}},
-    ))
+    job = asyncio.ensure_future(
+        post_json(
+            url + "/generate",
+            {"text": "go", "sampling_params": {"max_new_tokens": 1500, "ignore_eos": True}},
+        )
+    )
     await asyncio.sleep(0.2)
     async with aiohttp.ClientSession() as session:
         async with session.post(url + "/flush_cache") as response:
@@ -128,21 +142,34 @@ async def test_metrics_names(fleet):
     text = raw.decode()
     types = metric_types(text)
     samples = metric_samples(text)
-    for gauge in ("sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:num_used_tokens",
-                  "sglang:token_usage", "sglang:cache_hit_rate", "sglang:gen_throughput"):
+    for gauge in (
+        "sglang:num_running_reqs",
+        "sglang:num_queue_reqs",
+        "sglang:num_used_tokens",
+        "sglang:token_usage",
+        "sglang:cache_hit_rate",
+        "sglang:gen_throughput",
+    ):
         assert types[gauge] == "gauge"
         assert samples[gauge][0][0] == {"model_name": "qwen-7b"}
     for counter in ("sglang:prompt_tokens", "sglang:generation_tokens", "sglang:num_aborted_requests"):
         assert types[counter] == "counter"
-    for hist in ("sglang:time_to_first_token_seconds", "sglang:inter_token_latency_seconds",
-                 "sglang:e2e_request_latency_seconds", "sglang:queue_time_seconds"):
+    for hist in (
+        "sglang:time_to_first_token_seconds",
+        "sglang:inter_token_latency_seconds",
+        "sglang:e2e_request_latency_seconds",
+        "sglang:queue_time_seconds",
+    ):
         assert types[hist] == "histogram"
 
 
 async def test_official_openai_client_against_sglang(fleet):
     client = openai.AsyncOpenAI(base_url=fleet.url("sglang") + "/v1", api_key="x")
     stream = await client.chat.completions.create(
-        model="qwen-7b", messages=[{"role": "user", "content": "hello"}], max_tokens=3, stream=True,
+        model="qwen-7b",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=3,
+        stream=True,
         stream_options={"include_usage": True},
     )
     finish, usage = None, None

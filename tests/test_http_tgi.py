@@ -21,8 +21,14 @@ async def test_generate_shape_and_timing_headers(fleet):
     details = body["details"]
     assert details["finish_reason"] in ("length", "eos_token")
     assert details["generated_tokens"] == len(details["tokens"]) <= 6
-    for header in ("x-compute-time", "x-queue-time", "x-inference-time", "x-time-per-token", "x-prompt-tokens",
-                   "x-generated-tokens"):
+    for header in (
+        "x-compute-time",
+        "x-queue-time",
+        "x-inference-time",
+        "x-time-per-token",
+        "x-prompt-tokens",
+        "x-generated-tokens",
+    ):
         assert header in {k.lower() for k in headers}
     assert headers["x-prompt-tokens"] == "6"
 
@@ -85,7 +91,7 @@ async def test_openai_chat_stream_dialect(fleet):
     events = sse_events(raw, prefix=b"data:")
     assert events[-1] == b"[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
-    assert list(chunks[0])[0] == "object"
+    assert next(iter(chunks[0])) == "object"
     assert all(c["id"] == "" and c["model"] == "llama-3-8b" for c in chunks)
     assert all(c["choices"][0]["delta"]["role"] == "assistant" for c in chunks)
     assert "usage" not in chunks[-1] or chunks[-1]["choices"]  # include_usage defaults to false
@@ -96,8 +102,16 @@ async def test_info_models_health(fleet):
     status, raw, _ = await get(fleet.url("tgi") + "/info")
     info = json.loads(raw)
     assert status == 200
-    for field in ("model_id", "max_concurrent_requests", "max_input_tokens", "max_total_tokens", "max_best_of",
-                  "max_stop_sequences", "max_client_batch_size", "version"):
+    for field in (
+        "model_id",
+        "max_concurrent_requests",
+        "max_input_tokens",
+        "max_total_tokens",
+        "max_best_of",
+        "max_stop_sequences",
+        "max_client_batch_size",
+        "version",
+    ):
         assert field in info
     assert info["max_concurrent_requests"] == 4
     status, raw, _ = await get(fleet.url("tgi") + "/v1/models")
@@ -112,16 +126,24 @@ async def test_metrics_names(fleet):
     text = raw.decode()
     types = metric_types(text)
     samples = metric_samples(text)
-    for gauge in ("tgi_queue_size", "tgi_batch_current_size", "tgi_batch_current_max_tokens",
-                  "tgi_batch_max_total_tokens"):
+    for gauge in (
+        "tgi_queue_size",
+        "tgi_batch_current_size",
+        "tgi_batch_current_max_tokens",
+        "tgi_batch_max_total_tokens",
+    ):
         assert types[gauge] == "gauge"
         assert samples[gauge][0][0] == {}  # TGI exports no model label
     # TGI's exporter writes counters without a _total suffix (the parser adds it back).
     assert "\ntgi_request_count " in text and "\ntgi_request_success " in text
     assert "tgi_request_count_total" not in text
     assert types["tgi_request_count"] == "counter" and samples["tgi_request_success_total"][0][1] >= 1
-    for hist in ("tgi_request_duration", "tgi_request_queue_duration", "tgi_request_mean_time_per_token_duration",
-                 "tgi_request_generated_tokens"):
+    for hist in (
+        "tgi_request_duration",
+        "tgi_request_queue_duration",
+        "tgi_request_mean_time_per_token_duration",
+        "tgi_request_generated_tokens",
+    ):
         assert types[hist] == "histogram"
 
 

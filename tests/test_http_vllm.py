@@ -105,11 +105,11 @@ async def test_context_overflow_is_400(fleet):
 
 
 async def test_bad_json_and_types_are_400(fleet):
-    async with aiohttp.ClientSession() as session:
-        async with session.post(fleet.url("vllm") + "/v1/chat/completions", data=b"{not json") as response:
-            assert response.status == 400
-            assert "error" in await response.json()
-    status, body, _ = await post_json(fleet.url("vllm") + "/v1/chat/completions", {**CHAT, "max_tokens": "ten"})
+    url = fleet.url("vllm") + "/v1/chat/completions"
+    async with aiohttp.ClientSession() as session, session.post(url, data=b"{not json") as response:
+        assert response.status == 400
+        assert "error" in await response.json()
+    status, _body, _ = await post_json(fleet.url("vllm") + "/v1/chat/completions", {**CHAT, "max_tokens": "ten"})
     assert status == 400
     status, _, _ = await post_json(fleet.url("vllm") + "/v1/chat/completions", {"model": "llama-3-8b"})
     assert status == 400
@@ -172,7 +172,7 @@ async def test_sleep_and_wake(fleet):
         pending = asyncio.ensure_future(post_json(url + "/v1/chat/completions", {**CHAT, "max_tokens": 2}))
         await asyncio.sleep(0.2)
         assert not pending.done()
-        metrics = (await (await session.get(url + "/metrics")).text())
+        metrics = await (await session.get(url + "/metrics")).text()
         states = {s[0]["sleep_state"]: s[1] for s in metric_samples(metrics)["vllm:engine_sleep_state"]}
         assert states["weights_offloaded"] == 1.0
         async with session.post(url + "/wake_up") as r:
@@ -185,24 +185,35 @@ async def test_sleep_and_wake(fleet):
 
 async def test_metrics_names_and_labels(fleet):
     await post_json(fleet.url("vllm") + "/v1/chat/completions", {**CHAT, "max_tokens": 3})
-    status, raw, _ = await get(fleet.url("vllm") + "/metrics")
+    _status, raw, _ = await get(fleet.url("vllm") + "/metrics")
     text = raw.decode()
     samples = metric_samples(text)
     types = metric_types(text)
     for gauge in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"):
         assert types[gauge] == "gauge"
         assert samples[gauge][0][0] == {"model_name": "llama-3-8b", "engine": "0"}
-    for counter in ("vllm:num_preemptions", "vllm:prompt_tokens", "vllm:generation_tokens",
-                    "vllm:request_success", "vllm:prefix_cache_queries", "vllm:prefix_cache_hits"):
+    for counter in (
+        "vllm:num_preemptions",
+        "vllm:prompt_tokens",
+        "vllm:generation_tokens",
+        "vllm:request_success",
+        "vllm:prefix_cache_queries",
+        "vllm:prefix_cache_hits",
+    ):
         assert types[counter] == "counter"
         assert counter + "_total" in samples
     reasons = {labels["finished_reason"] for labels, _ in samples["vllm:request_success_total"]}
     assert reasons == {"stop", "length", "abort"}
     info = samples["vllm:cache_config_info"][0][0]
     assert info["block_size"] == "16" and int(info["num_gpu_blocks"]) > 1000
-    for hist in ("vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
-                 "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds",
-                 "vllm:request_prompt_tokens", "vllm:request_generation_tokens"):
+    for hist in (
+        "vllm:time_to_first_token_seconds",
+        "vllm:inter_token_latency_seconds",
+        "vllm:e2e_request_latency_seconds",
+        "vllm:request_queue_time_seconds",
+        "vllm:request_prompt_tokens",
+        "vllm:request_generation_tokens",
+    ):
         assert types[hist] == "histogram"
         assert samples[hist + "_count"][0][1] >= 1
 
