@@ -12,7 +12,9 @@ from typing import Literal
 import msgspec
 from aiohttp import web
 
+from ..loop_lag import LoopLagMonitor
 from . import sglang_api, tgi_api, vllm_api
+from .http_common import LOOP_LAG_KEY
 from .instance import Instance, InstanceConfig
 from .lengths import LengthTable
 from .profiles import DEFAULT_PROFILE, get_profile
@@ -108,10 +110,12 @@ class RunningFleet:
     def __init__(self) -> None:
         self.instances: dict[str, Instance] = {}
         self._runners: list[web.AppRunner] = []
+        self.loop_lag = LoopLagMonitor()
 
     async def add(self, config: InstanceConfig) -> Instance:
         instance = Instance(config)
         app = BUILDERS[config.engine](instance)
+        app[LOOP_LAG_KEY] = self.loop_lag
         # handler_cancellation: a client that disconnects cancels its handler -> engine abort.
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
@@ -123,6 +127,7 @@ class RunningFleet:
         return instance
 
     async def stop(self) -> None:
+        await self.loop_lag.stop()
         for instance in self.instances.values():
             await instance.stop()
         for runner in self._runners:
@@ -134,6 +139,7 @@ async def start_fleet(configs: list[InstanceConfig]) -> RunningFleet:
     try:
         for config in configs:
             await fleet.add(config)
+        fleet.loop_lag.start()
     except BaseException:
         await fleet.stop()
         raise

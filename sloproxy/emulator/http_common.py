@@ -9,10 +9,12 @@ from typing import Any, TypeVar
 import msgspec
 from aiohttp import web
 
+from ..loop_lag import LoopLagMonitor
 from .instance import Generation, Instance
 
 T = TypeVar("T")
 INSTANCE_KEY: web.AppKey[Instance] = web.AppKey("instance", Instance)
+LOOP_LAG_KEY: web.AppKey[LoopLagMonitor] = web.AppKey("loop_lag", LoopLagMonitor)
 _encode = msgspec.json.encode
 
 
@@ -115,9 +117,21 @@ async def emulator_health(request: web.Request) -> web.Response:
     return json_response({"healthy": instance_of(request).healthy})
 
 
+async def emulator_loop_lag(request: web.Request) -> web.Response:
+    """Test hook: the emulator process's event-loop lag (``?reset=1`` starts a new window)."""
+    monitor = request.app.get(LOOP_LAG_KEY)
+    if monitor is None:
+        return json_response({"samples": 0})
+    summary = monitor.summary()
+    if request.query.get("reset"):
+        monitor.reset()
+    return json_response(summary)
+
+
 def new_app(instance: Instance) -> web.Application:
     app = web.Application(middlewares=[api_error_middleware], client_max_size=64 * 1024 * 1024)
     app[INSTANCE_KEY] = instance
     app.router.add_get("/_emulator/state", emulator_state)
     app.router.add_post("/_emulator/health", emulator_health)
+    app.router.add_get("/_emulator/loop_lag", emulator_loop_lag)
     return app
