@@ -282,12 +282,13 @@ class Engine:
             self._hold(seq, chunk)
             budget -= chunk
             index += 1
-        if not preempted:
+        if not preempted or not work:
             while len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting.peek()
-                self._first_admission(seq)
+                self._lookup_prefix(seq)
                 chunk = min(seq.to_feed, budget)
                 if not self.kv.allocate(self._blocks_needed(seq, chunk)):
+                    self._undo_lookup(seq)
                     break
                 self.waiting.pop()
                 self._start(seq)
@@ -306,8 +307,8 @@ class Engine:
         work = self._sglang_prefill_batch()
         if work:
             return work
-        # Decode batch: every running sequence that has finished its prefill.
-        decoding = [s for s in self.running if s.output > 0]
+        # Decode batch: every running sequence that has finished its (re)prefill.
+        decoding = [s for s in self.running if s.output > 0 and s.to_feed == 1]
         decoding.sort(key=lambda s: (s.output, -s.prompt_len), reverse=True)
         while decoding and self.kv.free < sum(self._blocks_needed(s, 1) for s in decoding):
             victim = decoding.pop()  # fewest output tokens, longest prompt
@@ -321,9 +322,9 @@ class Engine:
     def _sglang_prefill_batch(self) -> list[tuple[Sequence, int]]:
         budget = self.token_budget
         work: list[tuple[Sequence, int]] = []
-        # A chunked prefill in progress continues first.
+        # A chunked prefill (or the recompute of a retracted sequence) in progress continues first.
         for seq in self.running:
-            if seq.output == 0 and seq.to_feed > 0 and budget > 0:
+            if (seq.output == 0 or seq.to_feed > 1) and budget > 0:
                 chunk = min(seq.to_feed, budget)
                 if not self.kv.allocate(self._blocks_needed(seq, chunk)):
                     return work
@@ -332,10 +333,11 @@ class Engine:
                 budget -= chunk
         while len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.peek()
-            self._first_admission(seq)
+            self._lookup_prefix(seq)
             chunk = min(seq.to_feed, budget)
             if not self.kv.allocate(self._blocks_needed(seq, chunk)):
-                if not self._sglang_priority_preempt(seq):
+                self._undo_lookup(seq)
+                if not self._sglang_priority_preempt(seq, scheduled={id(s) for s, _ in work}):
                     break
                 continue
             self.waiting.pop()
@@ -346,10 +348,12 @@ class Engine:
         self.stats.waiting_changed(len(self.waiting))
         return work
 
-    def _sglang_priority_preempt(self, incoming: Sequence) -> bool:
-        if not self.priority_scheduling or not self.running:
+    def _sglang_priority_preempt(self, incoming: Sequence, scheduled: set[int]) -> bool:
+        """Retract the lowest-priority running sequence not already in this step, if the gap allows."""
+        candidates = [s for s in self.running if id(s) not in scheduled]
+        if not self.priority_scheduling or not candidates:
             return False
-        victim = min(self.running, key=lambda s: (s.priority, -s.arrival))
+        victim = min(candidates, key=lambda s: (s.priority, -s.arrival))
         if incoming.priority - victim.priority < SGLANG_PRIORITY_PREEMPT_GAP:
             return False
         self._preempt(victim)
@@ -362,10 +366,11 @@ class Engine:
             seq = self.waiting.peek()
             if work and prefill_tokens + seq.to_feed > self.max_batch_prefill_tokens:
                 break
-            self._first_admission(seq)
+            self._lookup_prefix(seq)
             reserve = self.kv.blocks_for(seq.prompt_len + min(seq.max_new_tokens, TGI_RESERVE_CAP))
             reserve -= len(seq.shared)
             if not self.kv.allocate(reserve):
+                self._undo_lookup(seq)
                 break  # head-of-line blocking: nothing behind the head may pass it
             self.waiting.pop()
             self._start(seq)
@@ -414,21 +419,29 @@ class Engine:
             else:
                 seq.can_register = False
 
-    def _first_admission(self, seq: Sequence) -> None:
-        """Prefix-cache lookup the first time (or again after a preemption) a sequence is admitted."""
-        if seq.computed or seq.shared:
-            return
-        acquired = self.kv.match_prefix(seq.block_hashes, seq.prompt_len)
-        seq.shared = acquired
-        cached = len(acquired) * self.kv.block_size
-        # The last prompt token is always recomputed to produce logits (as vLLM does).
-        seq.computed = min(cached, seq.prompt_len + seq.output - 1)
-        if seq.output == 0:
-            seq.cached_tokens = seq.computed
-        self.stats.prefix_hit_tokens = self.kv.hits_tokens
-        self.stats.prefix_query_tokens = self.kv.queries_tokens
+    def _lookup_prefix(self, seq: Sequence) -> None:
+        """Take the cached prefix of a sequence about to be admitted (again, after a preemption).
+
+        The last known token is always recomputed to produce logits. vLLM only reuses whole
+        blocks below that token; SGLang's radix cache (page size 1) reuses up to it.
+        """
+        known = seq.prompt_len + seq.output
+        limit = (known - 1) // self.kv.block_size if self.kind == "vllm" else None
+        seq.shared = self.kv.match_prefix(seq.block_hashes, limit)
+        seq.computed = min(len(seq.shared) * self.kv.block_size, known - 1)
+
+    def _undo_lookup(self, seq: Sequence) -> None:
+        """Admission did not go ahead: a waiting sequence holds no blocks."""
+        self.kv.release_shared(seq.shared)
+        seq.shared = []
+        seq.computed = 0
 
     def _start(self, seq: Sequence) -> None:
+        if seq.output == 0:
+            seq.cached_tokens = seq.computed
+        self.kv.record_lookup(seq.prompt_len, seq.computed)
+        self.stats.prefix_hit_tokens = self.kv.hits_tokens
+        self.stats.prefix_query_tokens = self.kv.queries_tokens
         seq.state = SeqState.RUNNING
         self.running.append(seq)
 

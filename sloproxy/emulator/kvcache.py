@@ -50,13 +50,16 @@ class KVCache:
     def release(self, count: int) -> None:
         self.free += count
 
-    def match_prefix(self, hashes: list[int], prompt_tokens: int) -> list[int]:
-        """Acquire the longest cached prefix of ``hashes``; returns the acquired hashes."""
+    def match_prefix(self, hashes: list[int], limit: int | None = None) -> list[int]:
+        """Acquire the longest cached prefix of ``hashes`` (at most ``limit`` blocks).
+
+        Acquired blocks stop being evictable; give them back with :meth:`release_shared` if
+        the admission they were for does not go ahead.
+        """
         if not self.prefix_caching:
             return []
-        self.queries_tokens += prompt_tokens
         acquired: list[int] = []
-        for h in hashes:
+        for h in hashes[:limit]:
             if h in self._refs:
                 self._refs[h] += 1
             elif h in self._evictable:
@@ -66,8 +69,13 @@ class KVCache:
             else:
                 break
             acquired.append(h)
-        self.hits_tokens += len(acquired) * self.block_size
         return acquired
+
+    def record_lookup(self, prompt_tokens: int, hit_tokens: int) -> None:
+        """Count one admitted request's prefix lookup (vLLM counts queries and hits in tokens)."""
+        if self.prefix_caching:
+            self.queries_tokens += prompt_tokens
+            self.hits_tokens += hit_tokens
 
     def register(self, h: int) -> bool:
         """Publish a just-computed full block under ``h``; False if someone else already did."""

@@ -32,10 +32,11 @@ def make_sequence(
     engine: Engine, prompt_tokens: int, output_tokens: int, arrival: float, *, unique: bool = True, priority: int = 0
 ) -> Sequence:
     """A request with ``ignore_eos`` semantics: exactly ``output_tokens`` tokens."""
-    rid = f"v{next(_ids)}"
-    # Distinct token ids per request unless asked to share a prefix.
-    base = hash(rid) if unique else 0
-    ids = [(base + i) % 128_000 for i in range(prompt_tokens)]
+    number = next(_ids)
+    rid = f"v{number}"
+    # A distinct first token makes every block hash of the chain distinct, unless asked to share.
+    base = number if unique else 0
+    ids = [(base + i * 7919) % 128_000 for i in range(prompt_tokens)]
     return Sequence(
         rid=rid,
         prompt_len=prompt_tokens,
