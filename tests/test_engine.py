@@ -73,7 +73,7 @@ def assert_all_finished_exactly(seqs: list[Sequence], output: int) -> None:
 
 
 # ----- 1, 2: preemption under KV pressure ---------------------------------------------------
-# Fails on the current engine: queued sequences pin prefix blocks (see the next test) -> vLLM deadlocks.
+# Regression: queued sequences once pinned prefix blocks and vLLM deadlocked under this load.
 def test_vllm_preempts_by_recompute_under_kv_pressure() -> None:
     """vLLM out of blocks preempts (recompute) and still completes every request exactly.
 
@@ -89,7 +89,7 @@ def test_vllm_preempts_by_recompute_under_kv_pressure() -> None:
     assert engine.kv.used == 0
 
 
-# Fails on the current engine: _first_admission acquires cached blocks even when admission fails.
+# Regression: a failed admission once kept the cached blocks its prefix lookup took.
 @pytest.mark.parametrize("kind", ["vllm", "sglang"])
 def test_waiting_sequences_hold_no_kv_blocks(kind: str) -> None:
     """Only running sequences hold KV: a queued (or preempted) request pins no blocks.
@@ -128,7 +128,7 @@ def test_sglang_retracts_fewest_output_under_kv_pressure() -> None:
     assert engine.kv.used == 0
 
 
-# Fails on the current engine for sglang: a resumed sequence (output > 0) recomputes one token per step.
+# Regression: SGLang once recomputed a resumed sequence (output > 0) one token per step.
 @pytest.mark.parametrize("kind", ["vllm", "sglang"])
 def test_preempted_sequence_recomputes_in_full_chunks(kind: str) -> None:
     """A preempted sequence longer than the token budget re-prefills in budget-sized chunks.
@@ -232,7 +232,7 @@ def _completion_order(kind: str, priorities: list[int]) -> list[int]:
     return [s.priority for s in sorted(later, key=lambda s: s.finished_at)]
 
 
-# Fails on the current engine: the victim can be a sequence already in this prefill batch.
+# Regression: the victim could be a sequence already in this prefill batch.
 def test_sglang_priority_preemption_never_schedules_a_sequence_twice() -> None:
     """A high-priority arrival that preempts a lower one never leaves it in the batch twice.
 
@@ -341,7 +341,7 @@ def test_prefix_cache_disabled_never_hits() -> None:
     assert engine.kv.hits_tokens == 0
 
 
-# Fails on the current engine: it reports 1023 cached tokens (and counts 1024 hit tokens).
+# Regression: vLLM once reported 1023 cached tokens (and counted 1024 hit tokens).
 def test_vllm_full_prefix_hit_is_block_aligned() -> None:
     """vLLM caps a full hit at prompt - 1 tokens, rounded down to a block: a repeated
     1024-token prompt reports 1008 cached tokens (the last block is recomputed), not 1023.
