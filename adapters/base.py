@@ -1,16 +1,25 @@
 """What every engine adapter provides. Engine dialects live only in adapters.
 
-At this stage an adapter reads its engine's load from the engine's own ``/metrics`` text;
-request translation and stream conversion join it with the proxy core.
+An adapter turns a client's OpenAI request into its engine's call, turns the engine's
+replies, streams and errors back into exactly what OpenAI clients expect, and reads the
+engine's load from its ``/metrics``. The proxy core never looks at an engine's wire format.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import msgspec
 from prometheus_client.parser import text_string_to_metric_families
+
+from sloproxy.errors import ProxyError
+
+if TYPE_CHECKING:
+    from sloproxy.request import ProxyRequest
+
+DONE_FRAME = b"data: [DONE]\n\n"
 
 
 class BackendLoad(msgspec.Struct, frozen=True):
@@ -22,6 +31,24 @@ class BackendLoad(msgspec.Struct, frozen=True):
     kv_capacity_tokens: int | None = None
     preemptions: int | None = None
     generation_tokens: int | None = None
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _UsageOnly(msgspec.Struct):
+    usage: Usage | None = None
+
+
+@dataclass(slots=True)
+class UpstreamCall:
+    """One HTTP request to an engine."""
+
+    path: str
+    body: bytes
+    headers: dict[str, str]
 
 
 def metric_values(text: str) -> dict[str, float]:
@@ -41,11 +68,68 @@ def labels_of(text: str, sample_name: str) -> dict[str, str] | None:
     return None
 
 
+def openai_route(request: ProxyRequest) -> str:
+    return "/v1/chat/completions" if request.kind == "chat" else "/v1/completions"
+
+
+def record_usage(request: ProxyRequest, usage: Usage | None) -> None:
+    if usage is not None:
+        request.prompt_tokens = usage.prompt_tokens
+        request.completion_tokens = usage.completion_tokens
+
+
+class StreamTranslator(ABC):
+    """Per request: each upstream SSE payload in, the bytes to send the client out."""
+
+    def __init__(self, request: ProxyRequest) -> None:
+        self.request = request
+        self.done = False  # saw the engine's end of stream
+        self.failed = False  # the engine reported an error inside the stream
+
+    @abstractmethod
+    def feed(self, payload: bytes) -> bytes:
+        """Client bytes for one upstream event payload (``b""`` to send nothing)."""
+
+    def error(self, status: int, message: str) -> bytes:
+        self.failed = True
+        self.done = True
+        return b"data: " + ProxyError(status, message).body() + b"\n\n" + DONE_FRAME
+
+
 class EngineAdapter(ABC):
-    """Base class; subclasses set ``engine`` and implement :meth:`parse_load`."""
+    """Base class; one subclass per engine kind, registered in the ``sloproxy.adapters`` group."""
 
     engine: ClassVar[str]
+    health_path: ClassVar[str] = "/health"
+    metrics_path: ClassVar[str | None] = "/metrics"
+
+    @abstractmethod
+    def build(self, request: ProxyRequest) -> UpstreamCall:
+        """The engine call for a client request."""
+
+    @abstractmethod
+    def stream_translator(self, request: ProxyRequest) -> StreamTranslator:
+        """A translator for this request's stream."""
+
+    @abstractmethod
+    def translate_reply(self, request: ProxyRequest, body: bytes) -> bytes:
+        """The client body for a successful non-streamed reply; records token usage."""
+
+    @abstractmethod
+    def translate_error(self, status: int, body: bytes) -> ProxyError:
+        """The OpenAI-format error for an engine's error reply."""
 
     @abstractmethod
     def parse_load(self, metrics_text: str) -> BackendLoad:
         """The backend's load from the text of its ``/metrics`` route."""
+
+    def abort_call(self, request: ProxyRequest) -> UpstreamCall | None:
+        """A call that aborts ``request`` inside the engine; None: closing the connection does it."""
+        return None
+
+
+def decode_json(body: bytes) -> Any:
+    try:
+        return msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return None

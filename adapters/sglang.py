@@ -1,12 +1,30 @@
-"""SGLang adapter: reads load from ``sglang:*`` metrics."""
+"""SGLang adapter: OpenAI routes with our request id as ``rid`` (so it can be aborted by id)."""
 
 from __future__ import annotations
 
-from .base import BackendLoad, EngineAdapter, metric_values
+import msgspec
+
+from sloproxy.request import ProxyRequest
+
+from .base import BackendLoad, UpstreamCall, metric_values, openai_route
+from .openai_compat import OpenAICompatibleAdapter
 
 
-class SGLangAdapter(EngineAdapter):
+class SGLangAdapter(OpenAICompatibleAdapter):
     engine = "sglang"
+    health_path = "/health"
+    metrics_path = "/metrics"
+
+    def build(self, request: ProxyRequest) -> UpstreamCall:
+        body = dict(request.body)
+        body["rid"] = request.id
+        if request.stream and not request.include_usage:
+            options = body.get("stream_options")
+            body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        return UpstreamCall(openai_route(request), msgspec.json.encode(body), self.headers)
+
+    def abort_call(self, request: ProxyRequest) -> UpstreamCall:
+        return UpstreamCall("/abort_request", msgspec.json.encode({"rid": request.id}), self.headers)
 
     def parse_load(self, metrics_text: str) -> BackendLoad:
         values = metric_values(metrics_text)

@@ -1,12 +1,132 @@
-"""TGI adapter: reads load from ``tgi_*`` metrics (no model label; counters without ``_total``)."""
+"""TGI adapter: its OpenAI routes, normalised to what OpenAI clients expect.
+
+TGI takes any ``model`` other than ``"tgi"`` as a LoRA adapter id, answers with ``"id": ""``
+and its own model id, repeats ``role`` in every chunk, frames SSE as ``data:{…}``, and
+reports errors as ``{"error": "...", "error_type": "..."}`` (422 for validation). The
+translator rewrites each chunk; errors map to OpenAI statuses (422 -> 400).
+"""
 
 from __future__ import annotations
 
-from .base import BackendLoad, EngineAdapter, metric_values
+from typing import Any
+
+import msgspec
+
+from sloproxy.errors import ProxyError
+from sloproxy.request import ProxyRequest
+
+from .base import (
+    DONE_FRAME,
+    BackendLoad,
+    EngineAdapter,
+    StreamTranslator,
+    UpstreamCall,
+    Usage,
+    decode_json,
+    metric_values,
+    openai_route,
+    record_usage,
+)
+
+_STATUS = {422: 400, 424: 500, 413: 413}
+_encode = msgspec.json.encode
+
+
+def _reply_id(request: ProxyRequest) -> str:
+    return f"{'chatcmpl' if request.kind == 'chat' else 'cmpl'}-{request.id}"
+
+
+def _usage(value: Any) -> Usage | None:
+    if isinstance(value, dict):
+        return Usage(int(value.get("prompt_tokens", 0)), int(value.get("completion_tokens", 0)))
+    return None
+
+
+class TGIStream(StreamTranslator):
+    def __init__(self, request: ProxyRequest) -> None:
+        super().__init__(request)
+        self._role_sent = False
+        self._id = _reply_id(request)
+
+    def feed(self, payload: bytes) -> bytes:
+        if payload == b"[DONE]":
+            self.done = True
+            return DONE_FRAME
+        chunk = decode_json(payload)
+        if not isinstance(chunk, dict):
+            return self.error(502, "The backend sent a stream event that is not valid JSON.")
+        if "error" in chunk:
+            error = TGIAdapter.error_from(chunk.get("error"), chunk.get("error_type"), 500)
+            return self.error(error.status, error.message)
+        usage = _usage(chunk.pop("usage", None))
+        chunk.pop("system_fingerprint", None)
+        chunk["id"] = self._id
+        chunk["model"] = self.request.model
+        choices = chunk.get("choices") or []
+        if usage is not None:
+            record_usage(self.request, usage)
+            if not choices:
+                if not self.request.include_usage:
+                    return b""
+                chunk["usage"] = {
+                    **msgspec.structs.asdict(usage),
+                    "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+                }
+        if self.request.kind == "chat":
+            for choice in choices:
+                delta = choice.get("delta")
+                if isinstance(delta, dict) and self._role_sent:
+                    delta.pop("role", None)
+            if choices and not self._role_sent:
+                self._role_sent = True
+        return b"data: " + _encode(chunk) + b"\n\n"
 
 
 class TGIAdapter(EngineAdapter):
     engine = "tgi"
+
+    def __init__(self, api_key: str | None = None) -> None:
+        self.headers = {"Content-Type": "application/json"}
+
+    def build(self, request: ProxyRequest) -> UpstreamCall:
+        body = dict(request.body)
+        body["model"] = "tgi"  # any other name would be taken as a LoRA adapter id
+        if request.stream:
+            options = body.get("stream_options")
+            body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        return UpstreamCall(openai_route(request), _encode(body), self.headers)
+
+    def stream_translator(self, request: ProxyRequest) -> StreamTranslator:
+        return TGIStream(request)
+
+    def translate_reply(self, request: ProxyRequest, body: bytes) -> bytes:
+        reply = decode_json(body)
+        if not isinstance(reply, dict):
+            raise ProxyError(502, "The backend returned a reply that is not valid JSON.")
+        usage = _usage(reply.get("usage"))
+        record_usage(request, usage)
+        reply.pop("system_fingerprint", None)
+        reply["id"] = _reply_id(request)
+        reply["model"] = request.model
+        return _encode(reply)
+
+    def translate_error(self, status: int, body: bytes) -> ProxyError:
+        parsed = decode_json(body)
+        if isinstance(parsed, dict):
+            return self.error_from(parsed.get("error"), parsed.get("error_type"), status)
+        return ProxyError(_STATUS.get(status, status), f"The backend failed with HTTP {status}.")
+
+    @staticmethod
+    def error_from(error: Any, error_type: Any, status: int) -> ProxyError:
+        if isinstance(error, dict):  # OpenAI-route stream error: {"message", "http_status_code"}
+            status = int(error.get("http_status_code", status) or status)
+            error = error.get("message")
+        message = error if isinstance(error, str) else f"The backend failed with HTTP {status}."
+        if error_type == "overloaded":
+            status = 429
+        elif error_type == "validation":
+            status = 400
+        return ProxyError(_STATUS.get(status, status), message)
 
     def parse_load(self, metrics_text: str) -> BackendLoad:
         values = metric_values(metrics_text)

@@ -1,12 +1,15 @@
-"""vLLM adapter: reads load from ``vllm:*`` metrics (old and new names)."""
+"""vLLM adapter: its OpenAI routes pass through; load from ``vllm:*`` metrics (old and new names)."""
 
 from __future__ import annotations
 
-from .base import BackendLoad, EngineAdapter, labels_of, metric_values
+from .base import BackendLoad, labels_of, metric_values
+from .openai_compat import OpenAICompatibleAdapter
 
 
-class VLLMAdapter(EngineAdapter):
+class VLLMAdapter(OpenAICompatibleAdapter):
     engine = "vllm"
+    health_path = "/health"
+    metrics_path = "/metrics"
 
     def parse_load(self, metrics_text: str) -> BackendLoad:
         values = metric_values(metrics_text)

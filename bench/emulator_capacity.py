@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import csv
 import json
+import os
 import random
 import statistics
 import string
@@ -23,8 +24,10 @@ from pathlib import Path
 
 import aiohttp
 
-from sloproxy.emulator.process import EmulatorProcess
+from sloproxy.processes import EmulatorProcess
 
+CONTEXT_TOKENS = 8192
+MAX_PROMPT_TOKENS = 7000
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "traces" / "azure_conv_2023.csv"
 FLEET = [
     *({"name": f"vllm-{i}", "engine": "vllm", "model": "llama-3-8b", "profile": "h100-llama3-8b"} for i in range(3)),
@@ -67,8 +70,7 @@ def prompt_of(tokens: int, rng: random.Random) -> str:
     return "".join(" " + "".join(rng.choices(letters, k=rng.randint(2, 6))) for _ in range(tokens))
 
 
-async def one_request(session, url: str, engine: str, prompt: str, reply: int, max_len: int) -> tuple[bool, float]:
-    reply = min(reply, max_len - 1)
+async def one_request(session, url: str, engine: str, prompt: str, reply: int) -> tuple[bool, float, str]:
     started = time.perf_counter()
     if engine == "tgi":
         route, body = "/generate_stream", {"inputs": prompt, "parameters": {"max_new_tokens": reply}}
@@ -79,13 +81,13 @@ async def one_request(session, url: str, engine: str, prompt: str, reply: int, m
     frames = 0
     async with session.post(url + route, json=body) as response:
         if response.status != 200:
-            return False, 0.0
+            return False, 0.0, f"HTTP {response.status}: {(await response.read())[:200]!r}"
         async for line in response.content:
             if line.startswith(b"data:") and b"[DONE]" not in line:
                 frames += 1
                 if ttft is None:
                     ttft = time.perf_counter() - started
-    return frames >= 1, ttft or 0.0
+    return frames >= 1, ttft or 0.0, "" if frames else "empty stream"
 
 
 async def replay(fleet: EmulatorProcess, rows, seed: int) -> dict:
@@ -94,7 +96,7 @@ async def replay(fleet: EmulatorProcess, rows, seed: int) -> dict:
     engines = {i["name"]: i["engine"] for i in FLEET}
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=600)
-    results: list[tuple[bool, float]] = []
+    results: list[tuple[bool, float, str]] = []
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         async with session.get(fleet.url(names[0]) + "/_emulator/loop_lag?reset=1") as response:
             await response.read()
@@ -105,11 +107,12 @@ async def replay(fleet: EmulatorProcess, rows, seed: int) -> dict:
             if delay > 0:
                 await asyncio.sleep(delay)
             name = names[index % len(names)]
-            prompt = prompt_of(min(prompt_tokens, 7000), rng)
+            # Keep prompt + reply inside the 8192-token context of the Llama-3-8B profiles.
+            prompt_tokens = min(prompt_tokens, MAX_PROMPT_TOKENS)
+            reply_tokens = min(reply_tokens, CONTEXT_TOKENS - prompt_tokens - 1)
+            prompt = prompt_of(prompt_tokens, rng)
             tasks.append(
-                asyncio.ensure_future(
-                    one_request(session, fleet.url(name), engines[name], prompt, reply_tokens, 8192 - prompt_tokens)
-                )
+                asyncio.ensure_future(one_request(session, fleet.url(name), engines[name], prompt, reply_tokens))
             )
         sent_span = time.perf_counter() - start
         results = await asyncio.gather(*tasks, return_exceptions=False)
@@ -117,11 +120,13 @@ async def replay(fleet: EmulatorProcess, rows, seed: int) -> dict:
         async with session.get(fleet.url(names[0]) + "/_emulator/loop_lag") as response:
             lag = await response.json()
     ok = [r for r in results if r[0]]
+    failures = sorted({r[2] for r in results if not r[0]})
     ttfts = sorted(r[1] for r in ok)
     return {
         "requests": len(rows),
         "completed": len(ok),
         "failed": len(rows) - len(ok),
+        "failure_kinds": failures[:5],
         "offered_rps": len(rows) / sent_span if sent_span else 0.0,
         "wall_s": total_span,
         "client_ttft_p50_s": statistics.median(ttfts) if ttfts else None,
@@ -132,8 +137,6 @@ async def replay(fleet: EmulatorProcess, rows, seed: int) -> dict:
 
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    import os
-
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

@@ -59,6 +59,20 @@ def _emulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .serve import configure_logging, run_proxy
+
+    config = load_config(args.config)
+    if args.host:
+        config.listen.host = args.host
+    if args.port:
+        config.listen.port = args.port
+    configure_logging(args.log_level)
+    run_async(run_proxy(config))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.which == "calibration":
         from .emulator.calibration import main as calibration_main
@@ -79,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sloproxy", description=__doc__)
     parser.add_argument("--version", action="version", version=f"sloproxy {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", required=True, help="proxy YAML config")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--log-level", default="WARNING")
+    serve.set_defaults(func=_serve)
 
     emulate = commands.add_parser("emulate", help="run emulated vLLM / TGI / SGLang engines")
     emulate.add_argument("--fleet", help="fleet YAML: start every instance it lists")

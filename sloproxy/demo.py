@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .cli import run_async
 from .emulator.fleet import InstanceSpec
-from .emulator.process import EmulatorProcess, free_port
+from .processes import EmulatorProcess, free_port
 
 DEMO_FLEET = (
     ("vllm-a100", "vllm", "llama-3-8b", "a100-80g-llama3-8b"),

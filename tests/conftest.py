@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sloproxy.emulator.lengths import prompt_key
-from sloproxy.emulator.process import EmulatorProcess
+from sloproxy.processes import EmulatorProcess
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -11,7 +11,7 @@ import pytest
 
 from sloproxy.cli import main
 from sloproxy.emulator.fleet import load_fleet
-from sloproxy.emulator.process import free_port
+from sloproxy.processes import free_port
 
 
 def test_minimal_fleet_file(tmp_path):

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from sloproxy.emulator.lengths import LengthTable, prompt_key, reply_length, seeded_length
-from sloproxy.emulator.process import EmulatorProcess
 from sloproxy.emulator.tokens import render_chat
+from sloproxy.processes import EmulatorProcess
 from tests.helpers import post_json
 
 

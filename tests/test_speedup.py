@@ -8,7 +8,7 @@ import time
 import aiohttp
 import pytest
 
-from sloproxy.emulator.process import EmulatorProcess
+from sloproxy.processes import EmulatorProcess
 from tests.helpers import get, metric_samples
 
 TOKENS = 60

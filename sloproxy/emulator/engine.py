@@ -10,7 +10,8 @@ Three scheduling styles, each following its engine's source:
 * ``vllm`` — running sequences first, then waiting ones, in one mixed step under a token
   budget (chunked prefill); out of blocks -> preempt by recompute (FCFS: the last admitted;
   priority policy: the worst (priority, arrival), lower priority value runs first).
-* ``sglang`` — prefill-first: a prefill (extend) batch whenever waiting work fits, else a
+* ``sglang`` — prefill-first: a prefill (extend) batch whenever waiting work fits (keeping KV free
+  for running requests' future tokens, max_new_tokens x a new-token ratio), else a
   decode batch; out of blocks while decoding -> retract the sequence with the fewest output
   tokens (longest prompt on ties); priority: higher value first, and a waiting request
   preempts a running one whose priority is at least 10 lower.
@@ -35,6 +36,9 @@ from .roofline import StepShape, step_time_ms
 
 ENGINE_KINDS = ("vllm", "sglang", "tgi")
 SGLANG_PRIORITY_PREEMPT_GAP = 10
+# SGLang admits new prefills only while KV stays free for the running requests' future tokens,
+# estimated as remaining max_new_tokens x new_token_ratio (it adapts between 0.7 and 0.1).
+SGLANG_NEW_TOKEN_RATIO = 0.4
 TGI_RESERVE_CAP = 1024
 
 
@@ -331,14 +335,17 @@ class Engine:
                 self._hold(seq, chunk)
                 work.append((seq, chunk))
                 budget -= chunk
+        reserve = self._sglang_decode_reserve()
         while len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.peek()
             self._lookup_prefix(seq)
             chunk = min(seq.to_feed, budget)
-            if not self.kv.allocate(self._blocks_needed(seq, chunk)):
+            need = self._blocks_needed(seq, chunk)
+            if (self.running and self.kv.free - need < reserve) or not self.kv.allocate(need):
                 self._undo_lookup(seq)
                 if not self._sglang_priority_preempt(seq, scheduled={id(s) for s, _ in work}):
                     break
+                reserve = self._sglang_decode_reserve()
                 continue
             self.waiting.pop()
             self._start(seq)
@@ -347,6 +354,11 @@ class Engine:
             budget -= chunk
         self.stats.waiting_changed(len(self.waiting))
         return work
+
+    def _sglang_decode_reserve(self) -> int:
+        """Blocks kept free for the running sequences' estimated future tokens."""
+        future = sum(s.max_new_tokens - s.output for s in self.running)  # the engine cannot know true lengths
+        return self.kv.blocks_for(int(max(future, 0) * SGLANG_NEW_TOKEN_RATIO))
 
     def _sglang_priority_preempt(self, incoming: Sequence, scheduled: set[int]) -> bool:
         """Retract the lowest-priority running sequence not already in this step, if the gap allows."""

@@ -1,0 +1,112 @@
+"""Shared by engines whose OpenAI routes already speak OpenAI (vLLM, SGLang, OpenAI itself).
+
+Bodies and stream frames pass through byte for byte; the proxy only asks for the usage chunk
+(so it always learns true token counts) and drops it again when the client did not ask.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import msgspec
+
+from sloproxy.errors import ProxyError
+from sloproxy.request import ProxyRequest
+
+from .base import (
+    DONE_FRAME,
+    BackendLoad,
+    EngineAdapter,
+    StreamTranslator,
+    UpstreamCall,
+    Usage,
+    _UsageOnly,
+    decode_json,
+    openai_route,
+    record_usage,
+)
+
+_usage_decoder = msgspec.json.Decoder(_UsageOnly)
+
+
+class _UsageChunk(msgspec.Struct):
+    choices: list[object] | None = None
+    usage: Usage | None = None
+
+
+_usage_chunk_decoder = msgspec.json.Decoder(_UsageChunk)
+
+
+class PassThroughStream(StreamTranslator):
+    def feed(self, payload: bytes) -> bytes:
+        if payload == b"[DONE]":
+            self.done = True
+            return DONE_FRAME
+        if payload.startswith(b'{"error"') or payload.startswith(b'{"object":"error"'):
+            error = OpenAICompatibleAdapter.error_from(500, payload)
+            return self.error(error.status, error.message)
+        if b'"usage"' in payload:
+            chunk = _usage_chunk_decoder.decode(payload)
+            if chunk.usage is not None:
+                record_usage(self.request, chunk.usage)
+                if not chunk.choices and not self.request.include_usage:
+                    return b""  # the usage chunk the proxy asked for, not the client
+        return b"data: " + payload + b"\n\n"
+
+
+class OpenAICompatibleAdapter(EngineAdapter):
+    engine = "openai"
+    health_path = "/v1/models"
+    metrics_path = None
+    extra_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, api_key: str | None = None) -> None:
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+
+    def body_for(self, request: ProxyRequest) -> bytes:
+        """The raw client body, or a re-encoded one when the engine must be asked for usage."""
+        if not request.stream or request.include_usage:
+            return request.raw
+        body = dict(request.body)
+        options = body.get("stream_options")
+        body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        return msgspec.json.encode(body)
+
+    def build(self, request: ProxyRequest) -> UpstreamCall:
+        return UpstreamCall(openai_route(request), self.body_for(request), {**self.headers, "X-Request-Id": request.id})
+
+    def stream_translator(self, request: ProxyRequest) -> StreamTranslator:
+        return PassThroughStream(request)
+
+    def translate_reply(self, request: ProxyRequest, body: bytes) -> bytes:
+        try:
+            record_usage(request, _usage_decoder.decode(body).usage)
+        except msgspec.DecodeError:
+            raise ProxyError(502, "The backend returned a reply that is not valid JSON.") from None
+        return body
+
+    def translate_error(self, status: int, body: bytes) -> ProxyError:
+        return self.error_from(status, body)
+
+    @staticmethod
+    def error_from(status: int, body: bytes) -> ProxyError:
+        """vLLM's nested ``{"error": {...}}`` and older flat ``{"object": "error", ...}`` bodies."""
+        parsed = decode_json(body)
+        message, param, code = None, None, None
+        if isinstance(parsed, dict):
+            inner = parsed.get("error") if isinstance(parsed.get("error"), dict) else parsed
+            message = inner.get("message")
+            param = inner.get("param")
+            code = inner.get("code")
+            if isinstance(code, int):  # engines put the HTTP status there; OpenAI uses a string code
+                if 400 <= code < 600 and status == 500:
+                    status = code
+                code = None
+        if not isinstance(message, str):
+            message = f"The backend failed with HTTP {status}."
+        return ProxyError(status, message, param=param if isinstance(param, str) else None, code=code)
+
+    def parse_load(self, metrics_text: str) -> BackendLoad:
+        return BackendLoad(running=0, waiting=0)

@@ -1,0 +1,153 @@
+"""The proxy's view of each backend: adapter, health, live load, in-flight count.
+
+Health checks and load polling run as background tasks on the proxy's event loop; every
+probe has a timeout, so a hung backend is marked unhealthy rather than stalling anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+
+import aiohttp
+
+from .adapters.base import BackendLoad, EngineAdapter
+from .config import BackendConfig, HealthConfig, LoadPolling
+
+log = logging.getLogger("sloproxy.backends")
+
+
+def load_adapter_class(engine: str) -> type[EngineAdapter]:
+    """The adapter registered under ``engine`` in the ``sloproxy.adapters`` entry-point group."""
+    for entry in entry_points(group="sloproxy.adapters"):
+        if entry.name == engine:
+            return entry.load()
+    known = ", ".join(sorted(e.name for e in entry_points(group="sloproxy.adapters")))
+    raise ValueError(f"no adapter registered for engine {engine!r} (known: {known})")
+
+
+@dataclass(eq=False)
+class Backend:
+    config: BackendConfig
+    adapter: EngineAdapter
+    healthy: bool = True  # optimistic until the first probe says otherwise
+    consecutive_failures: int = 0
+    consecutive_successes: int = 0
+    in_flight: int = 0
+    load: BackendLoad | None = None
+    load_read_at: float | None = None  # monotonic seconds
+    stale_after_s: float = 5.0
+    models: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def url(self) -> str:
+        return self.config.url.rstrip("/")
+
+    @property
+    def load_is_stale(self) -> bool:
+        return self.load_read_at is None or time.monotonic() - self.load_read_at > self.stale_after_s
+
+    def record_probe(self, ok: bool, health: HealthConfig) -> None:
+        if ok:
+            self.consecutive_failures = 0
+            self.consecutive_successes += 1
+            if not self.healthy and self.consecutive_successes >= health.healthy_after:
+                self.healthy = True
+                log.warning("backend %s is healthy again", self.name)
+        else:
+            self.consecutive_successes = 0
+            self.consecutive_failures += 1
+            if self.healthy and self.consecutive_failures >= health.unhealthy_after:
+                self.healthy = False
+                log.warning("backend %s marked unhealthy after %d failed checks", self.name, self.consecutive_failures)
+
+
+class BackendPool:
+    """All backends, indexed by model; runs their health checks and load polling."""
+
+    def __init__(self, configs: Iterable[BackendConfig], health: HealthConfig, polling: LoadPolling) -> None:
+        self.health = health
+        self.polling = polling
+        self.backends: list[Backend] = []
+        self.by_model: dict[str, list[Backend]] = {}
+        for config in configs:
+            adapter = load_adapter_class(config.engine)(api_key=config.api_key)
+            backend = Backend(config, adapter, stale_after_s=polling.stale_after_s, models=frozenset(config.models))
+            self.backends.append(backend)
+            for model in config.models:
+                self.by_model.setdefault(model, []).append(backend)
+        self._tasks: list[asyncio.Task] = []
+        self._session: aiohttp.ClientSession | None = None
+
+    def models(self) -> list[str]:
+        return sorted(self.by_model)
+
+    def candidates(self, model: str, exclude: Iterable[Backend] = ()) -> list[Backend]:
+        excluded = set(map(id, exclude))
+        return [b for b in self.by_model.get(model, ()) if b.healthy and id(b) not in excluded]
+
+    @property
+    def ready(self) -> bool:
+        return any(b.healthy for b in self.backends)
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
+        await asyncio.gather(*(self.probe(b) for b in self.backends))
+        self._tasks = [asyncio.create_task(self._health_loop(), name="health-checks")]
+        if any(b.adapter.metrics_path for b in self.backends):
+            self._tasks.append(asyncio.create_task(self._load_loop(), name="load-polling"))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._session is not None:
+            await self._session.close()
+
+    async def probe(self, backend: Backend) -> bool:
+        assert self._session is not None
+        try:
+            timeout = aiohttp.ClientTimeout(total=self.health.timeout_s)
+            async with self._session.get(backend.url + backend.adapter.health_path, timeout=timeout) as response:
+                await response.read()
+                ok = response.status == 200
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            ok = False
+        backend.record_probe(ok, self.health)
+        return ok
+
+    async def read_load(self, backend: Backend) -> None:
+        assert self._session is not None
+        path = backend.adapter.metrics_path
+        if path is None:
+            return
+        try:
+            timeout = aiohttp.ClientTimeout(total=self.polling.timeout_s)
+            async with self._session.get(backend.url + path, timeout=timeout) as response:
+                if response.status != 200:
+                    return
+                text = await response.text()
+            backend.load = backend.adapter.parse_load(text)
+            backend.load_read_at = time.monotonic()
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+            return  # the reading simply grows stale
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health.interval_s)
+            await asyncio.gather(*(self.probe(b) for b in self.backends))
+
+    async def _load_loop(self) -> None:
+        while True:
+            await asyncio.gather(*(self.read_load(b) for b in self.backends if b.healthy))
+            await asyncio.sleep(self.polling.interval_s)

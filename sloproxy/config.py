@@ -1,0 +1,100 @@
+"""Proxy configuration: one YAML file, decoded strictly into typed structs.
+
+Unknown or ill-typed fields are refused at start with a message that names the field
+(msgspec's path, e.g. ``$.backends[1].url``), so a typo never silently changes behaviour.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+ENGINES = ("vllm", "tgi", "sglang", "openai")
+
+
+class Listen(msgspec.Struct, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+
+class BackendConfig(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    engine: Literal["vllm", "tgi", "sglang", "openai"]
+    url: str
+    models: list[str]
+    api_key: str | None = None  # sent as a bearer token (OpenAI-compatible backends)
+    max_connections: int = 1024
+
+
+class PolicyConfig(msgspec.Struct, forbid_unknown_fields=True):
+    name: str = "round-robin"
+
+
+class Limits(msgspec.Struct, forbid_unknown_fields=True):
+    max_body_bytes: int = 4 * 1024 * 1024
+    connect_timeout_s: float = 2.0
+    read_timeout_s: float = 300.0  # an upstream silent this long (before headers or mid-stream) has failed
+    retries_before_first_byte: int = 1
+
+
+class HealthConfig(msgspec.Struct, forbid_unknown_fields=True):
+    interval_s: float = 2.0
+    timeout_s: float = 1.0
+    unhealthy_after: int = 2  # consecutive failures
+    healthy_after: int = 1  # consecutive successes
+
+
+class LoadPolling(msgspec.Struct, forbid_unknown_fields=True):
+    interval_s: float = 1.0
+    timeout_s: float = 1.0
+    stale_after_s: float = 5.0  # older readings are marked stale
+
+
+class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True):
+    backends: list[BackendConfig]
+    listen: Listen = msgspec.field(default_factory=Listen)
+    policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
+    limits: Limits = msgspec.field(default_factory=Limits)
+    health: HealthConfig = msgspec.field(default_factory=HealthConfig)
+    load_polling: LoadPolling = msgspec.field(default_factory=LoadPolling)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the operator."""
+
+
+def parse_config(raw: Any, source: str = "config") -> ProxyConfig:
+    try:
+        config = msgspec.convert(raw, ProxyConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    _check(config, source)
+    return config
+
+
+def load_config(path: str | Path) -> ProxyConfig:
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(raw, str(path))
+
+
+def _check(config: ProxyConfig, source: str) -> None:
+    if not config.backends:
+        raise ConfigError(f"{source}: `$.backends` needs at least one backend")
+    names = [b.name for b in config.backends]
+    for index, backend in enumerate(config.backends):
+        where = f"`$.backends[{index}]`"
+        if names.count(backend.name) > 1:
+            raise ConfigError(f"{source}: {where}: backend name {backend.name!r} is used twice")
+        if not backend.url.startswith(("http://", "https://")):
+            raise ConfigError(f"{source}: {where}.url must start with http:// or https://")
+        if not backend.models:
+            raise ConfigError(f"{source}: {where}.models must list at least one model")
+    if config.limits.max_body_bytes < 1024:
+        raise ConfigError(f"{source}: `$.limits.max_body_bytes` must be at least 1024")

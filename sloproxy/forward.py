@@ -1,0 +1,199 @@
+"""Forwarding: pick a backend, call it, relay the reply or stream, retry, abort, map errors.
+
+Retries happen only before the client has received a byte: a connection failure, a
+retryable status (429, 5xx) or a stream that dies before its first event moves the request
+to another backend serving the model (once by default). After bytes were sent, a failure
+becomes an OpenAI error frame followed by ``[DONE]``. A client that goes away closes the
+upstream connection at once (and SGLang gets an explicit ``/abort_request``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+from aiohttp import web
+
+from .adapters.base import EngineAdapter, StreamTranslator, UpstreamCall
+from .backends import Backend, BackendPool
+from .config import Limits
+from .errors import ProxyError, error_frame
+from .policies.round_robin import RoundRobin
+from .proxy_metrics import ProxyMetrics
+from .request import ProxyRequest
+from .sse import SSEDecoder
+
+log = logging.getLogger("sloproxy.forward")
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class _RetryableFailure(Exception):
+    """The attempt failed before the client saw a byte; another backend may serve it."""
+
+    def __init__(self, error: ProxyError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class Forwarder:
+    def __init__(self, pool: BackendPool, limits: Limits, metrics: ProxyMetrics) -> None:
+        self.pool = pool
+        self.limits = limits
+        self.metrics = metrics
+        self._routers: dict[str, RoundRobin] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._background: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.limits.connect_timeout_s, sock_read=self.limits.read_timeout_s
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=timeout, auto_decompress=False, skip_auto_headers=("User-Agent",)
+        )
+
+    async def stop(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    def choose(self, request: ProxyRequest, exclude: list[Backend]) -> Backend | None:
+        candidates = self.pool.candidates(request.model, exclude)
+        if not candidates:
+            return None
+        router = self._routers.get(request.model)
+        if router is None:
+            router = self._routers[request.model] = RoundRobin()
+        name = router.choose([b.name for b in candidates])
+        return next(b for b in candidates if b.name == name)
+
+    async def forward(self, http: web.Request, request: ProxyRequest) -> web.StreamResponse:
+        if request.model not in self.pool.by_model:
+            raise ProxyError(404, f"The model `{request.model}` does not exist.", param="model", code="model_not_found")
+        tried: list[Backend] = []
+        last_error: ProxyError | None = None
+        for _ in range(1 + self.limits.retries_before_first_byte):
+            backend = self.choose(request, tried)
+            if backend is None:
+                break
+            if tried:
+                self.metrics.retries.labels(tried[-1].name).inc()
+            tried.append(backend)
+            request.backend = backend.name
+            request.attempts += 1
+            try:
+                return await self._attempt(http, request, backend)
+            except _RetryableFailure as failure:
+                last_error = failure.error
+                log.info(
+                    "request %s failed on %s before its first byte: %s", request.id, backend.name, failure.error.message
+                )
+        if last_error is not None:
+            raise last_error
+        raise ProxyError(
+            503, f"No healthy backend is serving model `{request.model}` right now.", headers={"Retry-After": "1"}
+        )
+
+    async def _attempt(self, http: web.Request, request: ProxyRequest, backend: Backend) -> web.StreamResponse:
+        assert self._session is not None
+        adapter = backend.adapter
+        call = adapter.build(request)
+        backend.in_flight += 1
+        upstream: aiohttp.ClientResponse | None = None
+        finished = False
+        try:
+            try:
+                upstream = await self._session.post(backend.url + call.path, data=call.body, headers=call.headers)
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} is unreachable: {exc!r}")) from None
+            if upstream.status != 200:
+                body = await self._read(upstream, backend)
+                error = adapter.translate_error(upstream.status, body)
+                finished = True
+                if upstream.status in RETRYABLE_STATUSES:
+                    raise _RetryableFailure(error)
+                raise error
+            if request.stream:
+                response = await self._relay_stream(http, request, adapter, upstream, backend)
+            else:
+                body = await self._read(upstream, backend)
+                response = web.Response(body=adapter.translate_reply(request, body), content_type="application/json")
+            finished = True
+            return response
+        finally:
+            backend.in_flight -= 1
+            if upstream is not None:
+                if finished:
+                    upstream.release()
+                else:  # client gone or failure mid-way: drop the connection so the engine aborts now
+                    upstream.close()
+                    self._abort_in_engine(adapter, backend, request)
+
+    async def _read(self, upstream: aiohttp.ClientResponse, backend: Backend) -> bytes:
+        try:
+            return await upstream.read()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} failed mid-reply: {exc!r}")) from None
+
+    async def _relay_stream(
+        self,
+        http: web.Request,
+        request: ProxyRequest,
+        adapter: EngineAdapter,
+        upstream: aiohttp.ClientResponse,
+        backend: Backend,
+    ) -> web.StreamResponse:
+        decoder = SSEDecoder()
+        translator: StreamTranslator = adapter.stream_translator(request)
+        response: web.StreamResponse | None = None
+        started = time.monotonic()
+        try:
+            async for chunk in upstream.content.iter_any():
+                out = b"".join([translator.feed(payload) for payload in decoder.feed(chunk)])
+                if out:
+                    if response is None:
+                        if translator.failed:  # an error before anything was sent: answer with a status
+                            raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} failed the stream."))
+                        response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+                        await response.prepare(http)
+                        self.metrics.ttft.labels(request.model).observe(time.monotonic() - started)
+                    await response.write(out)
+                if translator.done:
+                    break
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            if response is None:
+                raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} failed mid-stream: {exc!r}")) from None
+            await response.write(error_frame(502, f"The backend failed mid-stream: {exc!r}"))
+            await response.write_eof()
+            return response
+        if not translator.done:
+            if response is None:
+                raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} closed the stream early."))
+            await response.write(error_frame(502, "The backend closed the stream before it finished."))
+        if response is None:  # a stream with nothing in it at all
+            raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} sent an empty stream."))
+        await response.write_eof()
+        return response
+
+    def _abort_in_engine(self, adapter: EngineAdapter, backend: Backend, request: ProxyRequest) -> None:
+        call = adapter.abort_call(request)
+        if call is None or self._session is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._send_abort(backend, call))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send_abort(self, backend: Backend, call: UpstreamCall) -> None:
+        assert self._session is not None
+        try:
+            async with self._session.post(
+                backend.url + call.path, data=call.body, headers=call.headers, timeout=aiohttp.ClientTimeout(total=2)
+            ) as response:
+                await response.read()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            log.info("abort of %s on %s failed: %r", call.path, backend.name, exc)

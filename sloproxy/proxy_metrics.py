@@ -1,0 +1,91 @@
+"""The proxy's own Prometheus metrics (prometheus-client: the de-facto Python exporter, and
+what Prometheus scrapes natively; OpenTelemetry carries traces)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from .backends import BackendPool
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+
+
+class _BackendCollector:
+    """Reads backend state at scrape time, so the hot path updates nothing for it."""
+
+    def __init__(self, pool: BackendPool) -> None:
+        self.pool = pool
+
+    def collect(self):
+        healthy = GaugeMetricFamily(
+            "sloproxy_backend_healthy", "1 if the backend passes health checks.", labels=["backend"]
+        )
+        in_flight = GaugeMetricFamily(
+            "sloproxy_backend_in_flight_requests", "Requests the proxy has on it.", labels=["backend"]
+        )
+        running = GaugeMetricFamily(
+            "sloproxy_backend_running_requests", "Engine-reported running requests.", labels=["backend"]
+        )
+        waiting = GaugeMetricFamily(
+            "sloproxy_backend_waiting_requests", "Engine-reported waiting requests.", labels=["backend"]
+        )
+        kv = GaugeMetricFamily(
+            "sloproxy_backend_kv_usage_ratio", "Engine-reported KV-cache usage, 0..1.", labels=["backend"]
+        )
+        stale = GaugeMetricFamily(
+            "sloproxy_backend_load_stale", "1 if the last load reading is stale.", labels=["backend"]
+        )
+        for backend in self.pool.backends:
+            name = [backend.name]
+            healthy.add_metric(name, 1.0 if backend.healthy else 0.0)
+            in_flight.add_metric(name, backend.in_flight)
+            stale.add_metric(name, 1.0 if backend.load_is_stale else 0.0)
+            if backend.load is not None:
+                running.add_metric(name, backend.load.running)
+                waiting.add_metric(name, backend.load.waiting)
+                if backend.load.kv_usage is not None:
+                    kv.add_metric(name, backend.load.kv_usage)
+        yield from (healthy, in_flight, running, waiting, kv, stale)
+
+
+class ProxyMetrics:
+    def __init__(self, pool: BackendPool) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "sloproxy_requests", "Requests by model and outcome.", ["model", "outcome"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "sloproxy_request_duration_seconds",
+            "End-to-end time in the proxy.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "sloproxy_time_to_first_token_seconds",
+            "Time to the first streamed content byte.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "sloproxy_upstream_retries",
+            "Requests retried on another backend before their first byte.",
+            ["backend"],
+            registry=self.registry,
+        )
+        self.disconnects = Counter(
+            "sloproxy_client_disconnects",
+            "Clients that went away before their reply ended.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "sloproxy_tokens", "Tokens the engines reported, by kind.", ["model", "kind"], registry=self.registry
+        )
+        self.in_flight = Gauge("sloproxy_in_flight_requests", "Requests being served.", registry=self.registry)
+        self.registry.register(_BackendCollector(pool))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
