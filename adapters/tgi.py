@@ -43,9 +43,11 @@ def _usage(value: Any) -> Usage | None:
 
 
 class TGIStream(StreamTranslator):
+    """Rewrites each TGI chunk into the shape vLLM and OpenAI send, role-first chunk included."""
+
     def __init__(self, request: ProxyRequest) -> None:
         super().__init__(request)
-        self._role_sent = False
+        self._role_sent = request.kind != "chat"
         self._id = _reply_id(request)
 
     def feed(self, payload: bytes) -> bytes:
@@ -58,28 +60,37 @@ class TGIStream(StreamTranslator):
         if "error" in chunk:
             error = TGIAdapter.error_from(chunk.get("error"), chunk.get("error_type"), 500)
             return self.error(error.status, error.message)
-        usage = _usage(chunk.pop("usage", None))
-        chunk.pop("system_fingerprint", None)
-        chunk["id"] = self._id
-        chunk["model"] = self.request.model
         choices = chunk.get("choices") or []
+        head = {
+            "id": self._id,
+            "object": chunk.get("object"),
+            "created": chunk.get("created"),
+            "model": self.request.model,
+        }
+        usage = _usage(chunk.get("usage"))
         if usage is not None:
             record_usage(self.request, usage)
             if not choices:
                 if not self.request.include_usage:
                     return b""
-                chunk["usage"] = {
-                    **msgspec.structs.asdict(usage),
-                    "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-                }
+                total = usage.prompt_tokens + usage.completion_tokens
+                return _frame(
+                    {**head, "choices": [], "usage": {**msgspec.structs.asdict(usage), "total_tokens": total}}
+                )
+        out = b""
+        if not self._role_sent and choices:
+            self._role_sent = True
+            role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            out = _frame({**head, "choices": [role]})
         if self.request.kind == "chat":
             for choice in choices:
-                delta = choice.get("delta")
-                if isinstance(delta, dict) and self._role_sent:
-                    delta.pop("role", None)
-            if choices and not self._role_sent:
-                self._role_sent = True
-        return b"data: " + _encode(chunk) + b"\n\n"
+                if isinstance(choice.get("delta"), dict):
+                    choice["delta"].pop("role", None)
+        return out + _frame({**head, "choices": choices})
+
+
+def _frame(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + _encode(chunk) + b"\n\n"
 
 
 class TGIAdapter(EngineAdapter):

@@ -110,7 +110,9 @@ class Forwarder:
             try:
                 upstream = await self._session.post(backend.url + call.path, data=call.body, headers=call.headers)
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} is unreachable: {exc!r}")) from None
+                raise _RetryableFailure(
+                    ProxyError(502, f"Backend {backend.name} is unreachable ({type(exc).__name__}).")
+                ) from None
             if upstream.status != 200:
                 body = await self._read(upstream, backend)
                 error = adapter.translate_error(upstream.status, body)
@@ -138,7 +140,9 @@ class Forwarder:
         try:
             return await upstream.read()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} failed mid-reply: {exc!r}")) from None
+            raise _RetryableFailure(
+                ProxyError(502, f"Backend {backend.name} failed mid-reply ({type(exc).__name__}).")
+            ) from None
 
     async def _relay_stream(
         self,
@@ -167,8 +171,10 @@ class Forwarder:
                     break
         except (TimeoutError, aiohttp.ClientError) as exc:
             if response is None:
-                raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} failed mid-stream: {exc!r}")) from None
-            await response.write(error_frame(502, f"The backend failed mid-stream: {exc!r}"))
+                raise _RetryableFailure(
+                    ProxyError(502, f"Backend {backend.name} failed mid-stream ({type(exc).__name__}).")
+                ) from None
+            await response.write(error_frame(502, f"The backend failed mid-stream ({type(exc).__name__})."))
             await response.write_eof()
             return response
         if not translator.done:
