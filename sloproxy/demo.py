@@ -1,8 +1,9 @@
-"""``make demo``: an emulated fleet (vLLM, TGI, SGLang; two models) under real OpenAI-client traffic.
+"""``make demo``: sloproxy in front of an emulated fleet (vLLM, TGI, SGLang; two models).
 
-Until the proxy lands this shows the fleet itself: every engine kind answering the official
-``openai`` client over real HTTP, streaming and not, with latencies reported in emulated
-seconds and each engine's own ``/metrics`` read back.
+Starts the fleet and one proxy replica (embedded state, nothing else to install), sends real
+traffic through the official ``openai`` client to the proxy, streaming and not, and prints
+what happened: per-request latencies (emulated seconds), which backend served what, and the
+proxy's own metrics.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .cli import run_async
 from .emulator.fleet import InstanceSpec
-from .processes import EmulatorProcess, free_port
+from .processes import EmulatorProcess, ProxyProcess, free_port
 
 DEMO_FLEET = (
     ("vllm-a100", "vllm", "llama-3-8b", "a100-80g-llama3-8b"),
@@ -34,16 +35,11 @@ QUESTIONS = (
     "Summarise the plot of Hamlet.",
     "Why do long prompts raise time to first token?",
 )
-LOAD_GAUGES = {
-    "vllm": ("vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:generation_tokens"),
-    "tgi": ("tgi_batch_current_size", "tgi_request_success", "tgi_queue_size"),
-    "sglang": ("sglang:num_running_reqs", "sglang:token_usage", "sglang:generation_tokens"),
-}
 
 
 @dataclass
 class Outcome:
-    instance: str
+    model: str
     kind: str
     stream: bool
     ttft_s: float
@@ -52,7 +48,7 @@ class Outcome:
     finish: str
 
 
-async def _one(client, name: str, kind: str, model: str, stream: bool, speedup: float, rng: random.Random) -> Outcome:
+async def _one(client, model: str, kind: str, stream: bool, speedup: float, rng: random.Random) -> Outcome:
     question = rng.choice(QUESTIONS)
     started = time.perf_counter()
     ttft = None
@@ -77,17 +73,7 @@ async def _one(client, name: str, kind: str, model: str, stream: bool, speedup: 
         tokens, finish = reply.usage.completion_tokens, reply.choices[0].finish_reason
     e2e = time.perf_counter() - started
     # Wall-clock seconds x speedup = the emulated seconds a real GPU would have taken.
-    return Outcome(name, kind, stream, (ttft or e2e) * speedup, e2e * speedup, tokens, finish)
-
-
-async def _scrape(session: aiohttp.ClientSession, url: str, names: tuple[str, ...]) -> dict[str, float]:
-    async with session.get(f"{url}/metrics") as response:
-        text = await response.text()
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name in names or family.name.removesuffix("_total") in names:
-            values[family.name] = sum(sample.value for sample in family.samples if not sample.name.endswith("_created"))
-    return values
+    return Outcome(model, kind, stream, (ttft or e2e) * speedup, e2e * speedup, tokens, finish)
 
 
 async def _run(speedup: float, requests: int) -> int:
@@ -100,42 +86,58 @@ async def _run(speedup: float, requests: int) -> int:
         InstanceSpec(name=name, engine=engine, model=model, profile=profile, port=free_port())
         for name, engine, model, profile in DEMO_FLEET
     ]
-    with EmulatorProcess([msgspec.structs.asdict(s) for s in specs], speedup=speedup):
+    with EmulatorProcess([msgspec.structs.asdict(s) for s in specs], speedup=speedup) as fleet:
         print(f"started {len(specs)} emulated engines (speedup {speedup:g}: latencies below are emulated seconds)")
         for spec in specs:
             print(f"  {spec.name:12} {spec.engine:7} model={spec.model:11} profile={spec.profile:20} port={spec.port}")
-        return await _traffic(specs, speedup, requests)
+        backends = [{"name": s.name, "engine": s.engine, "url": fleet.url(s.name), "models": [s.model]} for s in specs]
+        with ProxyProcess({"backends": backends, "policy": {"name": "round-robin"}}) as proxy:
+            print(f"sloproxy serving on {proxy.url} (policy round-robin, embedded state)")
+            return await _traffic(proxy.url, specs, speedup, requests)
 
 
-async def _traffic(specs: list[InstanceSpec], speedup: float, requests: int) -> int:
+async def _traffic(proxy_url: str, specs: list[InstanceSpec], speedup: float, requests: int) -> int:
     from openai import AsyncOpenAI
 
     rng = random.Random(7)
-    clients = {s.name: AsyncOpenAI(base_url=f"http://127.0.0.1:{s.port}/v1", api_key="demo") for s in specs}
+    client = AsyncOpenAI(base_url=f"{proxy_url}/v1", api_key="demo", max_retries=0)
+    models = sorted({s.model for s in specs})
     jobs = []
     for index in range(requests):
-        spec = specs[index % len(specs)]
+        model = models[index % len(models)]
         kind = "completion" if index % 4 == 3 else "chat"
         stream = kind == "chat" and index % 2 == 0
-        jobs.append(_one(clients[spec.name], spec.name, kind, spec.model, stream, speedup, rng))
+        jobs.append(_one(client, model, kind, stream, speedup, rng))
     outcomes = await asyncio.gather(*jobs)
-    print(f"\n{'instance':12} {'kind':10} {'stream':6} {'TTFT s':>7} {'E2E s':>7} {'tokens':>6}  finish")
+    await client.close()
+    print(f"\n{'model':11} {'kind':10} {'stream':6} {'TTFT s':>7} {'E2E s':>7} {'tokens':>6}  finish")
     for o in outcomes:
         print(
-            f"{o.instance:12} {o.kind:10} {'yes' if o.stream else 'no':6} {o.ttft_s:7.3f} {o.e2e_s:7.3f} "
+            f"{o.model:11} {o.kind:10} {'yes' if o.stream else 'no':6} {o.ttft_s:7.3f} {o.e2e_s:7.3f} "
             f"{o.tokens:6d}  {o.finish}"
         )
     print(
-        f"\n{len(outcomes)} requests, all answered; median E2E "
+        f"\n{len(outcomes)} requests through the proxy, all answered; median E2E "
         f"{statistics.median(o.e2e_s for o in outcomes):.3f} s (emulated)"
     )
+    async with aiohttp.ClientSession() as session, session.get(f"{proxy_url}/metrics") as response:
+        text = await response.text()
+    served: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "sloproxy_requests":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    key = f"{sample.labels['model']} {sample.labels['outcome']}"
+                    served[key] = served.get(key, 0) + sample.value
+    print("proxy /metrics: " + ", ".join(f"{k}={v:g}" for k, v in sorted(served.items())))
     async with aiohttp.ClientSession() as session:
         for spec in specs:
-            values = await _scrape(session, f"http://127.0.0.1:{spec.port}", LOAD_GAUGES[spec.engine])
-            shown = ", ".join(f"{k}={v:g}" for k, v in sorted(values.items()))
-            print(f"  /metrics {spec.name:12} {shown}")
-    for client in clients.values():
-        await client.close()
+            async with session.get(f"http://127.0.0.1:{spec.port}/_emulator/state") as response:
+                state = await response.json()
+            print(
+                f"  engine {spec.name:12} served {sum(state['finished'].values()):3d} requests, "
+                f"{state['generation_tokens']} tokens generated"
+            )
     return 0
 
 
