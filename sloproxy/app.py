@@ -65,11 +65,13 @@ class Proxy:
             raise
         finally:
             metrics.in_flight.dec()
-            metrics.requests.labels(proxy_request.model, outcome).inc()
-            metrics.latency.labels(proxy_request.model).observe(time.monotonic() - started)
-            if proxy_request.prompt_tokens is not None:
-                metrics.tokens.labels(proxy_request.model, "prompt").inc(proxy_request.prompt_tokens)
-                metrics.tokens.labels(proxy_request.model, "completion").inc(proxy_request.completion_tokens or 0)
+            metrics.finished(
+                proxy_request.model,
+                outcome,
+                time.monotonic() - started,
+                proxy_request.prompt_tokens,
+                proxy_request.completion_tokens,
+            )
 
     async def _read_body(self, http: web.Request) -> bytes:
         limit = self.config.limits.max_body_bytes

@@ -13,7 +13,6 @@ import asyncio
 import logging
 import time
 
-import aiohttp
 from aiohttp import web
 
 from .adapters.base import EngineAdapter, StreamTranslator, UpstreamCall
@@ -24,6 +23,7 @@ from .policies.round_robin import RoundRobin
 from .proxy_metrics import ProxyMetrics
 from .request import ProxyRequest
 from .sse import SSEDecoder
+from .upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("sloproxy.forward")
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -44,23 +44,22 @@ class Forwarder:
         self.limits = limits
         self.metrics = metrics
         self._routers: dict[str, RoundRobin] = {}
-        self._session: aiohttp.ClientSession | None = None
+        self._upstreams: dict[str, UpstreamPool] = {
+            backend.name: UpstreamPool(
+                backend.url, connect_timeout=limits.connect_timeout_s, read_timeout=limits.read_timeout_s
+            )
+            for backend in pool.backends
+        }
         self._background: set[asyncio.Task] = set()
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=True)
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=self.limits.connect_timeout_s, sock_read=self.limits.read_timeout_s
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector, timeout=timeout, auto_decompress=False, skip_auto_headers=("User-Agent",)
-        )
+        return None
 
     async def stop(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
+        for upstream in self._upstreams.values():
+            upstream.close()
 
     def choose(self, request: ProxyRequest, exclude: list[Backend]) -> Backend | None:
         candidates = self.pool.candidates(request.model, exclude)
@@ -100,19 +99,16 @@ class Forwarder:
         )
 
     async def _attempt(self, http: web.Request, request: ProxyRequest, backend: Backend) -> web.StreamResponse:
-        assert self._session is not None
         adapter = backend.adapter
         call = adapter.build(request)
         backend.in_flight += 1
-        upstream: aiohttp.ClientResponse | None = None
+        upstream: UpstreamResponse | None = None
         finished = False
         try:
             try:
-                upstream = await self._session.post(backend.url + call.path, data=call.body, headers=call.headers)
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                raise _RetryableFailure(
-                    ProxyError(502, f"Backend {backend.name} is unreachable ({type(exc).__name__}).")
-                ) from None
+                upstream = await self._upstreams[backend.name].request("POST", call.path, call.body, call.headers)
+            except UpstreamError as exc:
+                raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} is unreachable ({exc}).")) from None
             if upstream.status != 200:
                 body = await self._read(upstream, backend)
                 error = adapter.translate_error(upstream.status, body)
@@ -136,20 +132,18 @@ class Forwarder:
                     upstream.close()
                     self._abort_in_engine(adapter, backend, request)
 
-    async def _read(self, upstream: aiohttp.ClientResponse, backend: Backend) -> bytes:
+    async def _read(self, upstream: UpstreamResponse, backend: Backend) -> bytes:
         try:
             return await upstream.read()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise _RetryableFailure(
-                ProxyError(502, f"Backend {backend.name} failed mid-reply ({type(exc).__name__}).")
-            ) from None
+        except UpstreamError as exc:
+            raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} failed mid-reply ({exc}).")) from None
 
     async def _relay_stream(
         self,
         http: web.Request,
         request: ProxyRequest,
         adapter: EngineAdapter,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         backend: Backend,
     ) -> web.StreamResponse:
         decoder = SSEDecoder()
@@ -157,7 +151,7 @@ class Forwarder:
         response: web.StreamResponse | None = None
         started = time.monotonic()
         try:
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.chunks():
                 out = b"".join([translator.feed(payload) for payload in decoder.feed(chunk)])
                 if out:
                     if response is None:
@@ -169,12 +163,10 @@ class Forwarder:
                     await response.write(out)
                 if translator.done:
                     break
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except UpstreamError as exc:
             if response is None:
-                raise _RetryableFailure(
-                    ProxyError(502, f"Backend {backend.name} failed mid-stream ({type(exc).__name__}).")
-                ) from None
-            await response.write(error_frame(502, f"The backend failed mid-stream ({type(exc).__name__})."))
+                raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} failed mid-stream ({exc}).")) from None
+            await response.write(error_frame(502, f"The backend failed mid-stream ({exc})."))
             await response.write_eof()
             return response
         if not translator.done:
@@ -188,18 +180,16 @@ class Forwarder:
 
     def _abort_in_engine(self, adapter: EngineAdapter, backend: Backend, request: ProxyRequest) -> None:
         call = adapter.abort_call(request)
-        if call is None or self._session is None:
+        if call is None:
             return
         task = asyncio.get_running_loop().create_task(self._send_abort(backend, call))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     async def _send_abort(self, backend: Backend, call: UpstreamCall) -> None:
-        assert self._session is not None
         try:
-            async with self._session.post(
-                backend.url + call.path, data=call.body, headers=call.headers, timeout=aiohttp.ClientTimeout(total=2)
-            ) as response:
-                await response.read()
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            log.info("abort of %s on %s failed: %r", call.path, backend.name, exc)
+            response = await self._upstreams[backend.name].request("POST", call.path, call.body, call.headers, 2.0)
+            await response.read()
+            response.release()
+        except UpstreamError as exc:
+            log.info("abort of %s on %s failed: %s", call.path, backend.name, exc)

@@ -86,6 +86,24 @@ class ProxyMetrics:
         )
         self.in_flight = Gauge("sloproxy_in_flight_requests", "Requests being served.", registry=self.registry)
         self.registry.register(_BackendCollector(pool))
+        self._finished: dict[tuple[str, str], tuple] = {}
+
+    def finished(self, model: str, outcome: str, seconds: float, prompt: int | None, completion: int | None) -> None:
+        """Record one finished request (label lookups cached: this runs for every request)."""
+        children = self._finished.get((model, outcome))
+        if children is None:
+            children = self._finished[(model, outcome)] = (
+                self.requests.labels(model, outcome),
+                self.latency.labels(model),
+                self.tokens.labels(model, "prompt"),
+                self.tokens.labels(model, "completion"),
+            )
+        requests, latency, prompt_tokens, completion_tokens = children
+        requests.inc()
+        latency.observe(seconds)
+        if prompt is not None:
+            prompt_tokens.inc(prompt)
+            completion_tokens.inc(completion or 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

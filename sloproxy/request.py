@@ -7,8 +7,9 @@ itself relies on, with errors that name the field.
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,6 +18,14 @@ import msgspec
 from .errors import ProxyError
 
 Kind = Literal["chat", "completions"]
+
+# Request ids: a random per-process prefix and a counter (unique across replicas, no syscall per request).
+_ID_PREFIX = os.urandom(6).hex()
+_id_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_id_counter):010x}"
 
 
 class _Message(msgspec.Struct):
@@ -96,7 +105,7 @@ def parse_request(kind: Kind, raw: bytes, request_id: str | None = None) -> Prox
         raise ProxyError(400, f"`n` must be at least 1, got {fields.n}.", param="n")
     options = fields.stream_options
     return ProxyRequest(
-        id=request_id or uuid.uuid4().hex,
+        id=request_id or new_request_id(),
         kind=kind,
         model=fields.model,
         stream=fields.stream,

@@ -1,0 +1,298 @@
+"""A lean HTTP/1.1 client for proxy-to-engine calls: keep-alive pools over asyncio protocols.
+
+The proxy makes one upstream call per client request, so the client's per-request cost is
+most of the proxy's own overhead. This one writes the request bytes directly, parses replies
+with ``httptools`` (llhttp, the parser Node.js uses), hands body chunks over as they arrive
+(streamed tokens are forwarded without buffering) and applies TCP back-pressure when the
+consumer is slower than the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import httptools
+
+HIGH_WATER = 256 * 1024  # buffered body bytes before reading from the engine pauses
+
+
+class UpstreamError(Exception):
+    """Connecting, sending or reading failed (the engine is unreachable or went away)."""
+
+
+class UpstreamTimeout(UpstreamError):
+    pass
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.response: UpstreamResponse | None = None
+        self.closed = False
+        self.reading_paused = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamError(f"invalid HTTP from upstream: {exc}"))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._fail(UpstreamError("connection closed by upstream" if exc is None else f"connection lost: {exc!r}"))
+
+    # -- httptools callbacks -----------------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.response is not None:
+            self.response.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        response = self.response
+        if response is not None:
+            response.status = self.parser.get_status_code()
+            response._keep_alive = self.parser.should_keep_alive()
+            response._wake_headers()
+
+    def on_body(self, body: bytes) -> None:
+        response = self.response
+        if response is not None:
+            response._on_body(body)
+
+    def on_message_complete(self) -> None:
+        response = self.response
+        if response is not None:
+            response._on_complete()
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _fail(self, error: UpstreamError) -> None:
+        if self.response is not None:
+            self.response._on_error(error)
+
+    def pause(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.close()
+
+
+class UpstreamResponse:
+    """Status and headers once awaited; then the body, whole or chunk by chunk."""
+
+    __slots__ = (
+        "_buffered",
+        "_chunks",
+        "_complete",
+        "_conn",
+        "_error",
+        "_keep_alive",
+        "_released",
+        "_timeout",
+        "_waiter",
+        "headers",
+        "status",
+    )
+
+    def __init__(self, conn: _Connection, timeout: float) -> None:
+        self._conn = conn
+        self._timeout = timeout
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._complete = False
+        self._error: UpstreamError | None = None
+        self._keep_alive = False
+        self._released = False
+        self._waiter: asyncio.Future | None = None
+
+    # -- producer side (protocol callbacks) ----------------------------------------------------
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake_headers(self) -> None:
+        self._wake()
+
+    def _on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > HIGH_WATER:
+            self._conn.pause()
+        self._wake()
+
+    def _on_complete(self) -> None:
+        self._complete = True
+        self._wake()
+
+    def _on_error(self, error: UpstreamError) -> None:
+        if not self._complete:
+            self._error = error
+        self._wake()
+
+    # -- consumer side -----------------------------------------------------------------------
+    async def _wait(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        timer = loop.call_later(self._timeout, self._expire, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def _expire(self, waiter: asyncio.Future) -> None:
+        if not waiter.done():
+            waiter.set_exception(UpstreamTimeout(f"no data from upstream for {self._timeout:g}s"))
+
+    async def _headers(self) -> None:
+        while not self.status:
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Body bytes as they arrive (everything buffered so far, joined, per iteration)."""
+        while True:
+            if self._chunks:
+                data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
+                self._chunks.clear()
+                self._buffered = 0
+                self._conn.resume()
+                yield data
+                continue
+            if self._complete:
+                return
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+
+    async def read(self) -> bytes:
+        parts = [chunk async for chunk in self.chunks()]
+        return b"".join(parts)
+
+    def release(self) -> None:
+        """Done with the response: the connection goes back to the pool if it can be reused."""
+        if self._released:
+            return
+        self._released = True
+        conn = self._conn
+        conn.response = None
+        if self._complete and self._keep_alive and not conn.closed and self._error is None:
+            conn.pool._put_back(conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        """Abandon the response and drop the connection (the engine sees the client leave)."""
+        if not self._released:
+            self._released = True
+            self._conn.response = None
+            self._conn.close()
+
+
+class UpstreamPool:
+    """Keep-alive connections to one ``http://host:port``."""
+
+    def __init__(
+        self, base_url: str, *, connect_timeout: float = 2.0, read_timeout: float = 300.0, max_idle: int = 512
+    ) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"upstream URLs must be http:// or https://, got {base_url!r}")
+        self.ssl = ssl.create_default_context() if parts.scheme == "https" else None
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or (443 if self.ssl else 80)
+        self.prefix = parts.path.rstrip("/")
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.max_idle = max_idle
+        self._idle: list[_Connection] = []
+        self._host_header = f"Host: {self.host}:{self.port}\r\n".encode()
+
+    def _put_back(self, conn: _Connection) -> None:
+        if len(self._idle) < self.max_idle:
+            self._idle.append(conn)
+        else:
+            conn.close()
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: _Connection(self), self.host, self.port, ssl=self.ssl),
+                self.connect_timeout,
+            )
+        except (TimeoutError, OSError) as exc:
+            raise UpstreamError(f"cannot connect to {self.host}:{self.port}: {exc!r}") from None
+        return conn
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> UpstreamResponse:
+        """Send one request and wait for its status and headers."""
+        head = [f"{method} {self.prefix}{path} HTTP/1.1\r\n".encode(), self._host_header]
+        if headers:
+            head.extend(f"{name}: {value}\r\n".encode() for name, value in headers.items())
+        head.append(b"Content-Length: %d\r\n\r\n" % len(body))
+        payload = b"".join(head) + body
+        read_timeout = timeout or self.read_timeout
+        while self._idle:  # a reused connection the engine closed meanwhile fails before any byte: try the next
+            conn = self._idle.pop()
+            if conn.closed:
+                continue
+            response = self._send(conn, payload, read_timeout)
+            try:
+                await response._headers()
+                return response
+            except UpstreamTimeout:
+                response.close()
+                raise
+            except UpstreamError:
+                response.close()
+                continue
+        response = self._send(await self._connect(), payload, read_timeout)
+        try:
+            await response._headers()
+        except BaseException:
+            response.close()
+            raise
+        return response
+
+    def _send(self, conn: _Connection, payload: bytes, timeout: float) -> UpstreamResponse:
+        response = UpstreamResponse(conn, timeout)
+        conn.response = response
+        conn.parser = httptools.HttpResponseParser(conn)
+        assert conn.transport is not None
+        conn.transport.write(payload)
+        return response
+
+    def close(self) -> None:
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
