@@ -54,7 +54,11 @@ class Proxy:
         outcome = "error"
         try:
             response = await self.forwarder.forward(http, proxy_request)
-            outcome = "ok"
+            if proxy_request.disconnected:
+                outcome = "client_disconnected"
+                metrics.disconnects.labels(proxy_request.model).inc()
+            else:
+                outcome = "ok"
             return response
         except ProxyError as error:
             outcome = f"http_{error.status}"

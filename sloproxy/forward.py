@@ -38,6 +38,14 @@ class _RetryableFailure(Exception):
         self.error = error
 
 
+class _ClientGone(Exception):
+    """The client closed its connection mid-stream; the partly sent response is all it gets."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("client disconnected")
+        self.response = response
+
+
 class Forwarder:
     def __init__(self, pool: BackendPool, limits: Limits, metrics: ProxyMetrics) -> None:
         self.pool = pool
@@ -117,7 +125,11 @@ class Forwarder:
                     raise _RetryableFailure(error)
                 raise error
             if request.stream:
-                response = await self._relay_stream(http, request, adapter, upstream, backend)
+                try:
+                    response = await self._relay_stream(http, request, adapter, upstream, backend)
+                except _ClientGone as gone:
+                    request.disconnected = True
+                    return gone.response  # aiohttp finds the transport closed and moves on quietly
             else:
                 body = await self._read(upstream, backend)
                 response = web.Response(body=adapter.translate_reply(request, body), content_type="application/json")
@@ -160,7 +172,10 @@ class Forwarder:
                         response = web.StreamResponse(status=200, headers=SSE_HEADERS)
                         await response.prepare(http)
                         self.metrics.ttft.labels(request.model).observe(time.monotonic() - started)
-                    await response.write(out)
+                    try:
+                        await response.write(out)
+                    except ConnectionResetError:
+                        raise _ClientGone(response) from None
                 if translator.done:
                     break
         except UpstreamError as exc:

@@ -1,0 +1,324 @@
+"""Proxy overhead benchmark: sloproxy vs calling the backend directly, nginx, and LiteLLM's proxy.
+
+Every proxy runs pinned to core 0; the fast backend and the load generator share core 1.
+Measures, in one run side by side:
+
+* non-streamed throughput at concurrency 64 (wrk) and latency p50/p99 at concurrency 1;
+* streamed time to first chunk at concurrency 1 (backend sends chunks 20 ms apart) and
+  chunks forwarded per second at concurrency 64 (backend sends 16 chunks back to back);
+* how fast a client disconnect reaches the engine as an abort (emulated vLLM, polled).
+
+    .venv/bin/python bench/proxy_overhead.py [--seconds 10] [--litellm PATH_TO_litellm]
+
+Needs ``wrk`` and ``nginx`` (apt). LiteLLM is optional: install it in its own venv and pass
+its ``litellm`` executable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import aiohttp
+
+from sloproxy.processes import EmulatorProcess, ProxyProcess, free_port
+
+HERE = Path(__file__).resolve().parent
+BODY = {"model": "bench", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+STREAM_BODY = {**BODY, "stream": True}
+
+
+def pinned(core: int, command: list[str], **kw) -> subprocess.Popen:
+    return subprocess.Popen(["taskset", "-c", str(core), *command], **kw)
+
+
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(url) from None
+            time.sleep(0.1)
+
+
+def wrk(url: str, body: dict, connections: int, seconds: float) -> dict:
+    script = Path(tempfile.mkstemp(suffix=".lua")[1])
+    script.write_text(
+        f'wrk.method = "POST"\nwrk.body = \'{json.dumps(body)}\'\nwrk.headers["Content-Type"] = "application/json"\n'
+    )
+    out = subprocess.run(
+        [
+            "taskset",
+            "-c",
+            "1",
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{round(seconds)}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    script.unlink()
+
+    def latency(label: str) -> float:
+        match = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", out)
+        value, unit = float(match.group(1)), match.group(2)
+        return value * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50_ms": latency("50%"),
+        "p99_ms": latency("99%"),
+        "non_2xx": int(errors.group(1)) if errors else 0,
+    }
+
+
+async def first_chunk_times(url: str, count: int) -> list[float]:
+    """Seconds from sending to the first SSE frame, one stream at a time."""
+    times = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(count):
+            started = time.perf_counter()
+            async with session.post(url, json=STREAM_BODY) as response:
+                await response.content.readuntil(b"\n\n")
+                times.append(time.perf_counter() - started)
+                await response.read()
+    return times
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def nginx_proxy(port: int, backend_port: int, workdir: Path) -> subprocess.Popen:
+    conf = workdir / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+worker_cpu_affinity 01;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {workdir}/body;
+    proxy_temp_path {workdir}/proxy;
+    upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 256; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+""")
+    return subprocess.Popen(["nginx", "-c", str(conf), "-p", str(workdir), "-g", "daemon off;"])
+
+
+def litellm_proxy(executable: str, port: int, backend_port: int, workdir: Path) -> subprocess.Popen:
+    conf = workdir / "litellm.yaml"
+    conf.write_text(
+        "model_list:\n"
+        "  - model_name: bench\n"
+        "    litellm_params:\n"
+        "      model: openai/bench\n"
+        f"      api_base: http://127.0.0.1:{backend_port}/v1\n"
+        "      api_key: unused\n"
+    )
+    env = {**os.environ, "LITELLM_LOG": "ERROR"}
+    return pinned(
+        0,
+        [executable, "--config", str(conf), "--port", str(port), "--num_workers", "1"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+async def abort_latency(samples: int) -> dict:
+    """Client disconnect -> the engine's abort counter moves, through the proxy (polled every 2 ms)."""
+    instance = {"name": "v", "engine": "vllm", "model": "bench", "profile": "h100-llama3-8b"}
+    with EmulatorProcess([instance], speedup=1.0) as fleet:
+        config = {"backends": [{"name": "v", "engine": "vllm", "url": fleet.url("v"), "models": ["bench"]}]}
+        with ProxyProcess(config) as proxy:
+            delays = []
+            body = {**STREAM_BODY, "max_tokens": 4000, "ignore_eos": True}
+            async with aiohttp.ClientSession() as session:
+                for _ in range(samples):
+                    async with session.get(fleet.url("v") + "/_emulator/state") as r:
+                        before = (await r.json())["finished"].get("abort", 0)
+                    response = await session.post(proxy.url + "/v1/chat/completions", json=body)
+                    await response.content.readuntil(b"\n\n")
+                    gone = time.perf_counter()
+                    response.close()
+                    while True:
+                        async with session.get(fleet.url("v") + "/_emulator/state") as r:
+                            if (await r.json())["finished"].get("abort", 0) > before:
+                                break
+                        await asyncio.sleep(0.002)
+                    delays.append((time.perf_counter() - gone) * 1e3)
+    return {"samples": samples, "p50_ms": statistics.median(delays), "max_ms": max(delays)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--streams", type=int, default=300)
+    parser.add_argument("--litellm", help="path to a litellm executable (optional)")
+    args = parser.parse_args()
+    for tool in ("wrk", "nginx", "taskset"):
+        if shutil.which(tool) is None:
+            print(f"needs {tool} (apt-get install wrk nginx-light util-linux)", file=sys.stderr)
+            return 2
+    workdir = Path(tempfile.mkdtemp(prefix="sloproxy-bench-"))
+    fast_port, slow_port = free_port(), free_port()
+    procs = [
+        pinned(1, [sys.executable, str(HERE / "fast_backend.py"), "--port", str(fast_port), "--chunks", "16"]),
+        pinned(
+            1,
+            [
+                sys.executable,
+                str(HERE / "fast_backend.py"),
+                "--port",
+                str(slow_port),
+                "--chunks",
+                "4",
+                "--interval-ms",
+                "20",
+            ],
+        ),
+    ]
+    targets: dict[str, tuple[str, str]] = {
+        "direct": (f"http://127.0.0.1:{fast_port}", f"http://127.0.0.1:{slow_port}"),
+    }
+    try:
+        for port in (fast_port, slow_port):
+            wait_http(f"http://127.0.0.1:{port}/health")
+        for label, backend_port in (("sloproxy", fast_port), ("sloproxy-slow", slow_port)):
+            port = free_port()
+            config = workdir / f"{label}.yaml"
+            config.write_text(
+                json.dumps(
+                    {
+                        "listen": {"host": "127.0.0.1", "port": port},
+                        "backends": [
+                            {
+                                "name": "b",
+                                "engine": "vllm",
+                                "url": f"http://127.0.0.1:{backend_port}",
+                                "models": ["bench"],
+                            }
+                        ],
+                    }
+                )
+            )
+            procs.append(
+                pinned(
+                    0,
+                    [sys.executable, "-m", "sloproxy.cli", "serve", "--config", str(config)],
+                    stdout=subprocess.DEVNULL,
+                )
+            )
+            wait_http(f"http://127.0.0.1:{port}/health")
+            targets.setdefault("sloproxy", ("", ""))
+            fast, slow = targets["sloproxy"]
+            targets["sloproxy"] = (
+                (f"http://127.0.0.1:{port}", slow) if label == "sloproxy" else (fast, f"http://127.0.0.1:{port}")
+            )
+        nginx_ports = (free_port(), free_port())
+        for index, (port, backend_port) in enumerate(zip(nginx_ports, (fast_port, slow_port), strict=True)):
+            directory = workdir / f"nginx{index}"
+            directory.mkdir()
+            procs.append(nginx_proxy(port, backend_port, directory))
+            wait_http(f"http://127.0.0.1:{port}/health")
+        targets["nginx"] = tuple(f"http://127.0.0.1:{p}" for p in nginx_ports)
+        if args.litellm:
+            ports = (free_port(), free_port())
+            for port, backend_port in zip(ports, (fast_port, slow_port), strict=True):
+                procs.append(litellm_proxy(args.litellm, port, backend_port, workdir))
+            for port in ports:
+                wait_http(f"http://127.0.0.1:{port}/health/liveliness", timeout=120)
+            targets["litellm"] = tuple(f"http://127.0.0.1:{p}" for p in ports)
+
+        results: dict[str, dict] = {}
+        for name, (fast, slow) in targets.items():
+            route = "/v1/chat/completions"
+            throughput = wrk(fast + route, BODY, 64, args.seconds)
+            single = wrk(fast + route, BODY, 1, args.seconds)
+            streamed = wrk(fast + route, STREAM_BODY, 64, args.seconds)
+            ttfc = asyncio.run(first_chunk_times(slow + route, args.streams))
+            results[name] = {
+                "rps_c64": throughput["rps"],
+                "non_2xx": throughput["non_2xx"] + single["non_2xx"],
+                "p50_ms_c1": single["p50_ms"],
+                "p99_ms_c1": single["p99_ms"],
+                "chunks_per_s_c64": streamed["rps"] * 18,  # role + 16 content chunks + [DONE]
+                "ttfc_p50_ms": percentile(ttfc, 0.5) * 1e3,
+                "ttfc_p99_ms": percentile(ttfc, 0.99) * 1e3,
+            }
+        base = results["direct"]
+        for row in results.values():
+            row["added_p50_ms_c1"] = row["p50_ms_c1"] - base["p50_ms_c1"]
+            row["added_ttfc_p50_ms"] = row["ttfc_p50_ms"] - base["ttfc_p50_ms"]
+        results["abort_propagation"] = asyncio.run(abort_latency(20))
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    print(
+        f"{'target':10} {'req/s c64':>10} {'p50 c1 ms':>10} {'+p50 ms':>8} {'p99 c1 ms':>10} "
+        f"{'TTFC p50':>9} {'+TTFC':>7} {'TTFC p99':>9} {'chunks/s c64':>13}"
+    )
+    for name, row in results.items():
+        if name == "abort_propagation":
+            continue
+        print(
+            f"{name:10} {row['rps_c64']:10.0f} {row['p50_ms_c1']:10.3f} {row['added_p50_ms_c1']:8.3f} "
+            f"{row['p99_ms_c1']:10.3f} {row['ttfc_p50_ms']:9.2f} {row['added_ttfc_p50_ms']:7.2f} "
+            f"{row['ttfc_p99_ms']:9.2f} {row['chunks_per_s_c64']:13.0f}"
+        )
+    abort = results["abort_propagation"]
+    print(
+        f"client disconnect -> engine abort: p50 {abort['p50_ms']:.1f} ms, max {abort['max_ms']:.1f} ms "
+        f"over {abort['samples']} (polling every 2 ms)"
+    )
+    out = HERE / "out"
+    out.mkdir(exist_ok=True)
+    (out / "proxy_overhead.json").write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
