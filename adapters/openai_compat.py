@@ -69,6 +69,9 @@ class OpenAICompatibleAdapter(EngineAdapter):
         """The raw client body, or a re-encoded one when the engine must be asked for usage."""
         if not request.stream or request.include_usage:
             return request.raw
+        raw = request.raw.lstrip()
+        if "stream_options" not in request.body and raw.startswith(b"{"):
+            return b'{"stream_options":{"include_usage":true},' + raw[1:]  # no re-encode of the prompt
         body = dict(request.body)
         options = body.get("stream_options")
         body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}

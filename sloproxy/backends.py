@@ -92,8 +92,11 @@ class BackendPool:
         return sorted(self.by_model)
 
     def candidates(self, model: str, exclude: Iterable[Backend] = ()) -> list[Backend]:
+        serving = self.by_model.get(model, ())
+        if not exclude:
+            return [b for b in serving if b.healthy]
         excluded = set(map(id, exclude))
-        return [b for b in self.by_model.get(model, ()) if b.healthy and id(b) not in excluded]
+        return [b for b in serving if b.healthy and id(b) not in excluded]
 
     @property
     def ready(self) -> bool:

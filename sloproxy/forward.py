@@ -171,7 +171,7 @@ class Forwarder:
                             raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} failed the stream."))
                         response = web.StreamResponse(status=200, headers=SSE_HEADERS)
                         await response.prepare(http)
-                        self.metrics.ttft.labels(request.model).observe(time.monotonic() - started)
+                        self.metrics.first_byte(request.model, time.monotonic() - started)
                     try:
                         await response.write(out)
                     except ConnectionResetError:

@@ -87,6 +87,13 @@ class ProxyMetrics:
         self.in_flight = Gauge("sloproxy_in_flight_requests", "Requests being served.", registry=self.registry)
         self.registry.register(_BackendCollector(pool))
         self._finished: dict[tuple[str, str], tuple] = {}
+        self._ttft: dict[str, Histogram] = {}
+
+    def first_byte(self, model: str, seconds: float) -> None:
+        child = self._ttft.get(model)
+        if child is None:
+            child = self._ttft[model] = self.ttft.labels(model)
+        child.observe(seconds)
 
     def finished(self, model: str, outcome: str, seconds: float, prompt: int | None, completion: int | None) -> None:
         """Record one finished request (label lookups cached: this runs for every request)."""

@@ -70,6 +70,7 @@ class ProxyRequest:
     completion_tokens: int | None = None
     backend: str | None = None
     attempts: int = 0
+    disconnected: bool = False  # the client went away before its reply ended
 
 
 def _validation_message(exc: msgspec.ValidationError) -> tuple[str, str | None]:
