@@ -99,6 +99,8 @@ class Backend(asyncio.Protocol):
         for index in range(self.chunks):
             if self.interval:
                 await asyncio.sleep(self.interval)
+            if self.transport.is_closing():
+                return  # the client left
             last = index == self.chunks - 1
             write(http_chunk(chunk({"content": " tok"}, "stop" if last else None)))
         if usage:

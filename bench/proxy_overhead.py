@@ -4,8 +4,8 @@ Every proxy runs pinned to core 0; the fast backend and the load generator share
 Measures, in one run side by side:
 
 * non-streamed throughput at concurrency 64 (wrk) and latency p50/p99 at concurrency 1;
-* streamed time to first chunk at concurrency 1 (backend sends chunks 20 ms apart) and
-  chunks forwarded per second at concurrency 64 (backend sends 16 chunks back to back);
+* streamed time to first chunk at concurrency 1, back to back and with tokens paced 20 ms
+  apart, and chunks forwarded per second at concurrency 64 (16 chunks back to back);
 * how fast a client disconnect reaches the engine as an abort (emulated vLLM, polled).
 
     .venv/bin/python bench/proxy_overhead.py [--seconds 10] [--litellm PATH_TO_litellm]
@@ -61,6 +61,7 @@ def wrk(url: str, body: dict, connections: int, seconds: float) -> dict:
     script = Path(tempfile.mkstemp(suffix=".lua")[1])
     script.write_text(
         f'wrk.method = "POST"\nwrk.body = \'{json.dumps(body)}\'\nwrk.headers["Content-Type"] = "application/json"\n'
+        'wrk.headers["Authorization"] = "Bearer sk-bench"\n'
     )
     out = subprocess.run(
         [
@@ -97,15 +98,30 @@ def wrk(url: str, body: dict, connections: int, seconds: float) -> dict:
 
 
 async def first_chunk_times(url: str, count: int) -> list[float]:
-    """Seconds from sending to the first SSE frame, one stream at a time."""
+    """Seconds from sending to the first SSE frame, one stream at a time on one keep-alive connection.
+
+    A raw asyncio client (not an HTTP library) so the client's own cost stays out of the figure.
+    """
+    host_port = url.split("//", 1)[1].split("/", 1)[0]
+    host, port = host_port.split(":")
+    data = json.dumps(STREAM_BODY).encode()
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host_port}\r\nContent-Type: application/json\r\n"
+        "Authorization: Bearer sk-bench\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    ).encode() + data
+    reader, writer = await asyncio.open_connection(host, int(port))
     times = []
-    async with aiohttp.ClientSession() as session:
-        for _ in range(count):
-            started = time.perf_counter()
-            async with session.post(url, json=STREAM_BODY) as response:
-                await response.content.readuntil(b"\n\n")
-                times.append(time.perf_counter() - started)
-                await response.read()
+    for _ in range(count):
+        started = time.perf_counter()
+        writer.write(request)
+        received = b""
+        while b"data:" not in received:
+            received += await reader.read(65536)
+        times.append(time.perf_counter() - started)
+        while not received.endswith(b"0\r\n\r\n"):  # the rest of the chunked stream
+            received += await reader.read(65536)
+    writer.close()
     return times
 
 
@@ -151,7 +167,7 @@ def litellm_proxy(executable: str, port: int, backend_port: int, workdir: Path) 
         f"      api_base: http://127.0.0.1:{backend_port}/v1\n"
         "      api_key: unused\n"
     )
-    env = {**os.environ, "LITELLM_LOG": "ERROR"}
+    env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_MASTER_KEY": "sk-bench"}
     return pinned(
         0,
         [executable, "--config", str(conf), "--port", str(port), "--num_workers", "1"],
@@ -272,7 +288,8 @@ def main() -> int:
             throughput = wrk(fast + route, BODY, 64, args.seconds)
             single = wrk(fast + route, BODY, 1, args.seconds)
             streamed = wrk(fast + route, STREAM_BODY, 64, args.seconds)
-            ttfc = asyncio.run(first_chunk_times(slow + route, args.streams))
+            ttfc = asyncio.run(first_chunk_times(fast + route, args.streams))
+            ttfc_paced = asyncio.run(first_chunk_times(slow + route, args.streams))
             results[name] = {
                 "rps_c64": throughput["rps"],
                 "non_2xx": throughput["non_2xx"] + single["non_2xx"],
@@ -281,11 +298,14 @@ def main() -> int:
                 "chunks_per_s_c64": streamed["rps"] * 18,  # role + 16 content chunks + [DONE]
                 "ttfc_p50_ms": percentile(ttfc, 0.5) * 1e3,
                 "ttfc_p99_ms": percentile(ttfc, 0.99) * 1e3,
+                "paced_ttfc_p50_ms": percentile(ttfc_paced, 0.5) * 1e3,
+                "paced_ttfc_p99_ms": percentile(ttfc_paced, 0.99) * 1e3,
             }
         base = results["direct"]
         for row in results.values():
             row["added_p50_ms_c1"] = row["p50_ms_c1"] - base["p50_ms_c1"]
             row["added_ttfc_p50_ms"] = row["ttfc_p50_ms"] - base["ttfc_p50_ms"]
+            row["added_paced_ttfc_p50_ms"] = row["paced_ttfc_p50_ms"] - base["paced_ttfc_p50_ms"]
         results["abort_propagation"] = asyncio.run(abort_latency(20))
     finally:
         for proc in procs:
@@ -299,7 +319,7 @@ def main() -> int:
 
     print(
         f"{'target':10} {'req/s c64':>10} {'p50 c1 ms':>10} {'+p50 ms':>8} {'p99 c1 ms':>10} "
-        f"{'TTFC p50':>9} {'+TTFC':>7} {'TTFC p99':>9} {'chunks/s c64':>13}"
+        f"{'TTFC p50':>9} {'+TTFC':>7} {'TTFC p99':>9} {'+paced':>7} {'chunks/s c64':>13}"
     )
     for name, row in results.items():
         if name == "abort_propagation":
@@ -307,8 +327,10 @@ def main() -> int:
         print(
             f"{name:10} {row['rps_c64']:10.0f} {row['p50_ms_c1']:10.3f} {row['added_p50_ms_c1']:8.3f} "
             f"{row['p99_ms_c1']:10.3f} {row['ttfc_p50_ms']:9.2f} {row['added_ttfc_p50_ms']:7.2f} "
-            f"{row['ttfc_p99_ms']:9.2f} {row['chunks_per_s_c64']:13.0f}"
+            f"{row['ttfc_p99_ms']:9.2f} {row['added_paced_ttfc_p50_ms']:7.2f} {row['chunks_per_s_c64']:13.0f}"
         )
+    print("TTFC: back-to-back streams. +paced: added TTFC when the backend paces tokens 20 ms apart (the CPU")
+    print("idles between tokens, so each request starts cold).")
     abort = results["abort_propagation"]
     print(
         f"client disconnect -> engine abort: p50 {abort['p50_ms']:.1f} ms, max {abort['max_ms']:.1f} ms "
