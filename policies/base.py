@@ -1,18 +1,187 @@
-"""Policy interfaces. Policies are pure decisions: no I/O, no asyncio inside.
+"""The policy plugin API: small typed parts composed into named policies.
 
-This first part is routing only (which backend serves a request); ordering, admission and
-fleet actions join it with the scheduler.
+A policy decides; it never does I/O and never awaits. The proxy (and the trace-driven
+simulator) hand it the state it needs and act on what it returns, so the same policy object
+runs live and in simulation, and unit tests need no servers.
+
+Parts, each with one job (in the spirit of llm-d's Filter / Scorer / Picker):
+
+* :class:`Ordering` — the waiting queue's discipline: which waiting request goes next.
+* :class:`Admission` — may backend B take request R now (budgets, KV headroom)?
+* :class:`Filter` and :class:`Scorer` — routing: drop unsuitable backends, score the rest;
+  the policy weights scores and picks the best.
+* :class:`FleetPolicy` — the slow path: actions on the fleet (evictions; later model swaps).
+
+A :class:`Policy` is a named preset of parts. Plugins register a :class:`PolicySpec` (its
+parameter type, validated strictly, and a builder) in the ``sloproxy.policies`` entry-point
+group; see ``docs/policies.md``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+import itertools
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import msgspec
+
+if TYPE_CHECKING:
+    from sloproxy.request import ProxyRequest
 
 
-class Router(Protocol):
-    """Pick one of ``candidates`` (backend names that are healthy and serve the model)."""
+class LoadView(Protocol):
+    """Engine-reported load (from /metrics); any field may be None where the engine does not say."""
+
+    running: int
+    waiting: int
+    kv_usage: float | None
+
+
+class BackendState(Protocol):
+    """What a policy may read about a backend (the live proxy and the simulator both provide it)."""
 
     name: str
+    healthy: bool
+    in_flight: int  # dispatched by the proxy and not finished
+    budget: int  # admission budget: how many in flight the proxy allows (adapts to engine metrics)
 
-    def choose(self, candidates: Sequence[str]) -> str: ...
+    @property
+    def load(self) -> LoadView | None: ...
+
+    @property
+    def load_is_stale(self) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The world a decision sees: the time (monotonic seconds) and the fleet."""
+
+    now: float
+    backends: Sequence[BackendState]
+
+
+class Ordering(ABC):
+    """A waiting queue for one model. Implementations keep operations O(log n) or better."""
+
+    @abstractmethod
+    def push(self, request: ProxyRequest) -> None: ...
+
+    @abstractmethod
+    def peek(self) -> ProxyRequest | None:
+        """The request that would go next (None when empty)."""
+
+    @abstractmethod
+    def pop(self) -> ProxyRequest:
+        """Remove and return :meth:`peek`'s request."""
+
+    @abstractmethod
+    def remove(self, request: ProxyRequest) -> bool:
+        """Take out a request that will not be dispatched (timed out, shed, client gone)."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def __iter__(self) -> Iterator[ProxyRequest]:
+        """Every waiting request, in no particular order (for timers and snapshots)."""
+
+    def served(self, request: ProxyRequest, tokens: int) -> None:  # noqa: B027 - optional hook
+        """A dispatched request finished having used ``tokens`` (fair-share accounting)."""
+
+
+class Admission(ABC):
+    @abstractmethod
+    def admit(self, request: ProxyRequest, backend: BackendState, snapshot: Snapshot) -> bool: ...
+
+
+class Filter(ABC):
+    @abstractmethod
+    def filter(
+        self, request: ProxyRequest, backends: Sequence[BackendState], snapshot: Snapshot
+    ) -> Sequence[BackendState]: ...
+
+
+class Scorer(ABC):
+    @abstractmethod
+    def score(self, request: ProxyRequest, backend: BackendState, snapshot: Snapshot) -> float:
+        """Higher is better, in [0, 1]."""
+
+
+@dataclass(frozen=True, slots=True)
+class Evict:
+    """Abort ``request_id`` on its backend and requeue it (it has sent nothing to its client yet)."""
+
+    request_id: str
+    reason: str
+
+
+class FleetPolicy(ABC):
+    @abstractmethod
+    def actions(
+        self, snapshot: Snapshot, waiting: Sequence[ProxyRequest], running: Sequence[ProxyRequest]
+    ) -> list[Evict]: ...
+
+
+@dataclass(eq=False)
+class Policy:
+    """A named composition of parts. ``queued=False`` means no proxy queue: dispatch at once."""
+
+    name: str
+    ordering: Callable[[], Ordering]
+    admission: Admission | None = None
+    filters: list[Filter] = field(default_factory=list)
+    scorers: list[tuple[Scorer, float]] = field(default_factory=list)
+    fleet: FleetPolicy | None = None
+    queued: bool = True
+    _turn: Iterator[int] = field(default_factory=itertools.count, repr=False)
+
+    def route(
+        self, request: ProxyRequest, candidates: Sequence[BackendState], snapshot: Snapshot
+    ) -> BackendState | None:
+        """Filter, then the best weighted score; ties go round-robin so equal backends share load."""
+        for part in self.filters:
+            candidates = part.filter(request, candidates, snapshot)
+        if not candidates:
+            return None
+        if len(candidates) == 1:
+            return candidates[0]
+        turn = next(self._turn)
+        if not self.scorers:
+            return candidates[turn % len(candidates)]
+        best: list[BackendState] = []
+        best_score = float("-inf")
+        for backend in candidates:
+            total = 0.0
+            for scorer, weight in self.scorers:
+                total += weight * scorer.score(request, backend, snapshot)
+            if total > best_score + 1e-12:
+                best, best_score = [backend], total
+            elif total >= best_score - 1e-12:
+                best.append(backend)
+        return best[turn % len(best)]
+
+    def admits(self, request: ProxyRequest, backend: BackendState, snapshot: Snapshot) -> bool:
+        return self.admission is None or self.admission.admit(request, backend, snapshot)
+
+
+class NoParams(msgspec.Struct, forbid_unknown_fields=True):
+    """For policies without parameters: any field given is an error."""
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """What a plugin registers: a parameter type (validated strictly) and a builder."""
+
+    name: str
+    params: type[msgspec.Struct]
+    build: Callable[[Any], Policy]
+    summary: str = ""
+
+    def create(self, raw_params: dict[str, Any] | None) -> Policy:
+        try:
+            params = msgspec.convert(raw_params or {}, self.params)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"policy {self.name!r}: {exc}") from None
+        return self.build(params)

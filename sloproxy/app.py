@@ -12,8 +12,11 @@ from .backends import BackendPool
 from .config import ProxyConfig
 from .errors import ProxyError, error_body
 from .forward import Forwarder
+from .plugins import load_policy
 from .proxy_metrics import ProxyMetrics
 from .request import Kind, parse_request
+from .scheduler import Scheduler
+from .slo import Classifier
 
 log = logging.getLogger("sloproxy")
 JSON = "application/json"
@@ -26,15 +29,19 @@ class Proxy:
         self.config = config
         self.pool = BackendPool(config.backends, config.health, config.load_polling)
         self.metrics = ProxyMetrics(self.pool)
-        self.forwarder = Forwarder(self.pool, config.limits, self.metrics)
+        self.policy = load_policy(config.policy.name, config.policy.params)
+        self.scheduler = Scheduler(self.policy, self.pool, config.scheduling)
+        self.classifier = Classifier(config.slo_classes, config.default_class, config.tenants, config.models)
+        self.forwarder = Forwarder(self.pool, self.scheduler, config.limits, self.metrics)
 
     async def start(self) -> None:
         await self.pool.start()
-        await self.forwarder.start()
+        self.scheduler.start()
         if not self.pool.ready:
             log.warning("no backend is healthy at start; /ready reports 503 until one is")
 
     async def stop(self) -> None:
+        await self.scheduler.stop()
         await self.forwarder.stop()
         await self.pool.stop()
 
@@ -49,6 +56,7 @@ class Proxy:
         started = time.monotonic()
         raw = await self._read_body(http)
         proxy_request = parse_request(kind, raw, http.headers.get("X-Request-Id"))
+        proxy_request.classify(*self.classifier.classify(http.headers, proxy_request.model))
         metrics = self.metrics
         metrics.in_flight.inc()
         outcome = "error"

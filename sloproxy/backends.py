@@ -10,25 +10,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 
 import aiohttp
 
 from .adapters.base import BackendLoad, EngineAdapter
 from .config import BackendConfig, HealthConfig, LoadPolling
+from .plugins import load_adapter_class
 
 log = logging.getLogger("sloproxy.backends")
-
-
-def load_adapter_class(engine: str) -> type[EngineAdapter]:
-    """The adapter registered under ``engine`` in the ``sloproxy.adapters`` entry-point group."""
-    for entry in entry_points(group="sloproxy.adapters"):
-        if entry.name == engine:
-            return entry.load()
-    known = ", ".join(sorted(e.name for e in entry_points(group="sloproxy.adapters")))
-    raise ValueError(f"no adapter registered for engine {engine!r} (known: {known})")
 
 
 @dataclass(eq=False)
@@ -39,6 +30,7 @@ class Backend:
     consecutive_failures: int = 0
     consecutive_successes: int = 0
     in_flight: int = 0
+    budget: int = 32  # dispatch budget (set and adapted by the scheduler)
     load: BackendLoad | None = None
     load_read_at: float | None = None  # monotonic seconds
     stale_after_s: float = 5.0
@@ -87,6 +79,7 @@ class BackendPool:
                 self.by_model.setdefault(model, []).append(backend)
         self._tasks: list[asyncio.Task] = []
         self._session: aiohttp.ClientSession | None = None
+        self.on_load_update: Callable[[Backend], None] | None = None  # the scheduler listens
 
     def models(self) -> list[str]:
         return sorted(self.by_model)

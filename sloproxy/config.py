@@ -11,6 +11,9 @@ from typing import Any, Literal
 
 import msgspec
 
+from .scheduler_config import SchedulingConfig
+from .slo import DEFAULT_CLASSES, ModelDefaults, SLOClass, TenantConfig
+
 ENGINES = ("vllm", "tgi", "sglang", "openai")
 
 
@@ -25,11 +28,12 @@ class BackendConfig(msgspec.Struct, forbid_unknown_fields=True):
     url: str
     models: list[str]
     api_key: str | None = None  # sent as a bearer token (OpenAI-compatible backends)
-    max_connections: int = 1024
+    priority_scheduling: bool = False  # the engine runs with priority scheduling: pass priority hints
 
 
 class PolicyConfig(msgspec.Struct, forbid_unknown_fields=True):
     name: str = "round-robin"
+    params: dict[str, Any] = msgspec.field(default_factory=dict)  # validated by the policy's own type
 
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True):
@@ -59,6 +63,11 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True):
     limits: Limits = msgspec.field(default_factory=Limits)
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     load_polling: LoadPolling = msgspec.field(default_factory=LoadPolling)
+    scheduling: SchedulingConfig = msgspec.field(default_factory=SchedulingConfig)
+    slo_classes: list[SLOClass] = msgspec.field(default_factory=list)  # empty: interactive + batch
+    default_class: str | None = None
+    tenants: list[TenantConfig] = msgspec.field(default_factory=list)
+    models: dict[str, ModelDefaults] = msgspec.field(default_factory=dict)
 
 
 class ConfigError(ValueError):
@@ -98,3 +107,12 @@ def _check(config: ProxyConfig, source: str) -> None:
             raise ConfigError(f"{source}: {where}.models must list at least one model")
     if config.limits.max_body_bytes < 1024:
         raise ConfigError(f"{source}: `$.limits.max_body_bytes` must be at least 1024")
+    classes = {c.name for c in (config.slo_classes or DEFAULT_CLASSES)}
+    references = [("`$.default_class`", config.default_class)]
+    references += [(f"`$.tenants[{i}].default_class`", t.default_class) for i, t in enumerate(config.tenants)]
+    references += [(f"`$.models.{m}.default_class`", d.default_class) for m, d in config.models.items()]
+    for where, name in references:
+        if name is not None and name not in classes:
+            raise ConfigError(
+                f"{source}: {where} names unknown SLO class {name!r} (known: {', '.join(sorted(classes))})"
+            )

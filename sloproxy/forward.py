@@ -19,9 +19,9 @@ from .adapters.base import EngineAdapter, StreamTranslator, UpstreamCall
 from .backends import Backend, BackendPool
 from .config import Limits
 from .errors import ProxyError, error_frame
-from .policies.round_robin import RoundRobin
 from .proxy_metrics import ProxyMetrics
 from .request import ProxyRequest
+from .scheduler import Scheduler
 from .sse import SSEDecoder
 from .upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
@@ -47,11 +47,11 @@ class _ClientGone(Exception):
 
 
 class Forwarder:
-    def __init__(self, pool: BackendPool, limits: Limits, metrics: ProxyMetrics) -> None:
+    def __init__(self, pool: BackendPool, scheduler: Scheduler, limits: Limits, metrics: ProxyMetrics) -> None:
         self.pool = pool
+        self.scheduler = scheduler
         self.limits = limits
         self.metrics = metrics
-        self._routers: dict[str, RoundRobin] = {}
         self._upstreams: dict[str, UpstreamPool] = {
             backend.name: UpstreamPool(
                 backend.url, connect_timeout=limits.connect_timeout_s, read_timeout=limits.read_timeout_s
@@ -60,56 +60,40 @@ class Forwarder:
         }
         self._background: set[asyncio.Task] = set()
 
-    async def start(self) -> None:
-        return None
-
     async def stop(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         for upstream in self._upstreams.values():
             upstream.close()
 
-    def choose(self, request: ProxyRequest, exclude: list[Backend]) -> Backend | None:
-        candidates = self.pool.candidates(request.model, exclude)
-        if not candidates:
-            return None
-        router = self._routers.get(request.model)
-        if router is None:
-            router = self._routers[request.model] = RoundRobin()
-        name = router.choose([b.name for b in candidates])
-        return next(b for b in candidates if b.name == name)
-
     async def forward(self, http: web.Request, request: ProxyRequest) -> web.StreamResponse:
-        if request.model not in self.pool.by_model:
-            raise ProxyError(404, f"The model `{request.model}` does not exist.", param="model", code="model_not_found")
-        tried: list[Backend] = []
         last_error: ProxyError | None = None
         for _ in range(1 + self.limits.retries_before_first_byte):
-            backend = self.choose(request, tried)
-            if backend is None:
+            if last_error is not None and not self.scheduler.candidates(request):
                 break
-            if tried:
-                self.metrics.retries.labels(tried[-1].name).inc()
-            tried.append(backend)
+            backend = await self.scheduler.acquire(request)
             request.backend = backend.name
             request.attempts += 1
             try:
                 return await self._attempt(http, request, backend)
             except _RetryableFailure as failure:
                 last_error = failure.error
+                request.excluded.add(backend.name)
+                self.metrics.retries.labels(backend.name).inc()
                 log.info(
                     "request %s failed on %s before its first byte: %s", request.id, backend.name, failure.error.message
                 )
-        if last_error is not None:
-            raise last_error
-        raise ProxyError(
-            503, f"No healthy backend is serving model `{request.model}` right now.", headers={"Retry-After": "1"}
-        )
+            finally:
+                used = (
+                    None if request.prompt_tokens is None else request.prompt_tokens + (request.completion_tokens or 0)
+                )
+                self.scheduler.release(request, backend, used)
+        assert last_error is not None
+        raise last_error
 
     async def _attempt(self, http: web.Request, request: ProxyRequest, backend: Backend) -> web.StreamResponse:
         adapter = backend.adapter
         call = adapter.build(request)
-        backend.in_flight += 1
         upstream: UpstreamResponse | None = None
         finished = False
         try:
@@ -136,7 +120,6 @@ class Forwarder:
             finished = True
             return response
         finally:
-            backend.in_flight -= 1
             if upstream is not None:
                 if finished:
                     upstream.release()

@@ -16,6 +16,10 @@ from typing import Any, Literal
 import msgspec
 
 from .errors import ProxyError
+from .slo import SLOClass
+
+DEFAULT_OUTPUT_TOKENS = 256  # reply-length guess when the client sets no max_tokens (until the predictor)
+_arrival_seq = itertools.count(1)
 
 Kind = Literal["chat", "completions"]
 
@@ -71,6 +75,34 @@ class ProxyRequest:
     backend: str | None = None
     attempts: int = 0
     disconnected: bool = False  # the client went away before its reply ended
+    # Scheduling: filled by the classifier (tenant, class) and the estimates below.
+    seq: int = field(default_factory=lambda: next(_arrival_seq))  # arrival order, unique
+    tenant: str = "default"
+    slo: SLOClass | None = None
+    band: int = 0
+    priority: int = 0  # request-level, inside the band; lower first (vLLM's convention)
+    deadline: float | None = None  # monotonic: the end-to-end budget of the class
+    urgent_deadline: float | None = None  # the first deadline that can be missed (TTFT if the class has one)
+    est_prompt_tokens: int = 0
+    est_output_tokens: int = DEFAULT_OUTPUT_TOKENS
+    excluded: set[str] = field(default_factory=set)  # backends not to try again (retries)
+
+    @property
+    def tokens_used(self) -> int | None:
+        """Prompt + completion tokens the engine reported (None until it did)."""
+        if self.prompt_tokens is None:
+            return None
+        return self.prompt_tokens + (self.completion_tokens or 0)
+
+    def classify(self, tenant: str, slo: SLOClass) -> None:
+        """Attach the tenant and class, and the deadlines they imply from the arrival time."""
+        self.tenant, self.slo, self.band = tenant, slo, slo.band
+        budget = slo.budget_s(self.est_output_tokens)
+        self.deadline = None if budget is None else self.received_at + budget
+        if slo.ttft_s is not None:
+            self.urgent_deadline = self.received_at + slo.ttft_s
+        else:
+            self.urgent_deadline = self.deadline
 
 
 def _validation_message(exc: msgspec.ValidationError) -> tuple[str, str | None]:
@@ -105,6 +137,10 @@ def parse_request(kind: Kind, raw: bytes, request_id: str | None = None) -> Prox
     if fields.n < 1:
         raise ProxyError(400, f"`n` must be at least 1, got {fields.n}.", param="n")
     options = fields.stream_options
+    priority = body.get("priority", 0)
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise ProxyError(400, "`priority` must be an integer.", param="priority")
+    limit = getattr(fields, "max_completion_tokens", None) or fields.max_tokens
     return ProxyRequest(
         id=request_id or new_request_id(),
         kind=kind,
@@ -113,4 +149,7 @@ def parse_request(kind: Kind, raw: bytes, request_id: str | None = None) -> Prox
         include_usage=bool(options and options.include_usage),
         body=body,
         raw=raw,
+        priority=priority,
+        est_prompt_tokens=len(raw) // 4,  # ~4 bytes per token; the engine's usage corrects it later
+        est_output_tokens=min(limit, DEFAULT_OUTPUT_TOKENS) if limit else DEFAULT_OUTPUT_TOKENS,
     )

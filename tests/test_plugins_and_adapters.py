@@ -8,7 +8,8 @@ from importlib.metadata import entry_points
 import pytest
 
 from sloproxy.adapters.base import EngineAdapter
-from sloproxy.policies.round_robin import RoundRobin
+from sloproxy.policies.base import PolicySpec, Snapshot
+from sloproxy.policies.presets import ROUND_ROBIN
 from tests.conftest import LONG_PROMPT
 from tests.helpers import get, post_json
 
@@ -16,16 +17,23 @@ from tests.helpers import get, post_json
 def test_entry_point_groups_hold_the_builtins():
     policies = {e.name: e.load() for e in entry_points(group="sloproxy.policies")}
     adapters = {e.name: e.load() for e in entry_points(group="sloproxy.adapters")}
-    assert policies["round-robin"] is RoundRobin
+    assert policies["round-robin"] is ROUND_ROBIN
+    assert {"round-robin", "least-load", "fcfs", "edf", "priority-fair"} <= set(policies)
+    assert all(isinstance(spec, PolicySpec) and spec.name == name for name, spec in policies.items())
     assert set(adapters) >= {"vllm", "tgi", "sglang"}
     assert all(issubclass(cls, EngineAdapter) and cls.engine == name for name, cls in adapters.items())
 
 
-def test_round_robin_rotates_and_refuses_empty():
-    router = RoundRobin()
-    assert [router.choose(["a", "b", "c"]) for _ in range(5)] == ["a", "b", "c", "a", "b"]
-    with pytest.raises(ValueError):
-        router.choose([])
+def test_round_robin_rotates_over_candidates():
+    from types import SimpleNamespace
+
+    policy = ROUND_ROBIN.create({})
+    backends = [SimpleNamespace(name=n) for n in "abc"]
+    picks = [policy.route(None, backends, Snapshot(0.0, backends)).name for _ in range(5)]
+    assert picks == ["a", "b", "c", "a", "b"]
+    assert policy.route(None, [], Snapshot(0.0, [])) is None
+    with pytest.raises(ValueError, match="speed"):
+        ROUND_ROBIN.create({"speed": 1})
 
 
 @pytest.mark.parametrize("engine", ["vllm", "tgi", "sglang"])

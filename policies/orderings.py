@@ -1,0 +1,185 @@
+"""Queue disciplines: FIFO, earliest deadline first, strict bands with fair shares per tenant.
+
+All are heaps or deques with lazy deletion, so push, pop and remove stay O(log n).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from .base import Ordering
+
+if TYPE_CHECKING:
+    from sloproxy.request import ProxyRequest
+
+
+class HeapOrdering(Ordering):
+    """A min-heap on ``key(request)``; removal marks the entry and pops skip it."""
+
+    def __init__(self, key: Callable[[ProxyRequest], tuple]) -> None:
+        self._key = key
+        self._heap: list[tuple[tuple, int, ProxyRequest]] = []
+        self._live: set[int] = set()  # id() of queued requests
+
+    def push(self, request: ProxyRequest) -> None:
+        heapq.heappush(self._heap, (self._key(request), request.seq, request))
+        self._live.add(id(request))
+
+    def _skip_removed(self) -> None:
+        heap = self._heap
+        while heap and id(heap[0][2]) not in self._live:
+            heapq.heappop(heap)
+
+    def peek(self) -> ProxyRequest | None:
+        self._skip_removed()
+        return self._heap[0][2] if self._heap else None
+
+    def pop(self) -> ProxyRequest:
+        self._skip_removed()
+        request = heapq.heappop(self._heap)[2]
+        self._live.discard(id(request))
+        return request
+
+    def remove(self, request: ProxyRequest) -> bool:
+        if id(request) not in self._live:
+            return False
+        self._live.discard(id(request))
+        if len(self._heap) > 64 and len(self._heap) > 2 * len(self._live):  # keep dead entries bounded
+            self._heap = [entry for entry in self._heap if id(entry[2]) in self._live]
+            heapq.heapify(self._heap)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __iter__(self) -> Iterator[ProxyRequest]:
+        return (entry[2] for entry in self._heap if id(entry[2]) in self._live)
+
+
+def fifo() -> Ordering:
+    """First come, first served (ties cannot happen: arrival sequence numbers are unique)."""
+    return HeapOrdering(lambda r: (r.seq,))
+
+
+def edf() -> Ordering:
+    """Earliest deadline first: the TTFT deadline for interactive work, end-to-end for batch."""
+    return HeapOrdering(lambda r: (r.urgent_deadline if r.urgent_deadline is not None else math.inf, r.seq))
+
+
+class PriorityFair(Ordering):
+    """Strict priority bands; inside a band, deficit round robin across tenants by tokens.
+
+    Each tenant with waiting work gets ``quantum x weight`` tokens of credit per round and
+    spends its estimated prompt + reply tokens per dispatch; :meth:`served` corrects the
+    charge to the tokens actually used. Inside a tenant, lower request ``priority`` first,
+    then arrival. A tenant whose queue empties leaves the round and loses its credit.
+    """
+
+    def __init__(self, quantum_tokens: int = 1024, weights: dict[str, float] | None = None) -> None:
+        self.quantum = quantum_tokens
+        self.weights = weights or {}
+        self._bands: dict[int, dict[str, list[tuple[int, int, ProxyRequest]]]] = {}
+        self._rings: dict[int, deque[str]] = {}
+        self._band_heap: list[int] = []
+        self._deficit: dict[tuple[int, str], float] = {}
+        self._where: dict[int, tuple[int, str]] = {}  # id(request) -> (band, tenant)
+        self._selected: tuple[int, str] | None = None
+
+    # -- structure --------------------------------------------------------------------------
+    def push(self, request: ProxyRequest) -> None:
+        band, tenant = request.band, request.tenant
+        tenants = self._bands.setdefault(band, {})
+        if not tenants:
+            heapq.heappush(self._band_heap, band)
+        queue = tenants.get(tenant)
+        if queue is None:
+            queue = tenants[tenant] = []
+            self._rings.setdefault(band, deque()).append(tenant)
+            self._deficit[(band, tenant)] = 0.0
+        heapq.heappush(queue, (request.priority, request.seq, request))
+        self._where[id(request)] = (band, tenant)
+        self._selected = None
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __iter__(self) -> Iterator[ProxyRequest]:
+        for tenants in self._bands.values():
+            for queue in tenants.values():
+                yield from (entry[2] for entry in queue if id(entry[2]) in self._where)
+
+    def _head(self, band: int, tenant: str) -> ProxyRequest | None:
+        queue = self._bands[band][tenant]
+        while queue and id(queue[0][2]) not in self._where:
+            heapq.heappop(queue)
+        return queue[0][2] if queue else None
+
+    def _drop_tenant(self, band: int, tenant: str) -> None:
+        del self._bands[band][tenant]
+        self._rings[band].remove(tenant)
+        self._deficit.pop((band, tenant), None)
+        if not self._bands[band]:
+            del self._bands[band]
+            del self._rings[band]
+            self._band_heap.remove(band)
+            heapq.heapify(self._band_heap)
+
+    # -- selection --------------------------------------------------------------------------
+    @staticmethod
+    def cost(request: ProxyRequest) -> float:
+        return float(request.est_prompt_tokens + request.est_output_tokens)
+
+    def _select(self) -> tuple[int, str] | None:
+        if self._selected is not None:
+            return self._selected
+        if not self._band_heap:
+            return None
+        band = self._band_heap[0]
+        ring = self._rings[band]
+        while True:
+            tenant = ring[0]
+            head = self._head(band, tenant)
+            if head is None:
+                self._drop_tenant(band, tenant)
+                return self._select()
+            key = (band, tenant)
+            if self._deficit[key] >= self.cost(head):
+                self._selected = key
+                return key
+            self._deficit[key] += self.quantum * self.weights.get(tenant, 1.0)
+            ring.rotate(-1)
+
+    def peek(self) -> ProxyRequest | None:
+        key = self._select()
+        return None if key is None else self._head(*key)
+
+    def pop(self) -> ProxyRequest:
+        key = self._select()
+        if key is None:
+            raise IndexError("pop from an empty queue")
+        band, tenant = key
+        request = heapq.heappop(self._bands[band][tenant])[2]
+        del self._where[id(request)]
+        self._deficit[key] -= self.cost(request)
+        self._selected = None
+        if self._head(band, tenant) is None:
+            self._drop_tenant(band, tenant)
+        return request
+
+    def remove(self, request: ProxyRequest) -> bool:
+        where = self._where.pop(id(request), None)
+        if where is None:
+            return False
+        self._selected = None
+        if self._head(*where) is None:
+            self._drop_tenant(*where)
+        return True
+
+    def served(self, request: ProxyRequest, tokens: int) -> None:
+        key = (request.band, request.tenant)
+        if key in self._deficit:  # still in the round: charge what was really used
+            self._deficit[key] += self.cost(request) - tokens

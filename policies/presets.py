@@ -1,0 +1,68 @@
+"""The built-in policies, registered in the ``sloproxy.policies`` entry-point group."""
+
+from __future__ import annotations
+
+import msgspec
+
+from .base import NoParams, Policy, PolicySpec
+from .orderings import PriorityFair, edf, fifo
+from .parts import BudgetAdmission, LeastLoad
+
+
+class QueuedParams(msgspec.Struct, forbid_unknown_fields=True):
+    kv_limit: float = 0.95  # a backend whose KV usage is at or above this takes nothing new
+    least_load_weight: float = 1.0
+
+
+class PriorityFairParams(QueuedParams, forbid_unknown_fields=True):
+    quantum_tokens: int = 1024
+    tenant_weights: dict[str, float] = msgspec.field(default_factory=dict)
+
+
+def _round_robin(_: NoParams) -> Policy:
+    return Policy("round-robin", ordering=fifo, queued=False)
+
+
+def _least_load(_: NoParams) -> Policy:
+    return Policy("least-load", ordering=fifo, queued=False, scorers=[(LeastLoad(), 1.0)])
+
+
+def _queued(name: str, params: QueuedParams, ordering) -> Policy:
+    return Policy(
+        name,
+        ordering=ordering,
+        admission=BudgetAdmission(params.kv_limit),
+        scorers=[(LeastLoad(), params.least_load_weight)],
+    )
+
+
+ROUND_ROBIN = PolicySpec(
+    "round-robin",
+    NoParams,
+    _round_robin,
+    "No proxy queue; rotate over healthy backends (the nginx / LiteLLM-shuffle baseline).",
+)
+LEAST_LOAD = PolicySpec(
+    "least-load",
+    NoParams,
+    _least_load,
+    "No proxy queue; the backend with the least in-flight + engine-reported waiting work.",
+)
+FCFS = PolicySpec(
+    "fcfs",
+    QueuedParams,
+    lambda p: _queued("fcfs", p, fifo),
+    "A proxy queue in arrival order, dispatched as backends' budgets allow.",
+)
+EDF = PolicySpec(
+    "edf",
+    QueuedParams,
+    lambda p: _queued("edf", p, edf),
+    "A proxy queue ordered by deadline (TTFT for interactive, end-to-end for batch).",
+)
+PRIORITY_FAIR = PolicySpec(
+    "priority-fair",
+    PriorityFairParams,
+    lambda p: _queued("priority-fair", p, lambda: PriorityFair(p.quantum_tokens, p.tenant_weights)),
+    "Strict priority bands; inside a band, deficit round robin across tenants by tokens served.",
+)

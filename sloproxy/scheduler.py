@@ -1,0 +1,230 @@
+"""The scheduler: bounded per-model queues, an event-driven dispatch loop, admission budgets.
+
+The policy decides (order, admit, route); the scheduler owns the state and the waiting.
+A request handler calls :meth:`Scheduler.acquire` and gets a backend when the policy
+dispatches it, or an OpenAI-format error: 429 with ``Retry-After`` when it is shed (queue
+full, deadline can no longer be met, queue timeout for sheddable work), 503 when nothing can
+serve it. Every acquire is paired with :meth:`release`, which frees the budget and
+dispatches again. Dispatch runs on events: arrival, completion, metrics update, and a timer
+that also expires hopeless work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterable
+
+from .backends import Backend, BackendPool
+from .errors import ProxyError
+from .policies.base import Ordering, Policy, Snapshot
+from .request import ProxyRequest
+from .scheduler_config import SchedulingConfig
+
+log = logging.getLogger("sloproxy.scheduler")
+
+
+class Scheduler:
+    def __init__(self, policy: Policy, pool: BackendPool, config: SchedulingConfig | None = None) -> None:
+        self.policy = policy
+        self.pool = pool
+        self.config = config or SchedulingConfig()
+        self.queues: dict[str, Ordering] = {}
+        self._waiters: dict[int, asyncio.Future[Backend]] = {}  # id(request) -> dispatch future
+        self._queued_bytes = 0
+        self._running: dict[int, ProxyRequest] = {}
+        self._timer: asyncio.Task | None = None
+        self.shed = 0
+        for backend in pool.backends:
+            backend.budget = self.config.budget_initial
+        pool.on_load_update = self._on_load_update
+
+    # ----- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.policy.queued:
+            self._timer = asyncio.get_running_loop().create_task(self._tick(), name="scheduler-timer")
+
+    async def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._timer
+        for request_id, waiter in list(self._waiters.items()):
+            if not waiter.done():
+                waiter.set_exception(ProxyError(503, "The proxy is shutting down.", headers=self._retry_after()))
+            self._waiters.pop(request_id, None)
+
+    # ----- the request side -----------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        return Snapshot(time.monotonic(), self.pool.backends)
+
+    def candidates(self, request: ProxyRequest) -> list[Backend]:
+        return [b for b in self.pool.candidates(request.model) if b.name not in request.excluded]
+
+    async def acquire(self, request: ProxyRequest) -> Backend:
+        """Wait until the policy dispatches ``request``; returns its backend (call :meth:`release` after)."""
+        if request.model not in self.pool.by_model:
+            raise ProxyError(404, f"The model `{request.model}` does not exist.", param="model", code="model_not_found")
+        if not self.candidates(request):
+            raise ProxyError(
+                503, f"No healthy backend is serving model `{request.model}` right now.", headers=self._retry_after()
+            )
+        if not self.policy.queued:
+            backend = self.policy.route(request, self.candidates(request), self.snapshot())
+            assert backend is not None
+            return self._dispatched(request, backend)  # type: ignore[arg-type]
+        self._admit_to_queue(request)
+        queue = self.queues.get(request.model)
+        if queue is None:
+            queue = self.queues[request.model] = self.policy.ordering()
+        waiter: asyncio.Future[Backend] = asyncio.get_running_loop().create_future()
+        self._waiters[id(request)] = waiter
+        self._queued_bytes += len(request.raw)
+        queue.push(request)
+        self.dispatch(request.model)
+        try:
+            return await waiter
+        finally:
+            if self._waiters.pop(id(request), None) is not None and not waiter.done():
+                # The client went away (or the proxy stops) while it waited: it leaves the queue.
+                queue.remove(request)
+                self._queued_bytes -= len(request.raw)
+
+    def release(self, request: ProxyRequest, backend: Backend, tokens: int | None = None) -> None:
+        """The request is done with ``backend`` (finished, failed or abandoned)."""
+        if self._running.pop(id(request), None) is None:
+            return
+        backend.in_flight -= 1
+        queue = self.queues.get(request.model)
+        if queue is not None:
+            queue.served(request, tokens if tokens is not None else request.est_prompt_tokens)
+        if self.policy.queued:
+            self.dispatch_for(backend)
+
+    def _admit_to_queue(self, request: ProxyRequest) -> None:
+        waiting = sum(len(q) for q in self.queues.values())
+        if waiting >= self.config.max_queue or self._queued_bytes + len(request.raw) > self.config.max_queue_bytes:
+            self.shed += 1
+            raise ProxyError(
+                429, "The proxy queue is full; retry later.", code="queue_full", headers=self._retry_after()
+            )
+        slo = request.slo
+        if slo is not None and slo.sheddable and request.deadline is not None and request.deadline <= time.monotonic():
+            self.shed += 1
+            raise ProxyError(
+                429, "The request's deadline has already passed.", code="deadline_exceeded", headers=self._retry_after()
+            )
+
+    # ----- dispatch -------------------------------------------------------------------------------
+    def dispatch(self, model: str) -> None:
+        """Hand out waiting requests of ``model`` while the policy finds backends that admit them."""
+        queue = self.queues.get(model)
+        if not queue:
+            return
+        policy = self.policy
+        snapshot = self.snapshot()
+        while True:
+            request = queue.peek()
+            if request is None:
+                return
+            admitting = [b for b in self.candidates(request) if policy.admits(request, b, snapshot)]
+            if not admitting:
+                if not self.candidates(request):  # nothing healthy serves it any more
+                    queue.pop()
+                    self._fail(
+                        request,
+                        ProxyError(503, f"No healthy backend is serving model `{model}`.", headers=self._retry_after()),
+                    )
+                    continue
+                return  # head-of-line: the policy's order is the order of service
+            backend = policy.route(request, admitting, snapshot)
+            if backend is None:
+                return
+            queue.pop()
+            waiter = self._waiters.get(id(request))
+            self._queued_bytes -= len(request.raw)
+            if waiter is None or waiter.done():
+                continue
+            waiter.set_result(self._dispatched(request, backend))  # type: ignore[arg-type]
+
+    def dispatch_for(self, backend: Backend) -> None:
+        for model in backend.models:
+            self.dispatch(model)
+
+    def dispatch_all(self) -> None:
+        for model in list(self.queues):
+            self.dispatch(model)
+
+    def _dispatched(self, request: ProxyRequest, backend: Backend) -> Backend:
+        backend.in_flight += 1
+        self._running[id(request)] = request
+        return backend
+
+    def _fail(self, request: ProxyRequest, error: ProxyError) -> None:
+        waiter = self._waiters.get(id(request))
+        self._queued_bytes -= len(request.raw)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+
+    def _retry_after(self) -> dict[str, str]:
+        return {"Retry-After": str(self.config.retry_after_s)}
+
+    # ----- time and metrics -----------------------------------------------------------------------
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.tick_s)
+            self.expire(time.monotonic())
+            self.dispatch_all()
+
+    def expire(self, now: float) -> None:
+        """Shed sheddable work whose deadline passed; time out anything waiting too long."""
+        timeout = self.config.queue_timeout_s
+        for model, queue in self.queues.items():
+            doomed = [r for r in queue if self._hopeless(r, now) or now - r.received_at > timeout]
+            for request in doomed:
+                queue.remove(request)
+                self.shed += 1
+                if now - request.received_at > timeout:
+                    error = ProxyError(
+                        503 if not (request.slo and request.slo.sheddable) else 429,
+                        f"The request waited {timeout:g}s in the queue for model `{model}`.",
+                        code="queue_timeout",
+                        headers=self._retry_after(),
+                    )
+                else:
+                    error = ProxyError(
+                        429,
+                        "The request can no longer meet its deadline; shed.",
+                        code="deadline_exceeded",
+                        headers=self._retry_after(),
+                    )
+                self._fail(request, error)
+
+    @staticmethod
+    def _hopeless(request: ProxyRequest, now: float) -> bool:
+        slo = request.slo
+        return bool(slo and slo.sheddable and request.deadline is not None and now >= request.deadline)
+
+    def _on_load_update(self, backend: Backend) -> None:
+        """Adapt the backend's budget to what the engine reports, then dispatch.
+
+        Additive increase while the engine keeps up (nothing waiting inside it, KV headroom) and
+        the budget is what limits it; multiplicative decrease when work queues inside the engine
+        or its KV cache runs full (the engine would preempt).
+        """
+        load = backend.load
+        config = self.config
+        if load is not None:
+            if load.waiting > 0 or (load.kv_usage is not None and load.kv_usage > 0.9):
+                backend.budget = max(config.budget_min, math.floor(backend.budget * 0.8))
+            elif backend.in_flight >= backend.budget:
+                backend.budget = min(config.budget_max, backend.budget + 2)
+        if self.policy.queued:
+            self.dispatch_for(backend)
+
+    def waiting(self) -> Iterable[ProxyRequest]:
+        for queue in self.queues.values():
+            yield from queue

@@ -1,0 +1,16 @@
+"""Scheduler settings (the `scheduling:` block of the proxy config)."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class SchedulingConfig(msgspec.Struct, forbid_unknown_fields=True):
+    max_queue: int = 10_000  # waiting requests, all models
+    max_queue_bytes: int = 256 * 1024 * 1024  # their bodies
+    queue_timeout_s: float = 120.0  # the longest any request waits in the proxy queue
+    tick_s: float = 0.05  # expiry / shedding timer
+    budget_initial: int = 32  # per-backend dispatch budget, adapted from engine metrics
+    budget_min: int = 2
+    budget_max: int = 256
+    retry_after_s: int = 1
