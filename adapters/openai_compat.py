@@ -60,21 +60,34 @@ class OpenAICompatibleAdapter(EngineAdapter):
     metrics_path = None
     extra_fields: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, api_key: str | None = None) -> None:
+    def __init__(self, api_key: str | None = None, priority_scheduling: bool = False) -> None:
         self.headers = {"Content-Type": "application/json"}
         if api_key:
             self.headers["Authorization"] = f"Bearer {api_key}"
+        self.priority_scheduling = priority_scheduling
+
+    def engine_priority(self, request: ProxyRequest) -> int | None:
+        """The engine's ``priority`` value for this request; None: send none (strip the client's)."""
+        return None
 
     def body_for(self, request: ProxyRequest) -> bytes:
-        """The raw client body, or a re-encoded one when the engine must be asked for usage."""
-        if not request.stream or request.include_usage:
+        """The raw client body, or a changed one: asked for usage, priority hint set or stripped."""
+        priority = self.engine_priority(request)
+        needs_usage = request.stream and not request.include_usage
+        touches_priority = priority is not None or "priority" in request.body
+        if not needs_usage and not touches_priority:
             return request.raw
         raw = request.raw.lstrip()
-        if "stream_options" not in request.body and raw.startswith(b"{"):
+        if not touches_priority and "stream_options" not in request.body and raw.startswith(b"{"):
             return b'{"stream_options":{"include_usage":true},' + raw[1:]  # no re-encode of the prompt
         body = dict(request.body)
-        options = body.get("stream_options")
-        body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        if needs_usage:
+            options = body.get("stream_options")
+            body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        if priority is None:
+            body.pop("priority", None)
+        else:
+            body["priority"] = priority
         return msgspec.json.encode(body)
 
     def build(self, request: ProxyRequest) -> UpstreamCall:

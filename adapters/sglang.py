@@ -15,12 +15,21 @@ class SGLangAdapter(OpenAICompatibleAdapter):
     health_path = "/health"
     metrics_path = "/metrics"
 
+    def engine_priority(self, request: ProxyRequest) -> int | None:
+        """SGLang runs HIGHER values first (with ``--enable-priority-scheduling``)."""
+        return -request.urgency_rank if self.priority_scheduling else None
+
     def build(self, request: ProxyRequest) -> UpstreamCall:
         body = dict(request.body)
         body["rid"] = request.id
         if request.stream and not request.include_usage:
             options = body.get("stream_options")
             body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        priority = self.engine_priority(request)
+        if priority is None:
+            body.pop("priority", None)
+        else:
+            body["priority"] = priority
         return UpstreamCall(openai_route(request), msgspec.json.encode(body), self.headers)
 
     def abort_call(self, request: ProxyRequest) -> UpstreamCall:

@@ -96,11 +96,12 @@ def _frame(chunk: dict[str, Any]) -> bytes:
 class TGIAdapter(EngineAdapter):
     engine = "tgi"
 
-    def __init__(self, api_key: str | None = None) -> None:
-        self.headers = {"Content-Type": "application/json"}
+    def __init__(self, api_key: str | None = None, priority_scheduling: bool = False) -> None:
+        self.headers = {"Content-Type": "application/json"}  # TGI has no priorities: hints are dropped
 
     def build(self, request: ProxyRequest) -> UpstreamCall:
         body = dict(request.body)
+        body.pop("priority", None)
         body["model"] = "tgi"  # any other name would be taken as a LoRA adapter id
         if request.stream:
             options = body.get("stream_options")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sloproxy.request import ProxyRequest
+
 from .base import BackendLoad, labels_of, metric_values
 from .openai_compat import OpenAICompatibleAdapter
 
@@ -10,6 +12,10 @@ class VLLMAdapter(OpenAICompatibleAdapter):
     engine = "vllm"
     health_path = "/health"
     metrics_path = "/metrics"
+
+    def engine_priority(self, request: ProxyRequest) -> int | None:
+        """vLLM runs lower values first, and only accepts them with ``--scheduling-policy priority``."""
+        return request.urgency_rank if self.priority_scheduling else None
 
     def parse_load(self, metrics_text: str) -> BackendLoad:
         values = metric_values(metrics_text)

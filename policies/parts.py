@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .base import Admission, BackendState, Scorer, Snapshot
@@ -13,13 +12,24 @@ if TYPE_CHECKING:
 
 class BudgetAdmission(Admission):
     """A backend takes work while the proxy has fewer than its budget in flight on it and its
-    KV cache (when freshly reported) has headroom."""
+    KV cache (when freshly reported) has headroom.
 
-    def __init__(self, kv_limit: float = 0.95) -> None:
+    Work outside the top band (band 0) may only fill ``1 - reserve`` of the budget: the rest is
+    kept for urgent requests, so a flood of batch work cannot make interactive work wait for a
+    batch request to finish.
+    """
+
+    def __init__(self, kv_limit: float = 0.95, reserve: float = 0.25) -> None:
         self.kv_limit = kv_limit
+        self.reserve = reserve
+
+    def limit(self, request: ProxyRequest, backend: BackendState) -> int:
+        if request.band == 0:
+            return backend.budget
+        return max(1, int(backend.budget * (1.0 - self.reserve)))
 
     def admit(self, request: ProxyRequest, backend: BackendState, snapshot: Snapshot) -> bool:
-        if backend.in_flight >= backend.budget:
+        if backend.in_flight >= self.limit(request, backend):
             return False
         load = backend.load
         return load is None or backend.load_is_stale or load.kv_usage is None or load.kv_usage < self.kv_limit
@@ -37,7 +47,3 @@ class LeastLoad(Scorer):
             queued += load.waiting
             kv = load.kv_usage or 0.0
         return (1.0 - 0.5 * kv) / (1.0 + queued)
-
-
-def least_loaded(backends: Sequence[BackendState]) -> BackendState:
-    return min(backends, key=lambda b: b.in_flight)

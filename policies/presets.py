@@ -11,6 +11,7 @@ from .parts import BudgetAdmission, LeastLoad
 
 class QueuedParams(msgspec.Struct, forbid_unknown_fields=True):
     kv_limit: float = 0.95  # a backend whose KV usage is at or above this takes nothing new
+    reserve: float = 0.25  # share of each budget kept for band-0 (urgent) work
     least_load_weight: float = 1.0
 
 
@@ -31,7 +32,7 @@ def _queued(name: str, params: QueuedParams, ordering) -> Policy:
     return Policy(
         name,
         ordering=ordering,
-        admission=BudgetAdmission(params.kv_limit),
+        admission=BudgetAdmission(params.kv_limit, params.reserve),
         scorers=[(LeastLoad(), params.least_load_weight)],
     )
 

@@ -72,7 +72,9 @@ class BackendPool:
         self.backends: list[Backend] = []
         self.by_model: dict[str, list[Backend]] = {}
         for config in configs:
-            adapter = load_adapter_class(config.engine)(api_key=config.api_key)
+            adapter = load_adapter_class(config.engine)(
+                api_key=config.api_key, priority_scheduling=config.priority_scheduling
+            )
             backend = Backend(config, adapter, stale_after_s=polling.stale_after_s, models=frozenset(config.models))
             self.backends.append(backend)
             for model in config.models:

@@ -88,6 +88,12 @@ class ProxyRequest:
     excluded: set[str] = field(default_factory=set)  # backends not to try again (retries)
 
     @property
+    def urgency_rank(self) -> int:
+        """The common priority scale adapters map onto engines: band first, then the request's own
+        priority; lower runs earlier."""
+        return self.band * 1000 + max(-999, min(999, self.priority))
+
+    @property
     def tokens_used(self) -> int | None:
         """Prompt + completion tokens the engine reported (None until it did)."""
         if self.prompt_tokens is None:

@@ -220,8 +220,8 @@ class Scheduler:
         if load is not None:
             if load.waiting > 0 or (load.kv_usage is not None and load.kv_usage > 0.9):
                 backend.budget = max(config.budget_min, math.floor(backend.budget * 0.8))
-            elif backend.in_flight >= backend.budget:
-                backend.budget = min(config.budget_max, backend.budget + 2)
+            elif backend.in_flight >= 0.7 * backend.budget:  # the budget, not the engine, is the limit
+                backend.budget = min(config.budget_max, backend.budget + max(1, backend.budget // 8))
         if self.policy.queued:
             self.dispatch_for(backend)
 
