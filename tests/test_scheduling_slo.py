@@ -42,8 +42,10 @@ async def _batch(session: aiohttp.ClientSession, url: str, index: int) -> None:
 
 
 async def interactive_attainment(policy: str) -> tuple[float, list[tuple[float, float]]]:
-    instances = [{"name": n, "engine": "vllm", "model": "m", "profile": "a100-40g-llama3-8b", "max_num_seqs": 16}
-                 for n in ("a", "b")]
+    instances = [
+        {"name": n, "engine": "vllm", "model": "m", "profile": "a100-40g-llama3-8b", "max_num_seqs": 16}
+        for n in ("a", "b")
+    ]
     with EmulatorProcess(instances, speedup=SPEEDUP) as fleet:
         config = {
             "backends": [{"name": n, "engine": "vllm", "url": fleet.url(n), "models": ["m"]} for n in ("a", "b")],
