@@ -95,6 +95,12 @@ class Admission(ABC):
     @abstractmethod
     def admit(self, request: ProxyRequest, backend: BackendState, snapshot: Snapshot) -> bool: ...
 
+    def admitted(
+        self, request: ProxyRequest, backends: Sequence[BackendState], snapshot: Snapshot
+    ) -> list[BackendState]:
+        """All of ``backends`` that :meth:`admit` the request (override for speed on large fleets)."""
+        return [b for b in backends if self.admit(request, b, snapshot)]
+
 
 class Filter(ABC):
     @abstractmethod
@@ -107,6 +113,10 @@ class Scorer(ABC):
     @abstractmethod
     def score(self, request: ProxyRequest, backend: BackendState, snapshot: Snapshot) -> float:
         """Higher is better, in [0, 1]."""
+
+    def scores(self, request: ProxyRequest, backends: Sequence[BackendState], snapshot: Snapshot) -> list[float]:
+        """:meth:`score` for each backend (override for speed on large fleets)."""
+        return [self.score(request, b, snapshot) for b in backends]
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,20 +160,28 @@ class Policy:
         turn = next(self._turn)
         if not self.scorers:
             return candidates[turn % len(candidates)]
-        best: list[BackendState] = []
-        best_score = float("-inf")
-        for backend in candidates:
-            total = 0.0
-            for scorer, weight in self.scorers:
-                total += weight * scorer.score(request, backend, snapshot)
-            if total > best_score + 1e-12:
-                best, best_score = [backend], total
-            elif total >= best_score - 1e-12:
-                best.append(backend)
+        scorer, weight = self.scorers[0]
+        totals = scorer.scores(request, candidates, snapshot)
+        if weight != 1.0 or len(self.scorers) > 1:
+            totals = [weight * t for t in totals]
+            for scorer, weight in self.scorers[1:]:
+                totals = [
+                    t + weight * s for t, s in zip(totals, scorer.scores(request, candidates, snapshot), strict=True)
+                ]
+        top = max(totals)
+        if totals.count(top) == 1:
+            return candidates[totals.index(top)]
+        best = [b for b, t in zip(candidates, totals, strict=True) if t == top]
         return best[turn % len(best)]
 
     def admits(self, request: ProxyRequest, backend: BackendState, snapshot: Snapshot) -> bool:
         return self.admission is None or self.admission.admit(request, backend, snapshot)
+
+    def admitting(
+        self, request: ProxyRequest, backends: Sequence[BackendState], snapshot: Snapshot
+    ) -> Sequence[BackendState]:
+        """The backends that may take ``request`` now."""
+        return backends if self.admission is None else self.admission.admitted(request, backends, snapshot)
 
 
 class NoParams(msgspec.Struct, forbid_unknown_fields=True):

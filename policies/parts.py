@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .base import Admission, BackendState, Scorer, Snapshot
@@ -31,8 +32,31 @@ class BudgetAdmission(Admission):
     def admit(self, request: ProxyRequest, backend: BackendState, snapshot: Snapshot) -> bool:
         if backend.in_flight >= self.limit(request, backend):
             return False
+        return self._kv_ok(backend)
+
+    def _kv_ok(self, backend: BackendState) -> bool:
         load = backend.load
-        return load is None or backend.load_is_stale or load.kv_usage is None or load.kv_usage < self.kv_limit
+        return load is None or load.kv_usage is None or load.kv_usage < self.kv_limit or backend.load_is_stale
+
+    def admitted(
+        self, request: ProxyRequest, backends: Sequence[BackendState], snapshot: Snapshot
+    ) -> list[BackendState]:
+        # Inlined twins of admit(): this runs over every backend for every dispatch decision.
+        cap = self.kv_limit
+        if request.band == 0:
+            return [
+                b
+                for b in backends
+                if b.in_flight < b.budget
+                and ((load := b.load) is None or load.kv_usage is None or load.kv_usage < cap or b.load_is_stale)
+            ]
+        keep = 1.0 - self.reserve
+        return [
+            b
+            for b in backends
+            if b.in_flight < max(1, int(b.budget * keep))
+            and ((load := b.load) is None or load.kv_usage is None or load.kv_usage < cap or b.load_is_stale)
+        ]
 
 
 class LeastLoad(Scorer):
@@ -47,3 +71,11 @@ class LeastLoad(Scorer):
             queued += load.waiting
             kv = load.kv_usage or 0.0
         return (1.0 - 0.5 * kv) / (1.0 + queued)
+
+    def scores(self, request: ProxyRequest, backends: Sequence[BackendState], snapshot: Snapshot) -> list[float]:
+        return [
+            (1.0 - 0.5 * (load.kv_usage or 0.0)) / (1.0 + b.in_flight + load.waiting)
+            if (load := b.load) is not None and not b.load_is_stale
+            else 1.0 / (1.0 + b.in_flight)
+            for b in backends
+        ]

@@ -130,7 +130,7 @@ class Scheduler:
             request = queue.peek()
             if request is None:
                 return
-            admitting = [b for b in self.candidates(request) if policy.admits(request, b, snapshot)]
+            admitting = policy.admitting(request, self.candidates(request), snapshot)
             if not admitting:
                 if not self.candidates(request):  # nothing healthy serves it any more
                     queue.pop()
