@@ -43,6 +43,7 @@ class BackendState(Protocol):
     """What a policy may read about a backend (the live proxy and the simulator both provide it)."""
 
     name: str
+    models: frozenset[str]
     healthy: bool
     in_flight: int  # dispatched by the proxy and not finished
     budget: int  # admission budget: how many in flight the proxy allows (adapts to engine metrics)

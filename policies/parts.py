@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .base import Admission, BackendState, Scorer, Snapshot
+from .base import Admission, BackendState, Evict, FleetPolicy, Scorer, Snapshot
 
 if TYPE_CHECKING:
     from sloproxy.request import ProxyRequest
@@ -79,3 +79,52 @@ class LeastLoad(Scorer):
             else 1.0 / (1.0 + b.in_flight)
             for b in backends
         ]
+
+
+class EvictForUrgent(FleetPolicy):
+    """When urgent (band 0) work is about to miss its first deadline and every backend serving
+    its model is at budget, evict enough lower-band requests that have sent nothing to their
+    clients yet (youngest first: the least work lost) to open one slot on the backend where
+    that takes the fewest evictions. Evicted work goes back to the queue transparently."""
+
+    def __init__(self, margin_s: float = 0.5) -> None:
+        self.margin_s = margin_s
+
+    def actions(
+        self, snapshot: Snapshot, waiting: Sequence[ProxyRequest], running: Sequence[ProxyRequest]
+    ) -> list[Evict]:
+        horizon = snapshot.now + self.margin_s
+        urgent = [r for r in waiting if r.band == 0 and r.urgent_deadline is not None and r.urgent_deadline < horizon]
+        if not urgent:
+            return []
+        evictions: list[Evict] = []
+        freed: dict[str, int] = {}  # backend -> slots this round already opens
+        taken: set[str] = set()
+        for request in sorted(urgent, key=lambda r: r.urgent_deadline):
+            options = []
+            for backend in snapshot.backends:
+                if not backend.healthy or request.model not in backend.models:
+                    continue
+                need = backend.in_flight - freed.get(backend.name, 0) - backend.budget + 1
+                if need <= 0:
+                    options = []
+                    break  # it will be dispatched without anyone leaving
+                victims = sorted(
+                    (
+                        v
+                        for v in running
+                        if v.backend == backend.name and v.band > 0 and not v.first_byte_sent and v.id not in taken
+                    ),
+                    key=lambda v: v.seq,
+                    reverse=True,
+                )
+                if len(victims) >= need:
+                    options.append((need, backend.name, victims[:need]))
+            if not options:
+                continue
+            need, name, victims = min(options, key=lambda option: option[0])
+            for victim in victims:
+                taken.add(victim.id)
+                evictions.append(Evict(victim.id, f"urgent request {request.id} would miss its deadline"))
+            freed[name] = freed.get(name, 0) + need
+        return evictions

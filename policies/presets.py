@@ -6,13 +6,15 @@ import msgspec
 
 from .base import NoParams, Policy, PolicySpec
 from .orderings import PriorityFair, edf, fifo
-from .parts import BudgetAdmission, LeastLoad
+from .parts import BudgetAdmission, EvictForUrgent, LeastLoad
 
 
 class QueuedParams(msgspec.Struct, forbid_unknown_fields=True):
     kv_limit: float = 0.95  # a backend whose KV usage is at or above this takes nothing new
     reserve: float = 0.25  # share of each budget kept for band-0 (urgent) work
     least_load_weight: float = 1.0
+    evict: bool = True  # edf / priority-fair: evict lower-band work for urgent work about to miss
+    evict_margin_s: float = 0.5
 
 
 class PriorityFairParams(QueuedParams, forbid_unknown_fields=True):
@@ -28,12 +30,13 @@ def _least_load(_: NoParams) -> Policy:
     return Policy("least-load", ordering=fifo, queued=False, scorers=[(LeastLoad(), 1.0)])
 
 
-def _queued(name: str, params: QueuedParams, ordering) -> Policy:
+def _queued(name: str, params: QueuedParams, ordering, *, may_evict: bool = True) -> Policy:
     return Policy(
         name,
         ordering=ordering,
         admission=BudgetAdmission(params.kv_limit, params.reserve),
         scorers=[(LeastLoad(), params.least_load_weight)],
+        fleet=EvictForUrgent(params.evict_margin_s) if may_evict and params.evict else None,
     )
 
 
@@ -52,7 +55,7 @@ LEAST_LOAD = PolicySpec(
 FCFS = PolicySpec(
     "fcfs",
     QueuedParams,
-    lambda p: _queued("fcfs", p, fifo),
+    lambda p: _queued("fcfs", p, fifo, may_evict=False),
     "A proxy queue in arrival order, dispatched as backends' budgets allow.",
 )
 EDF = PolicySpec(

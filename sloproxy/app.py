@@ -31,6 +31,7 @@ class Proxy:
         self.metrics = ProxyMetrics(self.pool)
         self.policy = load_policy(config.policy.name, config.policy.params)
         self.scheduler = Scheduler(self.policy, self.pool, config.scheduling)
+        self.metrics.attach(self.scheduler)
         self.classifier = Classifier(config.slo_classes, config.default_class, config.tenants, config.models)
         self.forwarder = Forwarder(self.pool, self.scheduler, config.limits, self.metrics)
 

@@ -31,6 +31,8 @@ class Backend:
     consecutive_successes: int = 0
     in_flight: int = 0
     budget: int = 32  # dispatch budget (set and adapted by the scheduler)
+    ceiling: int | None = None  # the engine's capacity as last observed (it queued beyond it)
+    quiet_updates: int = 0
     load: BackendLoad | None = None
     load_read_at: float | None = None  # monotonic seconds
     stale_after_s: float = 5.0
@@ -139,6 +141,8 @@ class BackendPool:
             backend.load_read_at = time.monotonic()
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
             return  # the reading simply grows stale
+        if self.on_load_update is not None:
+            self.on_load_update(backend)
 
     async def _health_loop(self) -> None:
         while True:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True, help="proxy YAML config")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--log-level", default="WARNING")
+    serve.add_argument("--log-level", default=os.environ.get("SLOPROXY_LOG_LEVEL", "WARNING"))
     serve.set_defaults(func=_serve)
 
     emulate = commands.add_parser("emulate", help="run emulated vLLM / TGI / SGLang engines")

@@ -68,7 +68,8 @@ class Forwarder:
 
     async def forward(self, http: web.Request, request: ProxyRequest) -> web.StreamResponse:
         last_error: ProxyError | None = None
-        for _ in range(1 + self.limits.retries_before_first_byte):
+        failures = 0
+        while failures <= self.limits.retries_before_first_byte:
             if last_error is not None and not self.scheduler.candidates(request):
                 break
             backend = await self.scheduler.acquire(request)
@@ -77,6 +78,10 @@ class Forwarder:
             try:
                 return await self._attempt(http, request, backend)
             except _RetryableFailure as failure:
+                if request.evicted:  # the scheduler moved it: back to the queue, not a failure
+                    request.evicted = False
+                    continue
+                failures += 1
                 last_error = failure.error
                 request.excluded.add(backend.name)
                 self.metrics.retries.labels(backend.name).inc()
@@ -84,12 +89,9 @@ class Forwarder:
                     "request %s failed on %s before its first byte: %s", request.id, backend.name, failure.error.message
                 )
             finally:
-                used = (
-                    None if request.prompt_tokens is None else request.prompt_tokens + (request.completion_tokens or 0)
-                )
-                self.scheduler.release(request, backend, used)
-        assert last_error is not None
-        raise last_error
+                request.evict = None
+                self.scheduler.release(request, backend, request.tokens_used)
+        raise last_error or ProxyError(503, f"No backend could serve model `{request.model}`.")
 
     async def _attempt(self, http: web.Request, request: ProxyRequest, backend: Backend) -> web.StreamResponse:
         adapter = backend.adapter
@@ -97,9 +99,17 @@ class Forwarder:
         upstream: UpstreamResponse | None = None
         finished = False
         try:
+
+            def movable(response: UpstreamResponse) -> None:
+                request.evict = response.close  # the scheduler may move it while nothing reached the client
+
             try:
-                upstream = await self._upstreams[backend.name].request("POST", call.path, call.body, call.headers)
+                upstream = await self._upstreams[backend.name].request(
+                    "POST", call.path, call.body, call.headers, on_sent=movable
+                )
             except UpstreamError as exc:
+                if request.evicted:
+                    raise _RetryableFailure(ProxyError(503, "evicted")) from None
                 raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} is unreachable ({exc}).")) from None
             if upstream.status != 200:
                 body = await self._read(upstream, backend)
@@ -153,6 +163,7 @@ class Forwarder:
                         if translator.failed:  # an error before anything was sent: answer with a status
                             raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} failed the stream."))
                         response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+                        request.first_byte_sent = True
                         await response.prepare(http)
                         self.metrics.first_byte(request.model, time.monotonic() - started)
                     try:

@@ -3,10 +3,15 @@ what Prometheus scrapes natively; OpenTelemetry carries traces)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .backends import BackendPool
+
+if TYPE_CHECKING:
+    from .scheduler import Scheduler
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 
@@ -49,7 +54,35 @@ class _BackendCollector:
         yield from (healthy, in_flight, running, waiting, kv, stale)
 
 
+class _SchedulerCollector:
+    """Queue depths, budgets and scheduler outcomes, read at scrape time."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+
+    def collect(self):
+        depth = GaugeMetricFamily(
+            "sloproxy_queue_depth_requests", "Requests waiting in the proxy queue.", labels=["model", "slo_class"]
+        )
+        for (model, slo_class), count in sorted(self.scheduler.state.queue_depths().items()):
+            depth.add_metric([model, slo_class], count)
+        budget = GaugeMetricFamily(
+            "sloproxy_backend_budget_requests", "Dispatch budget per backend.", labels=["backend"]
+        )
+        for backend in self.scheduler.pool.backends:
+            budget.add_metric([backend.name], backend.budget)
+        outcomes = CounterMetricFamily(
+            "sloproxy_scheduler_events", "Requests shed, timed out or evicted.", labels=["event"]
+        )
+        for event, count in sorted(self.scheduler.counts.items()):
+            outcomes.add_metric([event], count)
+        yield from (depth, budget, outcomes)
+
+
 class ProxyMetrics:
+    def attach(self, scheduler: Scheduler) -> None:
+        self.registry.register(_SchedulerCollector(scheduler))
+
     def __init__(self, pool: BackendPool) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(

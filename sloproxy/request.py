@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -86,6 +87,9 @@ class ProxyRequest:
     est_prompt_tokens: int = 0
     est_output_tokens: int = DEFAULT_OUTPUT_TOKENS
     excluded: set[str] = field(default_factory=set)  # backends not to try again (retries)
+    first_byte_sent: bool = False  # once true, the request can no longer move to another backend
+    evict: Callable[[], None] | None = None  # set while on a backend: aborts the upstream call
+    evicted: bool = False
 
     @property
     def urgency_rank(self) -> int:

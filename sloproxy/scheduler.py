@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
+from collections import Counter
 from collections.abc import Iterable
 
 from .backends import Backend, BackendPool
@@ -23,23 +23,32 @@ from .errors import ProxyError
 from .policies.base import Ordering, Policy, Snapshot
 from .request import ProxyRequest
 from .scheduler_config import SchedulingConfig
+from .state import LocalState, SchedulerState
 
 log = logging.getLogger("sloproxy.scheduler")
 
 
 class Scheduler:
-    def __init__(self, policy: Policy, pool: BackendPool, config: SchedulingConfig | None = None) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        pool: BackendPool,
+        config: SchedulingConfig | None = None,
+        state: SchedulerState | None = None,
+    ) -> None:
         self.policy = policy
         self.pool = pool
         self.config = config or SchedulingConfig()
+        self.state = state or LocalState()
         self.queues: dict[str, Ordering] = {}
         self._waiters: dict[int, asyncio.Future[Backend]] = {}  # id(request) -> dispatch future
         self._queued_bytes = 0
         self._running: dict[int, ProxyRequest] = {}
         self._timer: asyncio.Task | None = None
-        self.shed = 0
+        self.counts: Counter[str] = Counter()  # shed / timed out / evicted, by reason
         for backend in pool.backends:
-            backend.budget = self.config.budget_initial
+            backend.budget = self.state.budget(backend.name, self.config.budget_initial)
+            backend.in_flight = self.state.in_flight(backend.name)
         pool.on_load_update = self._on_load_update
 
     # ----- lifecycle ------------------------------------------------------------------------------
@@ -84,36 +93,38 @@ class Scheduler:
         self._waiters[id(request)] = waiter
         self._queued_bytes += len(request.raw)
         queue.push(request)
+        self.state.queue_changed(request.model, self._class_name(request), 1)
         self.dispatch(request.model)
         try:
             return await waiter
         finally:
-            if self._waiters.pop(id(request), None) is not None and not waiter.done():
+            if self._waiters.pop(id(request), None) is not None and not waiter.done() and queue.remove(request):
                 # The client went away (or the proxy stops) while it waited: it leaves the queue.
-                queue.remove(request)
-                self._queued_bytes -= len(request.raw)
+                self._left_queue(request)
 
     def release(self, request: ProxyRequest, backend: Backend, tokens: int | None = None) -> None:
         """The request is done with ``backend`` (finished, failed or abandoned)."""
         if self._running.pop(id(request), None) is None:
             return
-        backend.in_flight -= 1
+        backend.in_flight = self.state.release(backend.name, request.id)
+        used = tokens if tokens is not None else request.est_prompt_tokens
+        self.state.add_tenant_tokens(request.tenant, used)
         queue = self.queues.get(request.model)
         if queue is not None:
-            queue.served(request, tokens if tokens is not None else request.est_prompt_tokens)
+            queue.served(request, used)
         if self.policy.queued:
             self.dispatch_for(backend)
 
     def _admit_to_queue(self, request: ProxyRequest) -> None:
         waiting = sum(len(q) for q in self.queues.values())
         if waiting >= self.config.max_queue or self._queued_bytes + len(request.raw) > self.config.max_queue_bytes:
-            self.shed += 1
+            self.counts["queue_full"] += 1
             raise ProxyError(
                 429, "The proxy queue is full; retry later.", code="queue_full", headers=self._retry_after()
             )
         slo = request.slo
         if slo is not None and slo.sheddable and request.deadline is not None and request.deadline <= time.monotonic():
-            self.shed += 1
+            self.counts["deadline_exceeded"] += 1
             raise ProxyError(
                 429, "The request's deadline has already passed.", code="deadline_exceeded", headers=self._retry_after()
             )
@@ -144,8 +155,8 @@ class Scheduler:
             if backend is None:
                 return
             queue.pop()
+            self._left_queue(request)
             waiter = self._waiters.get(id(request))
-            self._queued_bytes -= len(request.raw)
             if waiter is None or waiter.done():
                 continue
             waiter.set_result(self._dispatched(request, backend))  # type: ignore[arg-type]
@@ -159,13 +170,23 @@ class Scheduler:
             self.dispatch(model)
 
     def _dispatched(self, request: ProxyRequest, backend: Backend) -> Backend:
-        backend.in_flight += 1
+        tokens = request.est_prompt_tokens + request.est_output_tokens
+        backend.in_flight = self.state.reserve(backend.name, request.id, tokens)
         self._running[id(request)] = request
         return backend
 
-    def _fail(self, request: ProxyRequest, error: ProxyError) -> None:
-        waiter = self._waiters.get(id(request))
+    @staticmethod
+    def _class_name(request: ProxyRequest) -> str:
+        return request.slo.name if request.slo is not None else "none"
+
+    def _left_queue(self, request: ProxyRequest) -> None:
         self._queued_bytes -= len(request.raw)
+        self.state.queue_changed(request.model, self._class_name(request), -1)
+
+    def _fail(self, request: ProxyRequest, error: ProxyError) -> None:
+        """``request`` was taken out of its queue: its waiter gets ``error``."""
+        self._left_queue(request)
+        waiter = self._waiters.get(id(request))
         if waiter is not None and not waiter.done():
             waiter.set_exception(error)
 
@@ -177,7 +198,23 @@ class Scheduler:
         while True:
             await asyncio.sleep(self.config.tick_s)
             self.expire(time.monotonic())
+            self.fleet_actions()
             self.dispatch_all()
+
+    def fleet_actions(self) -> None:
+        """Run the policy's slow path and carry out what it decides (evictions for now)."""
+        fleet = self.policy.fleet
+        if fleet is None or not self._running:
+            return
+        running = {r.id: r for r in self._running.values()}
+        for action in fleet.actions(self.snapshot(), list(self.waiting()), list(running.values())):
+            victim = running.get(action.request_id)
+            if victim is None or victim.first_byte_sent or victim.evict is None:
+                continue  # only work that has sent nothing to its client can move transparently
+            victim.evicted = True
+            victim.evict()
+            self.counts["evicted"] += 1
+            log.info("evicting %s: %s", victim.id, action.reason)
 
     def expire(self, now: float) -> None:
         """Shed sheddable work whose deadline passed; time out anything waiting too long."""
@@ -186,7 +223,7 @@ class Scheduler:
             doomed = [r for r in queue if self._hopeless(r, now) or now - r.received_at > timeout]
             for request in doomed:
                 queue.remove(request)
-                self.shed += 1
+                self.counts["queue_timeout" if now - request.received_at > timeout else "deadline_exceeded"] += 1
                 if now - request.received_at > timeout:
                     error = ProxyError(
                         503 if not (request.slo and request.slo.sheddable) else 429,
@@ -211,17 +248,31 @@ class Scheduler:
     def _on_load_update(self, backend: Backend) -> None:
         """Adapt the backend's budget to what the engine reports, then dispatch.
 
-        Additive increase while the engine keeps up (nothing waiting inside it, KV headroom) and
-        the budget is what limits it; multiplicative decrease when work queues inside the engine
-        or its KV cache runs full (the engine would preempt).
+        The budget aims at what the engine can run without queueing. When work waits inside the
+        engine (or its KV cache is nearly full), what it runs *is* its capacity right now: the
+        budget drops to that and remembers it as a ceiling. While the engine keeps up and the
+        budget is what limits dispatch, it grows up to the ceiling; after a quiet spell at the
+        ceiling it probes one above it (capacity changes with reply lengths).
         """
         load = backend.load
         config = self.config
         if load is not None:
+            budget = backend.budget
             if load.waiting > 0 or (load.kv_usage is not None and load.kv_usage > 0.9):
-                backend.budget = max(config.budget_min, math.floor(backend.budget * 0.8))
-            elif backend.in_flight >= 0.7 * backend.budget:  # the budget, not the engine, is the limit
-                backend.budget = min(config.budget_max, backend.budget + max(1, backend.budget // 8))
+                budget = max(config.budget_min, min(budget, load.running))
+                backend.ceiling = budget
+                backend.quiet_updates = 0
+            elif backend.in_flight >= 0.7 * budget:  # the budget, not the engine, is the limit
+                backend.quiet_updates += 1
+                ceiling = backend.ceiling or config.budget_max
+                if budget < ceiling:
+                    budget = min(ceiling, budget + max(1, budget // 8))
+                elif backend.quiet_updates >= config.probe_after_updates:
+                    backend.ceiling = budget = min(config.budget_max, budget + 1)
+                    backend.quiet_updates = 0
+            if budget != backend.budget:
+                backend.budget = budget
+                self.state.set_budget(backend.name, budget)
         if self.policy.queued:
             self.dispatch_for(backend)
 

@@ -13,4 +13,5 @@ class SchedulingConfig(msgspec.Struct, forbid_unknown_fields=True):
     budget_initial: int = 8  # per-backend dispatch budget, adapted from engine metrics
     budget_min: int = 2
     budget_max: int = 256
+    probe_after_updates: int = 20  # metrics readings at the learned ceiling, engine keeping up, before probing above
     retry_after_s: int = 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 import httptools
@@ -204,11 +204,17 @@ class UpstreamResponse:
             conn.close()
 
     def close(self) -> None:
-        """Abandon the response and drop the connection (the engine sees the client leave)."""
+        """Abandon the response and drop the connection (the engine sees the client leave).
+
+        Anyone still reading it gets an :class:`UpstreamError` at once.
+        """
         if not self._released:
             self._released = True
             self._conn.response = None
             self._conn.close()
+            if not self._complete:
+                self._error = UpstreamError("closed by the proxy")
+                self._wake()
 
 
 class UpstreamPool:
@@ -254,8 +260,13 @@ class UpstreamPool:
         body: bytes = b"",
         headers: dict[str, str] | None = None,
         timeout: float | None = None,
+        on_sent: Callable[[UpstreamResponse], None] | None = None,
     ) -> UpstreamResponse:
-        """Send one request and wait for its status and headers."""
+        """Send one request and wait for its status and headers.
+
+        ``on_sent`` gets the response as soon as the request is written, so the caller can
+        abandon it (``close()``) even before the engine answers.
+        """
         head = [f"{method} {self.prefix}{path} HTTP/1.1\r\n".encode(), self._host_header]
         if headers:
             head.extend(f"{name}: {value}\r\n".encode() for name, value in headers.items())
@@ -267,6 +278,8 @@ class UpstreamPool:
             if conn.closed:
                 continue
             response = self._send(conn, payload, read_timeout)
+            if on_sent is not None:
+                on_sent(response)
             try:
                 await response._headers()
                 return response
@@ -274,9 +287,13 @@ class UpstreamPool:
                 response.close()
                 raise
             except UpstreamError:
+                if response._released:  # closed by the caller, not by the engine: no retry
+                    raise
                 response.close()
                 continue
         response = self._send(await self._connect(), payload, read_timeout)
+        if on_sent is not None:
+            on_sent(response)
         try:
             await response._headers()
         except BaseException:

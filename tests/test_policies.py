@@ -183,3 +183,22 @@ def test_policy_params_are_validated_strictly():
         EDF.create({"kv_limt": 0.9})
     with pytest.raises(ValueError, match="quantum_tokens"):
         PRIORITY_FAIR.create({"quantum_tokens": "lots"})
+
+
+def test_evict_for_urgent_picks_the_youngest_silent_lower_band_request():
+    from sloproxy.policies.parts import EvictForUrgent
+
+    full = SimpleNamespace(
+        name="b", models=frozenset({"m"}), healthy=True, in_flight=2, budget=2, load=None, load_is_stale=True
+    )
+    snapshot = Snapshot(10.0, [full])
+    urgent = make_request(9, band=0, deadline=10.3)
+    old, young, streaming = make_request(1, band=1), make_request(2, band=1), make_request(3, band=1)
+    streaming.first_byte_sent = True
+    for running in (old, young, streaming):
+        running.backend = "b"
+    policy = EvictForUrgent(margin_s=0.5)
+    assert [e.request_id for e in policy.actions(snapshot, [urgent], [old, young, streaming])] == ["r2"]
+    assert policy.actions(snapshot, [make_request(8, band=0, deadline=20.0)], [old, young]) == []  # not yet
+    full.in_flight = 1  # room on the backend: nobody needs to leave
+    assert policy.actions(snapshot, [urgent], [old, young]) == []

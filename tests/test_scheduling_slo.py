@@ -1,7 +1,7 @@
 """Under a flood of batch work, interactive requests keep their SLO with a queueing policy and
 miss it with round-robin (assert the attainment numbers).
 
-Two emulated vLLM instances (A100 40 GB, 16 sequences at most) at speedup 10. At t=0, 80 batch
+Two emulated vLLM instances (A100 40 GB, 16 sequences at most) at speedup 10. At t=0, 160 batch
 requests of 1000 tokens arrive; then an interactive request (40 tokens, streamed) every 100 ms.
 Interactive SLO (the default class): TTFT <= 1.5 s and <= 0.10 s per output token, in
 emulated seconds (client wall-clock x speedup).
@@ -18,7 +18,7 @@ import pytest
 from sloproxy.processes import EmulatorProcess, ProxyProcess
 
 SPEEDUP = 10.0
-BATCH, INTERACTIVE = 80, 24
+BATCH, INTERACTIVE = 160, 40
 
 
 async def _interactive(session: aiohttp.ClientSession, url: str, index: int) -> tuple[float, float]:
@@ -41,7 +41,9 @@ async def _batch(session: aiohttp.ClientSession, url: str, index: int) -> None:
         await response.read()
 
 
-async def interactive_attainment(policy: str) -> tuple[float, list[tuple[float, float]]]:
+async def interactive_attainment(policy: str, params: dict | None = None) -> tuple[float, list[tuple[float, float]]]:
+    if policy in ("edf", "priority-fair"):
+        params = {"evict_margin_s": 0.5 / SPEEDUP, **(params or {})}
     instances = [
         {"name": n, "engine": "vllm", "model": "m", "profile": "a100-40g-llama3-8b", "max_num_seqs": 16}
         for n in ("a", "b")
@@ -49,8 +51,13 @@ async def interactive_attainment(policy: str) -> tuple[float, list[tuple[float, 
     with EmulatorProcess(instances, speedup=SPEEDUP) as fleet:
         config = {
             "backends": [{"name": n, "engine": "vllm", "url": fleet.url(n), "models": ["m"]} for n in ("a", "b")],
-            "policy": {"name": policy},
+            "policy": {"name": policy, "params": params or {}},
             "load_polling": {"interval_s": 0.05},
+            # The proxy runs in real time: the default classes' targets, divided by the speedup.
+            "slo_classes": [
+                {"name": "interactive", "ttft_s": 1.5 / SPEEDUP, "tpot_s": 0.10 / SPEEDUP, "band": 0},
+                {"name": "batch", "deadline_s": 60 / SPEEDUP, "band": 1, "sheddable": True},
+            ],
         }
         with ProxyProcess(config) as proxy:
             async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -74,3 +81,11 @@ async def test_queueing_policies_keep_interactive_slo_where_round_robin_fails(po
     attained, results = await interactive_attainment(policy)
     assert baseline <= 0.3, f"round-robin unexpectedly kept the SLO: {baseline:.0%} {baseline_results}"
     assert attained >= 0.9, f"{policy}: only {attained:.0%} of interactive requests met their SLO: {results}"
+
+
+async def test_eviction_rescues_interactive_work_when_batch_holds_every_slot():
+    """With no reserve, batch fills every budget; evicting silent batch work keeps TTFT."""
+    without, _ = await interactive_attainment("priority-fair", {"reserve": 0.0, "evict": False})
+    with_eviction, results = await interactive_attainment("priority-fair", {"reserve": 0.0, "evict": True})
+    assert without <= 0.75, f"expected many misses without eviction, got {without:.0%}"
+    assert with_eviction >= 0.9, f"eviction kept only {with_eviction:.0%}: {results}"

@@ -1,0 +1,6 @@
+"""Scheduler state behind one interface: embedded in-process now, Redis for many replicas later."""
+
+from .base import SchedulerState
+from .local import LocalState
+
+__all__ = ["LocalState", "SchedulerState"]
