@@ -207,6 +207,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--streams", type=int, default=300)
     parser.add_argument("--litellm", help="path to a litellm executable (optional)")
+    parser.add_argument("--policy", default="round-robin", help="sloproxy's scheduling policy")
     args = parser.parse_args()
     for tool in ("wrk", "nginx", "taskset"):
         if shutil.which(tool) is None:
@@ -251,6 +252,7 @@ def main() -> int:
                                 "models": ["bench"],
                             }
                         ],
+                        "policy": {"name": args.policy},
                     }
                 )
             )
@@ -338,7 +340,7 @@ def main() -> int:
     )
     out = HERE / "out"
     out.mkdir(exist_ok=True)
-    (out / "proxy_overhead.json").write_text(json.dumps(results, indent=2))
+    (out / f"proxy_overhead_{args.policy}.json").write_text(json.dumps(results, indent=2))
     return 0
 
 
