@@ -10,7 +10,7 @@ import msgspec
 from aiohttp import web
 
 from ..loop_lag import LoopLagMonitor
-from .instance import Generation, Instance
+from .instance import Instance
 
 T = TypeVar("T")
 INSTANCE_KEY: web.AppKey[Instance] = web.AppKey("instance", Instance)
@@ -81,10 +81,6 @@ async def start_sse(request: web.Request, extra_headers: dict[str, str] | None =
     )
     await response.prepare(request)
     return response
-
-
-def reply_text(generation: Generation, start: int, end: int) -> str:
-    return "".join(generation.piece(i) for i in range(start, end))
 
 
 async def emulator_state(request: web.Request) -> web.Response:
