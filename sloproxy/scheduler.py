@@ -97,9 +97,13 @@ class Scheduler:
         self.dispatch(request.model)
         try:
             return await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self.release(request, waiter.result())  # dispatched, but its caller is gone: free the slot
+            raise
         finally:
-            if self._waiters.pop(id(request), None) is not None and not waiter.done() and queue.remove(request):
-                # The client went away (or the proxy stops) while it waited: it leaves the queue.
+            self._waiters.pop(id(request), None)
+            if queue.remove(request):  # still waiting (client gone, proxy stopping): it leaves the queue
                 self._left_queue(request)
 
     def release(self, request: ProxyRequest, backend: Backend, tokens: int | None = None) -> None:

@@ -1,0 +1,134 @@
+"""Scheduler behaviour without servers: classification, bounded queues, shedding, timeouts, hints."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import msgspec
+import pytest
+
+from sloproxy.adapters.sglang import SGLangAdapter
+from sloproxy.adapters.tgi import TGIAdapter
+from sloproxy.adapters.vllm import VLLMAdapter
+from sloproxy.backends import BackendPool
+from sloproxy.config import BackendConfig, HealthConfig, LoadPolling
+from sloproxy.errors import ProxyError
+from sloproxy.plugins import load_policy
+from sloproxy.request import parse_request
+from sloproxy.scheduler import Scheduler
+from sloproxy.scheduler_config import SchedulingConfig
+from sloproxy.slo import DEFAULT_CLASSES, Classifier, ModelDefaults, SLOClass, TenantConfig
+
+
+def request(model: str = "m", slo: str = "interactive", **fields):
+    r = parse_request(
+        "chat", msgspec.json.encode({"model": model, "messages": [{"role": "user", "content": "x"}], **fields})
+    )
+    r.classify("t", next(c for c in DEFAULT_CLASSES if c.name == slo))
+    return r
+
+
+def scheduler(policy: str = "fcfs", budget: int = 1, **config) -> Scheduler:
+    pool = BackendPool(
+        [BackendConfig(name="b", engine="vllm", url="http://127.0.0.1:9", models=["m"])], HealthConfig(), LoadPolling()
+    )
+    return Scheduler(load_policy(policy), pool, SchedulingConfig(budget_initial=budget, **config))
+
+
+# ----- classification ------------------------------------------------------------------------------
+def test_class_resolution_order():
+    classes = [*DEFAULT_CLASSES, SLOClass("gold", ttft_s=0.5, band=0)]
+    tenants = [TenantConfig("acme", api_keys=["sk-acme"], default_class="batch")]
+    classifier = Classifier(classes, "interactive", tenants, {"big": ModelDefaults(default_class="gold")})
+    assert classifier.classify({"x-slo-class": "gold", "Authorization": "Bearer sk-acme"}, "m") == ("acme", classes[2])
+    assert classifier.classify({"Authorization": "Bearer sk-acme"}, "big")[1].name == "batch"  # tenant beats model
+    assert classifier.classify({}, "big")[1].name == "gold"  # model default
+    assert classifier.classify({}, "m") == ("default", classes[0])  # config default
+    assert classifier.classify({"Authorization": "Bearer wrong"}, "m")[0] == "default"
+    with pytest.raises(ProxyError) as error:
+        classifier.classify({"x-slo-class": "platinum"}, "m")
+    assert error.value.status == 400 and error.value.param == "x-slo-class"
+
+
+def test_tenant_header_only_without_keys_and_default_classes():
+    classifier = Classifier([], None, [], {})
+    assert set(classifier.classes) == {"interactive", "batch"}
+    assert classifier.classify({"x-tenant": "blue"}, "m")[0] == "blue"
+    interactive, batch = classifier.classes["interactive"], classifier.classes["batch"]
+    assert (interactive.ttft_s, interactive.tpot_s, interactive.sheddable) == (1.5, 0.10, False)
+    assert (batch.deadline_s, batch.sheddable) == (60.0, True)
+    keyed = Classifier([], None, [TenantConfig("acme", api_keys=["k"])], {})
+    assert keyed.classify({"x-tenant": "blue"}, "m")[0] == "default"  # with keys, the header is ignored
+
+
+def test_deadlines_follow_the_class():
+    r = request(max_tokens=11)
+    assert r.urgent_deadline == pytest.approx(r.received_at + 1.5)
+    assert r.deadline == pytest.approx(r.received_at + 1.5 + 0.10 * 10)
+    b = request(slo="batch")
+    assert b.deadline == b.urgent_deadline == pytest.approx(b.received_at + 60)
+    assert (r.band, b.band) == (0, 1) and r.urgency_rank < b.urgency_rank
+
+
+# ----- queues ------------------------------------------------------------------------------------
+async def test_queue_bounds_and_release_order():
+    s = scheduler(budget=1, max_queue=2)
+    first = request()
+    backend = await s.acquire(first)
+    waiting = [asyncio.ensure_future(s.acquire(request())) for _ in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(ProxyError) as full:
+        await s.acquire(request())
+    assert full.value.status == 429 and full.value.headers == {"Retry-After": "1"}
+    assert s.counts["queue_full"] == 1
+    assert not any(w.done() for w in waiting)
+    s.release(first, backend)
+    await asyncio.sleep(0)
+    assert [w.done() for w in waiting] == [True, False]  # FCFS: the first waiter got the slot
+    assert backend.in_flight == 1 and s.state.in_flight("b") == 1
+    waiting[1].cancel()  # a client that leaves while waiting leaves the queue
+    await asyncio.gather(waiting[1], return_exceptions=True)
+    assert s.state.queue_depths() == {}
+
+
+async def test_timeouts_and_shedding():
+    s = scheduler(budget=1, queue_timeout_s=0.05, tick_s=0.01)
+    s.start()
+    try:
+        await s.acquire(request())
+        interactive = asyncio.ensure_future(s.acquire(request()))
+        batch = request(slo="batch")
+        shed = asyncio.ensure_future(s.acquire(batch))
+        await asyncio.sleep(0.01)
+        batch.deadline = 0.0  # its deadline has passed: sheddable work goes at the next tick
+        with pytest.raises(ProxyError) as shed_error:
+            await asyncio.wait_for(shed, 1)
+        assert shed_error.value.status == 429 and shed_error.value.code == "deadline_exceeded"
+        with pytest.raises(ProxyError) as timeout:
+            await asyncio.wait_for(interactive, 1)
+        assert timeout.value.status == 503 and timeout.value.code == "queue_timeout"  # not sheddable: 503
+        assert s.counts["deadline_exceeded"] == 1 and s.counts["queue_timeout"] == 1
+    finally:
+        await s.stop()
+
+
+async def test_unknown_model_and_no_backend():
+    s = scheduler()
+    with pytest.raises(ProxyError) as missing:
+        await s.acquire(request(model="nope"))
+    assert missing.value.status == 404
+    s.pool.backends[0].healthy = False
+    with pytest.raises(ProxyError) as down:
+        await s.acquire(request())
+    assert down.value.status == 503
+
+
+# ----- hints to engines ------------------------------------------------------------------------------
+def test_priority_hints_per_engine():
+    urgent, lazy = request(priority=2), request(slo="batch", priority=-1)
+    assert (urgent.urgency_rank, lazy.urgency_rank) == (2, 999)
+    assert json.loads(VLLMAdapter(priority_scheduling=True).build(urgent).body)["priority"] == 2
+    assert json.loads(SGLangAdapter(priority_scheduling=True).build(urgent).body)["priority"] == -2
+    for adapter in (VLLMAdapter(), SGLangAdapter(), TGIAdapter()):  # not configured: never sent
+        assert "priority" not in json.loads(adapter.build(lazy).body)
