@@ -119,6 +119,9 @@ class Scorer(ABC):
         """:meth:`score` for each backend (override for speed on large fleets)."""
         return [self.score(request, b, snapshot) for b in backends]
 
+    def chosen(self, request: ProxyRequest, backend: BackendState) -> None:  # noqa: B027 - optional hook
+        """The policy routed ``request`` to ``backend`` (scorers that learn from routing)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Evict:
@@ -171,9 +174,13 @@ class Policy:
                 ]
         top = max(totals)
         if totals.count(top) == 1:
-            return candidates[totals.index(top)]
-        best = [b for b, t in zip(candidates, totals, strict=True) if t == top]
-        return best[turn % len(best)]
+            chosen = candidates[totals.index(top)]
+        else:
+            best = [b for b, t in zip(candidates, totals, strict=True) if t == top]
+            chosen = best[turn % len(best)]
+        for scorer, _ in self.scorers:
+            scorer.chosen(request, chosen)
+        return chosen
 
     def admits(self, request: ProxyRequest, backend: BackendState, snapshot: Snapshot) -> bool:
         return self.admission is None or self.admission.admit(request, backend, snapshot)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -128,3 +129,45 @@ class EvictForUrgent(FleetPolicy):
                 evictions.append(Evict(victim.id, f"urgent request {request.id} would miss its deadline"))
             freed[name] = freed.get(name, 0) + need
         return evictions
+
+
+class PrefixAffinity(Scorer):
+    """Send a request to the backend that recently served the longest prefix of its prompt, so the
+    engine's prefix cache hits; bounded by load so one hot prefix cannot pile onto one backend.
+
+    Prefixes are the chained hashes of the prompt's leading blocks (``ProxyRequest.prefix_hashes``).
+    The score is the matched share of those blocks on the owning backend, 0 elsewhere, and 0 on
+    the owner too when it carries more than ``max_load_ratio`` x the least-loaded candidate's
+    in-flight requests (+2).
+    """
+
+    def __init__(self, max_load_ratio: float = 1.5, capacity: int = 200_000) -> None:
+        self.max_load_ratio = max_load_ratio
+        self.capacity = capacity
+        self._owner: OrderedDict[int, str] = OrderedDict()
+
+    def _match(self, request: ProxyRequest) -> tuple[str | None, float]:
+        keys = request.prefix_hashes
+        for depth in range(len(keys), 0, -1):
+            owner = self._owner.get(keys[depth - 1])
+            if owner is not None:
+                return owner, depth / len(keys)
+        return None, 0.0
+
+    def score(self, request: ProxyRequest, backend: BackendState, snapshot: Snapshot) -> float:
+        return self.scores(request, [backend], snapshot)[0]
+
+    def scores(self, request: ProxyRequest, backends: Sequence[BackendState], snapshot: Snapshot) -> list[float]:
+        owner, share = self._match(request)
+        if owner is None:
+            return [0.0] * len(backends)
+        bound = self.max_load_ratio * min(b.in_flight for b in backends) + 2
+        return [share if b.name == owner and b.in_flight <= bound else 0.0 for b in backends]
+
+    def chosen(self, request: ProxyRequest, backend: BackendState) -> None:
+        owners = self._owner
+        for key in request.prefix_hashes:
+            owners[key] = backend.name
+            owners.move_to_end(key)
+        while len(owners) > self.capacity:
+            owners.popitem(last=False)

@@ -6,13 +6,14 @@ import msgspec
 
 from .base import NoParams, Policy, PolicySpec
 from .orderings import PriorityFair, edf, fifo
-from .parts import BudgetAdmission, EvictForUrgent, LeastLoad
+from .parts import BudgetAdmission, EvictForUrgent, LeastLoad, PrefixAffinity
 
 
 class QueuedParams(msgspec.Struct, forbid_unknown_fields=True):
     kv_limit: float = 0.95  # a backend whose KV usage is at or above this takes nothing new
     reserve: float = 0.25  # share of each budget kept for band-0 (urgent) work
     least_load_weight: float = 1.0
+    prefix_affinity_weight: float = 0.0  # > 0: also prefer the backend whose prefix cache holds the prompt
     evict: bool = True  # edf / priority-fair: evict lower-band work for urgent work about to miss
     evict_margin_s: float = 0.5
 
@@ -26,8 +27,19 @@ def _round_robin(_: NoParams) -> Policy:
     return Policy("round-robin", ordering=fifo, queued=False)
 
 
-def _least_load(_: NoParams) -> Policy:
-    return Policy("least-load", ordering=fifo, queued=False, scorers=[(LeastLoad(), 1.0)])
+class LeastLoadParams(msgspec.Struct, forbid_unknown_fields=True):
+    prefix_affinity_weight: float = 0.0
+
+
+def _scorers(least_load: float, prefix_affinity: float) -> list:
+    scorers: list = [(LeastLoad(), least_load)]
+    if prefix_affinity > 0:
+        scorers.append((PrefixAffinity(), prefix_affinity))
+    return scorers
+
+
+def _least_load(params: LeastLoadParams) -> Policy:
+    return Policy("least-load", ordering=fifo, queued=False, scorers=_scorers(1.0, params.prefix_affinity_weight))
 
 
 def _queued(name: str, params: QueuedParams, ordering, *, may_evict: bool = True) -> Policy:
@@ -35,7 +47,7 @@ def _queued(name: str, params: QueuedParams, ordering, *, may_evict: bool = True
         name,
         ordering=ordering,
         admission=BudgetAdmission(params.kv_limit, params.reserve),
-        scorers=[(LeastLoad(), params.least_load_weight)],
+        scorers=_scorers(params.least_load_weight, params.prefix_affinity_weight),
         fleet=EvictForUrgent(params.evict_margin_s) if may_evict and params.evict else None,
     )
 
@@ -48,7 +60,7 @@ ROUND_ROBIN = PolicySpec(
 )
 LEAST_LOAD = PolicySpec(
     "least-load",
-    NoParams,
+    LeastLoadParams,
     _least_load,
     "No proxy queue; the backend with the least in-flight + engine-reported waiting work.",
 )

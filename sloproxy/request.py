@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -87,6 +88,7 @@ class ProxyRequest:
     est_prompt_tokens: int = 0
     est_output_tokens: int = DEFAULT_OUTPUT_TOKENS
     excluded: set[str] = field(default_factory=set)  # backends not to try again (retries)
+    prefix_hashes: list[int] = field(default_factory=list)  # chained hashes of the prompt's leading blocks
     first_byte_sent: bool = False  # once true, the request can no longer move to another backend
     evict: Callable[[], None] | None = None  # set while on a backend: aborts the upstream call
     evicted: bool = False
@@ -162,4 +164,34 @@ def parse_request(kind: Kind, raw: bytes, request_id: str | None = None) -> Prox
         priority=priority,
         est_prompt_tokens=len(raw) // 4,  # ~4 bytes per token; the engine's usage corrects it later
         est_output_tokens=min(limit, DEFAULT_OUTPUT_TOKENS) if limit else DEFAULT_OUTPUT_TOKENS,
+        prefix_hashes=prefix_hashes(body),
     )
+
+
+PREFIX_BLOCK_CHARS = 256
+PREFIX_BLOCKS = 8  # bounded work: only the first 2 KiB of a prompt is hashed
+
+
+def prefix_hashes(body: dict[str, Any]) -> list[int]:
+    """Chained CRC-32s of the prompt's leading 256-character blocks (stable across replicas)."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        parts = []
+        size = 0
+        for message in messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            text = content if isinstance(content, str) else ""
+            parts.append(f"{message.get('role', '') if isinstance(message, dict) else ''}:{text}\n")
+            size += len(parts[-1])
+            if size >= PREFIX_BLOCK_CHARS * PREFIX_BLOCKS:
+                break
+        text = "".join(parts)
+    else:
+        prompt = body.get("prompt")
+        text = prompt if isinstance(prompt, str) else ""
+    text = text[: PREFIX_BLOCK_CHARS * PREFIX_BLOCKS]
+    hashes, chained = [], 0
+    for start in range(0, len(text) - PREFIX_BLOCK_CHARS + 1, PREFIX_BLOCK_CHARS):
+        chained = zlib.crc32(text[start : start + PREFIX_BLOCK_CHARS].encode("utf-8", "replace"), chained)
+        hashes.append(chained)
+    return hashes

@@ -202,3 +202,26 @@ def test_evict_for_urgent_picks_the_youngest_silent_lower_band_request():
     assert policy.actions(snapshot, [make_request(8, band=0, deadline=20.0)], [old, young]) == []  # not yet
     full.in_flight = 1  # room on the backend: nobody needs to leave
     assert policy.actions(snapshot, [urgent], [old, young]) == []
+
+
+def test_prefix_affinity_follows_the_prefix_but_not_into_overload():
+    from sloproxy.policies.parts import PrefixAffinity
+    from sloproxy.request import prefix_hashes
+
+    shared = "You are a helpful assistant. " * 40  # > 1 KiB of common system prompt
+    first = make_request(1)
+    first.prefix_hashes = prefix_hashes({"messages": [{"role": "system", "content": shared},
+                                                      {"role": "user", "content": "one"}]})
+    second = make_request(2)
+    second.prefix_hashes = prefix_hashes({"messages": [{"role": "system", "content": shared},
+                                                       {"role": "user", "content": "two"}]})
+    assert len(first.prefix_hashes) == 4 and first.prefix_hashes[:3] == second.prefix_hashes[:3]
+    a, b = _backend("a", in_flight=1), _backend("b", in_flight=1)
+    snapshot = Snapshot(0.0, [a, b])
+    policy = LEAST_LOAD.create({"prefix_affinity_weight": 2.0})
+    owner = policy.route(first, [a, b], snapshot)
+    other = b if owner is a else a
+    assert policy.route(second, [a, b], snapshot) is owner  # the prefix cache is there
+    owner.in_flight = 9  # but not onto an overloaded backend
+    assert policy.route(second, [a, b], snapshot) is other
+    assert PrefixAffinity().scores(make_request(3), [a, b], snapshot) == [0.0, 0.0]  # no prefix known
