@@ -98,17 +98,18 @@ class Forwarder:
         call = adapter.build(request)
         upstream: UpstreamResponse | None = None
         finished = False
+
+        def movable(response: UpstreamResponse) -> None:
+            request.evict = response.close  # the scheduler may move it while nothing reached the client
+
         try:
-
-            def movable(response: UpstreamResponse) -> None:
-                request.evict = response.close  # the scheduler may move it while nothing reached the client
-
             try:
                 upstream = await self._upstreams[backend.name].request(
                     "POST", call.path, call.body, call.headers, on_sent=movable
                 )
             except UpstreamError as exc:
-                if request.evicted:
+                if request.evicted:  # closed by the scheduler before the engine answered
+                    self._abort_in_engine(adapter, backend, request)
                     raise _RetryableFailure(ProxyError(503, "evicted")) from None
                 raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} is unreachable ({exc}).")) from None
             if upstream.status != 200:

@@ -210,11 +210,13 @@ def test_prefix_affinity_follows_the_prefix_but_not_into_overload():
 
     shared = "You are a helpful assistant. " * 40  # > 1 KiB of common system prompt
     first = make_request(1)
-    first.prefix_hashes = prefix_hashes({"messages": [{"role": "system", "content": shared},
-                                                      {"role": "user", "content": "one"}]})
+    first.prefix_hashes = prefix_hashes(
+        {"messages": [{"role": "system", "content": shared}, {"role": "user", "content": "one"}]}
+    )
     second = make_request(2)
-    second.prefix_hashes = prefix_hashes({"messages": [{"role": "system", "content": shared},
-                                                       {"role": "user", "content": "two"}]})
+    second.prefix_hashes = prefix_hashes(
+        {"messages": [{"role": "system", "content": shared}, {"role": "user", "content": "two"}]}
+    )
     assert len(first.prefix_hashes) == 4 and first.prefix_hashes[:3] == second.prefix_hashes[:3]
     a, b = _backend("a", in_flight=1), _backend("b", in_flight=1)
     snapshot = Snapshot(0.0, [a, b])
