@@ -46,6 +46,20 @@ class _ClientGone(Exception):
         self.response = response
 
 
+async def _client_write(response: web.StreamResponse, data: bytes) -> None:
+    try:
+        await response.write(data)
+    except ConnectionResetError:
+        raise _ClientGone(response) from None
+
+
+async def _client_end(response: web.StreamResponse) -> None:
+    try:
+        await response.write_eof()
+    except ConnectionResetError:
+        raise _ClientGone(response) from None
+
+
 class Forwarder:
     def __init__(self, pool: BackendPool, scheduler: Scheduler, limits: Limits, metrics: ProxyMetrics) -> None:
         self.pool = pool
@@ -167,25 +181,22 @@ class Forwarder:
                         request.first_byte_sent = True
                         await response.prepare(http)
                         self.metrics.first_byte(request.model, time.monotonic() - started)
-                    try:
-                        await response.write(out)
-                    except ConnectionResetError:
-                        raise _ClientGone(response) from None
+                    await _client_write(response, out)
                 if translator.done:
                     break
         except UpstreamError as exc:
             if response is None:
                 raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} failed mid-stream ({exc}).")) from None
-            await response.write(error_frame(502, f"The backend failed mid-stream ({exc})."))
-            await response.write_eof()
+            await _client_write(response, error_frame(502, f"The backend failed mid-stream ({exc})."))
+            await _client_end(response)
             return response
         if not translator.done:
             if response is None:
                 raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} closed the stream early."))
-            await response.write(error_frame(502, "The backend closed the stream before it finished."))
+            await _client_write(response, error_frame(502, "The backend closed the stream before it finished."))
         if response is None:  # a stream with nothing in it at all
             raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} sent an empty stream."))
-        await response.write_eof()
+        await _client_end(response)
         return response
 
     def _abort_in_engine(self, adapter: EngineAdapter, backend: Backend, request: ProxyRequest) -> None:
