@@ -140,17 +140,22 @@ class PriorityFair(Ordering):
             return None
         band = self._band_heap[0]
         ring = self._rings[band]
+        queues = self._bands[band]
+        deficit, live, quantum, weights = self._deficit, self._where, self.quantum, self.weights
         while True:
             tenant = ring[0]
-            head = self._head(band, tenant)
-            if head is None:
+            queue = queues[tenant]
+            while queue and id(queue[0][2]) not in live:  # drop removed entries
+                heapq.heappop(queue)
+            if not queue:
                 self._drop_tenant(band, tenant)
                 return self._select()
+            head = queue[0][2]
             key = (band, tenant)
-            if self._deficit[key] >= self.cost(head):
+            if deficit[key] >= head.est_prompt_tokens + head.est_output_tokens:  # cost(), inlined
                 self._selected = key
                 return key
-            self._deficit[key] += self.quantum * self.weights.get(tenant, 1.0)
+            deficit[key] += quantum * weights.get(tenant, 1.0)
             ring.rotate(-1)
 
     def peek(self) -> ProxyRequest | None:

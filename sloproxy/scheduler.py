@@ -141,11 +141,17 @@ class Scheduler:
             return
         policy = self.policy
         snapshot = self.snapshot()
+        serving = self.pool.by_model.get(model, ())
         while True:
             request = queue.peek()
             if request is None:
                 return
-            admitting = policy.admitting(request, self.candidates(request), snapshot)
+            # A backend at its budget takes nothing (that is what a budget is); with a long queue that
+            # is most of the fleet, so only the few with room go through admission and routing.
+            with_room = [b for b in serving if b.in_flight < b.budget and b.healthy]
+            if request.excluded:
+                with_room = [b for b in with_room if b.name not in request.excluded]
+            admitting = policy.admitting(request, with_room, snapshot) if with_room else with_room
             if not admitting:
                 if not self.candidates(request):  # nothing healthy serves it any more
                     queue.pop()
