@@ -38,9 +38,10 @@ class Backend:
     stale_after_s: float = 5.0
     models: frozenset[str] = field(default_factory=frozenset)
 
-    @property
-    def name(self) -> str:
-        return self.config.name
+    name: str = ""  # = config.name (a plain attribute: policies read it in hot loops)
+
+    def __post_init__(self) -> None:
+        self.name = self.config.name
 
     @property
     def url(self) -> str:

@@ -153,7 +153,7 @@ class Scheduler:
                 with_room = [b for b in with_room if b.name not in request.excluded]
             admitting = policy.admitting(request, with_room, snapshot) if with_room else with_room
             if not admitting:
-                if not self.candidates(request):  # nothing healthy serves it any more
+                if not any(b.healthy and b.name not in request.excluded for b in serving):  # nothing serves it now
                     queue.pop()
                     self._fail(
                         request,
