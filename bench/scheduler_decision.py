@@ -94,6 +94,8 @@ def policy_only(policy_name: str, waiting: int, backends_count: int, decisions: 
             healthy=True,
             in_flight=rng.randrange(0, 8),
             budget=1_000_000,
+            urgent_budget=1_000_000,
+            priority_scheduling=False,
             load=SimpleNamespace(running=4, waiting=0, kv_usage=rng.random() * 0.8),
             load_is_stale=False,
         )

@@ -47,6 +47,8 @@ class BackendState(Protocol):
     healthy: bool
     in_flight: int  # dispatched by the proxy and not finished
     budget: int  # admission budget: how many in flight the proxy allows (adapts to engine metrics)
+    priority_scheduling: bool  # the engine runs by priority itself
+    urgent_budget: int  # the budget for band-0 work: above ``budget`` where the engine preempts by priority
 
     @property
     def load(self) -> LoadView | None: ...

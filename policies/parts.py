@@ -27,7 +27,7 @@ class BudgetAdmission(Admission):
 
     def limit(self, request: ProxyRequest, backend: BackendState) -> int:
         if request.band == 0:
-            return backend.budget
+            return backend.urgent_budget
         return max(1, int(backend.budget * (1.0 - self.reserve)))
 
     def admit(self, request: ProxyRequest, backend: BackendState, snapshot: Snapshot) -> bool:
@@ -48,7 +48,7 @@ class BudgetAdmission(Admission):
             return [
                 b
                 for b in backends
-                if b.in_flight < b.budget
+                if b.in_flight < b.urgent_budget
                 and ((load := b.load) is None or load.kv_usage is None or load.kv_usage < cap or b.load_is_stale)
             ]
         keep = 1.0 - self.reserve
@@ -104,9 +104,9 @@ class EvictForUrgent(FleetPolicy):
         for request in sorted(urgent, key=lambda r: r.urgent_deadline):
             options = []
             for backend in snapshot.backends:
-                if not backend.healthy or request.model not in backend.models:
-                    continue
-                need = backend.in_flight - freed.get(backend.name, 0) - backend.budget + 1
+                if not backend.healthy or request.model not in backend.models or backend.priority_scheduling:
+                    continue  # an engine that schedules by priority preempts for it: no abort needed
+                need = backend.in_flight - freed.get(backend.name, 0) - backend.urgent_budget + 1
                 if need <= 0:
                     options = []
                     break  # it will be dispatched without anyone leaving

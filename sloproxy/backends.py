@@ -39,9 +39,12 @@ class Backend:
     models: frozenset[str] = field(default_factory=frozenset)
 
     name: str = ""  # = config.name (a plain attribute: policies read it in hot loops)
+    priority_scheduling: bool = False  # the engine orders by priority itself (hints are sent)
+    urgent_budget: int = 32  # band-0 budget: a quarter more where the engine preempts by priority
 
     def __post_init__(self) -> None:
         self.name = self.config.name
+        self.priority_scheduling = self.config.priority_scheduling
 
     @property
     def url(self) -> str:

@@ -179,6 +179,7 @@ class Forwarder:
                             raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} failed the stream."))
                         response = web.StreamResponse(status=200, headers=SSE_HEADERS)
                         request.first_byte_sent = True
+                        self.scheduler.first_token(request)
                         await response.prepare(http)
                         self.metrics.first_byte(request.model, time.monotonic() - started)
                     await _client_write(response, out)

@@ -90,6 +90,7 @@ class ProxyRequest:
     excluded: set[str] = field(default_factory=set)  # backends not to try again (retries)
     prefix_hashes: list[int] = field(default_factory=list)  # chained hashes of the prompt's leading blocks
     first_byte_sent: bool = False  # once true, the request can no longer move to another backend
+    first_token_at: float | None = None  # monotonic; set on the first streamed content
     evict: Callable[[], None] | None = None  # set while on a backend: aborts the upstream call
     evicted: bool = False
 

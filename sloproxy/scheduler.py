@@ -47,7 +47,7 @@ class Scheduler:
         self._timer: asyncio.Task | None = None
         self.counts: Counter[str] = Counter()  # shed / timed out / evicted, by reason
         for backend in pool.backends:
-            backend.budget = self.state.budget(backend.name, self.config.budget_initial)
+            self._set_budget(backend, self.state.budget(backend.name, self.config.budget_initial))
             backend.in_flight = self.state.in_flight(backend.name)
         pool.on_load_update = self._on_load_update
 
@@ -119,6 +119,10 @@ class Scheduler:
         if self.policy.queued:
             self.dispatch_for(backend)
 
+    def first_token(self, request: ProxyRequest) -> None:
+        """Event: the request's first content reached its client (it can no longer be moved)."""
+        request.first_token_at = time.monotonic()
+
     def _admit_to_queue(self, request: ProxyRequest) -> None:
         waiting = sum(len(q) for q in self.queues.values())
         if waiting >= self.config.max_queue or self._queued_bytes + len(request.raw) > self.config.max_queue_bytes:
@@ -126,11 +130,13 @@ class Scheduler:
             raise ProxyError(
                 429, "The proxy queue is full; retry later.", code="queue_full", headers=self._retry_after()
             )
-        slo = request.slo
-        if slo is not None and slo.sheddable and request.deadline is not None and request.deadline <= time.monotonic():
+        if self.hopeless(request, time.monotonic()):
             self.counts["deadline_exceeded"] += 1
             raise ProxyError(
-                429, "The request's deadline has already passed.", code="deadline_exceeded", headers=self._retry_after()
+                429,
+                "The request can no longer meet its deadline.",
+                code="deadline_exceeded",
+                headers=self._retry_after(),
             )
 
     # ----- dispatch -------------------------------------------------------------------------------
@@ -148,7 +154,10 @@ class Scheduler:
                 return
             # A backend at its budget takes nothing (that is what a budget is); with a long queue that
             # is most of the fleet, so only the few with room go through admission and routing.
-            with_room = [b for b in serving if b.in_flight < b.budget and b.healthy]
+            if request.band == 0:
+                with_room = [b for b in serving if b.in_flight < b.urgent_budget and b.healthy]
+            else:
+                with_room = [b for b in serving if b.in_flight < b.budget and b.healthy]
             if request.excluded:
                 with_room = [b for b in with_room if b.name not in request.excluded]
             admitting = policy.admitting(request, with_room, snapshot) if with_room else with_room
@@ -230,7 +239,7 @@ class Scheduler:
         """Shed sheddable work whose deadline passed; time out anything waiting too long."""
         timeout = self.config.queue_timeout_s
         for model, queue in self.queues.items():
-            doomed = [r for r in queue if self._hopeless(r, now) or now - r.received_at > timeout]
+            doomed = [r for r in queue if self.hopeless(r, now) or now - r.received_at > timeout]
             for request in doomed:
                 queue.remove(request)
                 self.counts["queue_timeout" if now - request.received_at > timeout else "deadline_exceeded"] += 1
@@ -250,10 +259,13 @@ class Scheduler:
                     )
                 self._fail(request, error)
 
-    @staticmethod
-    def _hopeless(request: ProxyRequest, now: float) -> bool:
+    def hopeless(self, request: ProxyRequest, now: float) -> bool:
+        """Sheddable work that can no longer finish by its deadline, even if dispatched now:
+        its estimated reply at ``shed_tpot_s`` per token would end past the deadline."""
         slo = request.slo
-        return bool(slo and slo.sheddable and request.deadline is not None and now >= request.deadline)
+        if not (slo and slo.sheddable and request.deadline is not None):
+            return False
+        return now + request.est_output_tokens * self.config.shed_tpot_s >= request.deadline
 
     def _on_load_update(self, backend: Backend) -> None:
         """Adapt the backend's budget to what the engine reports, then dispatch.
@@ -281,10 +293,15 @@ class Scheduler:
                     backend.ceiling = budget = min(config.budget_max, budget + 1)
                     backend.quiet_updates = 0
             if budget != backend.budget:
-                backend.budget = budget
+                self._set_budget(backend, budget)
                 self.state.set_budget(backend.name, budget)
         if self.policy.queued:
             self.dispatch_for(backend)
+
+    @staticmethod
+    def _set_budget(backend: Backend, budget: int) -> None:
+        backend.budget = budget
+        backend.urgent_budget = budget + max(1, budget // 4) if backend.priority_scheduling else budget
 
     def waiting(self) -> Iterable[ProxyRequest]:
         for queue in self.queues.values():

@@ -13,5 +13,6 @@ class SchedulingConfig(msgspec.Struct, forbid_unknown_fields=True):
     budget_initial: int = 8  # per-backend dispatch budget, adapted from engine metrics
     budget_min: int = 2
     budget_max: int = 256
+    shed_tpot_s: float = 0.02  # assumed seconds per output token when judging whether a deadline can be met
     probe_after_updates: int = 20  # metrics readings at the learned ceiling, engine keeping up, before probing above
     retry_after_s: int = 1

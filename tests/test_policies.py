@@ -125,7 +125,17 @@ def test_priority_fair_shares_tokens_by_weight(cost_a, cost_b, weight_b):
 
 def _backend(name: str, in_flight: int = 0, budget: int = 8, kv: float | None = None, waiting: int = 0):
     load = SimpleNamespace(running=in_flight, waiting=waiting, kv_usage=kv)
-    return SimpleNamespace(name=name, healthy=True, in_flight=in_flight, budget=budget, load=load, load_is_stale=False)
+    return SimpleNamespace(
+        name=name,
+        models=frozenset({"m"}),
+        healthy=True,
+        in_flight=in_flight,
+        budget=budget,
+        urgent_budget=budget,
+        priority_scheduling=False,
+        load=load,
+        load_is_stale=False,
+    )
 
 
 @settings(max_examples=200, deadline=None)
@@ -189,7 +199,15 @@ def test_evict_for_urgent_picks_the_youngest_silent_lower_band_request():
     from sloproxy.policies.parts import EvictForUrgent
 
     full = SimpleNamespace(
-        name="b", models=frozenset({"m"}), healthy=True, in_flight=2, budget=2, load=None, load_is_stale=True
+        name="b",
+        models=frozenset({"m"}),
+        healthy=True,
+        in_flight=2,
+        budget=2,
+        urgent_budget=2,
+        priority_scheduling=False,
+        load=None,
+        load_is_stale=True,
     )
     snapshot = Snapshot(10.0, [full])
     urgent = make_request(9, band=0, deadline=10.3)

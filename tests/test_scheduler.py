@@ -132,3 +132,45 @@ def test_priority_hints_per_engine():
     assert json.loads(SGLangAdapter(priority_scheduling=True).build(urgent).body)["priority"] == -2
     for adapter in (VLLMAdapter(), SGLangAdapter(), TGIAdapter()):  # not configured: never sent
         assert "priority" not in json.loads(adapter.build(lazy).body)
+
+
+def test_shedding_predicts_whether_the_deadline_can_still_be_met():
+    s = scheduler(shed_tpot_s=0.05)
+    batch = request(slo="batch", max_tokens=200)  # 200 tokens x 0.05 s = 10 s of work, deadline in 60 s
+    assert not s.hopeless(batch, batch.received_at + 49.0)
+    assert s.hopeless(batch, batch.received_at + 51.0)  # 51 + 10 > 60: it cannot finish in time
+    assert not s.hopeless(request(max_tokens=200), 1e12)  # interactive work is never shed
+
+
+def test_priority_scheduling_backends_take_urgent_work_past_the_budget_instead_of_evicting():
+    from sloproxy.policies.base import Snapshot
+    from sloproxy.policies.parts import BudgetAdmission, EvictForUrgent
+
+    pool = BackendPool(
+        [BackendConfig(name="p", engine="vllm", url="http://127.0.0.1:9", models=["m"], priority_scheduling=True)],
+        HealthConfig(),
+        LoadPolling(),
+    )
+    s = Scheduler(load_policy("priority-fair"), pool, SchedulingConfig(budget_initial=8))
+    backend = pool.backends[0]
+    assert (backend.budget, backend.urgent_budget) == (8, 10)
+    backend.in_flight = 9
+    snapshot = Snapshot(0.0, pool.backends)
+    assert BudgetAdmission().admit(request(), backend, snapshot)  # band 0 may use the engine's preemption
+    assert not BudgetAdmission().admit(request(slo="batch"), backend, snapshot)
+    urgent = request()
+    urgent.urgent_deadline = 0.1
+    victim = request(slo="batch")
+    victim.backend = "p"
+    backend.in_flight = 10
+    assert EvictForUrgent().actions(snapshot, [urgent], [victim]) == []  # the engine preempts, not the proxy
+    assert s.policy.fleet is not None
+
+
+async def test_first_token_event_is_recorded():
+    s = scheduler()
+    r = request()
+    await s.acquire(r)
+    assert r.first_token_at is None
+    s.first_token(r)
+    assert r.first_token_at is not None and r.first_token_at >= r.received_at
