@@ -169,41 +169,17 @@ async def chat_completions(request: web.Request, dialect: Dialect) -> web.Stream
         prompt, max_new, rid=rid, ignore_eos=body.ignore_eos, priority=body.priority, min_tokens=body.min_tokens
     )
     reply_id = "" if dialect.empty_chat_id else f"{dialect.chat_id_prefix}{rid}"
-    reply_model = model if dialect.echo_model else instance.config.model
-    try:
-        if body.stream:
-            return await _stream(
-                request,
-                dialect,
-                instance,
-                generation,
-                reply_id,
-                reply_model,
-                chat=True,
-                usage=_include_usage(dialect, body.stream_options),
-            )
-        await _wait(generation)
-        text = "".join(generation.piece(i) for i in range(generation.seq.output))
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "logprobs": None,
-            "finish_reason": _finish(dialect, generation.seq.finish_reason),
-            **_choice_extra(dialect),
-        }
-        return json_response(
-            {
-                "id": reply_id,
-                "object": "chat.completion",
-                "created": unix_now(),
-                "model": reply_model,
-                "choices": [choice],
-                "usage": _usage(generation),
-                **_chunk_extra(dialect, instance),
-            }
-        )
-    finally:
-        instance.release(generation)
+    return await _respond(
+        request,
+        dialect,
+        instance,
+        generation,
+        reply_id,
+        model,
+        chat=True,
+        stream=body.stream,
+        stream_options=body.stream_options,
+    )
 
 
 async def completions(request: web.Request, dialect: Dialect) -> web.StreamResponse:
@@ -236,9 +212,35 @@ async def completions(request: web.Request, dialect: Dialect) -> web.StreamRespo
         prompt_ids=prompt_ids,
     )
     reply_id = f"{dialect.completion_id_prefix}{rid}"
+    return await _respond(
+        request,
+        dialect,
+        instance,
+        generation,
+        reply_id,
+        model,
+        chat=False,
+        stream=body.stream,
+        stream_options=body.stream_options,
+    )
+
+
+async def _respond(
+    request: web.Request,
+    dialect: Dialect,
+    instance: Instance,
+    generation: Generation,
+    reply_id: str,
+    model: str,
+    *,
+    chat: bool,
+    stream: bool,
+    stream_options: dict[str, Any] | None,
+) -> web.StreamResponse:
+    """Stream or return the reply in the dialect's shape; an unfinished generation is aborted."""
     reply_model = model if dialect.echo_model else instance.config.model
     try:
-        if body.stream:
+        if stream:
             return await _stream(
                 request,
                 dialect,
@@ -246,28 +248,30 @@ async def completions(request: web.Request, dialect: Dialect) -> web.StreamRespo
                 generation,
                 reply_id,
                 reply_model,
-                chat=False,
-                usage=_include_usage(dialect, body.stream_options),
+                chat=chat,
+                usage=_include_usage(dialect, stream_options),
             )
         await _wait(generation)
         text = "".join(generation.piece(i) for i in range(generation.seq.output))
+        content = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
         choice = {
             "index": 0,
-            "text": text,
+            **content,
             "logprobs": None,
             "finish_reason": _finish(dialect, generation.seq.finish_reason),
             **_choice_extra(dialect),
         }
-        return json_response(
-            {
-                "id": reply_id,
-                "object": "text_completion",
-                "created": unix_now(),
-                "model": reply_model,
-                "choices": [choice],
-                "usage": _usage(generation),
-            }
-        )
+        reply = {
+            "id": reply_id,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": unix_now(),
+            "model": reply_model,
+            "choices": [choice],
+            "usage": _usage(generation),
+        }
+        if chat:
+            reply.update(_chunk_extra(dialect, instance))
+        return json_response(reply)
     finally:
         instance.release(generation)
 
