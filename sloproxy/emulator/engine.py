@@ -3,7 +3,7 @@
 A pure state machine with no clock of its own: :meth:`Engine.plan_step` is handed the
 current emulated time and decides the next iteration (which sequences, how many tokens
 each, how long it takes); :meth:`Engine.complete_step` applies it when that time has
-come. The asyncio runner calls these in real time, the virtual driver in virtual time.
+come. The asyncio driver in :mod:`.instance` calls these in real time, :mod:`.virtual` in virtual time.
 
 Three scheduling styles, each following its engine's source:
 
