@@ -26,33 +26,28 @@ class ChatMessage(msgspec.Struct):
     content: str | list[dict[str, Any]] | None = None
 
 
-class ChatRequest(msgspec.Struct):
+class _GenerationFields(msgspec.Struct, kw_only=True):
+    """Fields both OpenAI routes accept (engines' extras included)."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = 1
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    priority: int = 0
+    rid: str | None = None
+    request_id: str | None = None
+
+
+class ChatRequest(_GenerationFields, kw_only=True):
     messages: list[ChatMessage]
-    model: str | None = None
-    max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    n: int = 1
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    priority: int = 0
-    rid: str | None = None
-    request_id: str | None = None
 
 
-class CompletionRequest(msgspec.Struct):
+class CompletionRequest(_GenerationFields, kw_only=True):
     prompt: str | list[int | str]
-    model: str | None = None
-    max_tokens: int | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    n: int = 1
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    priority: int = 0
-    rid: str | None = None
-    request_id: str | None = None
 
 
 @dataclass(frozen=True)
