@@ -28,7 +28,9 @@ from .profiles import get_profile
 from .roofline import StepShape, step_time_ms
 from .virtual import closed_loop
 
-DEFAULT_MEASUREMENTS = Path("../shared/data/calibration/h200_llama3_8b_measured.json")
+MEASUREMENTS_FILE = Path("shared/data/calibration/h200_llama3_8b_measured.json")
+# shared/ lies beside the checkout: found from this file (editable install) or from the working directory.
+CANDIDATE_ROOTS = (Path(__file__).resolve().parents[3], Path.cwd().parent, Path.cwd())
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,14 @@ class Check:
 
 def measurements_path() -> Path:
     override = os.environ.get("SLOPROXY_H200_MEASUREMENTS")
-    return Path(override) if override else DEFAULT_MEASUREMENTS
+    if override:
+        return Path(override)
+    for root in CANDIDATE_ROOTS:
+        if (root / MEASUREMENTS_FILE).is_file():
+            return root / MEASUREMENTS_FILE
+    raise FileNotFoundError(
+        f"{MEASUREMENTS_FILE} not found beside the checkout; set SLOPROXY_H200_MEASUREMENTS to its path"
+    )
 
 
 def h200_checks(path: Path | None = None) -> list[Check]:
