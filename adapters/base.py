@@ -85,15 +85,18 @@ class StreamTranslator(ABC):
         self.request = request
         self.done = False  # saw the engine's end of stream
         self.failed = False  # the engine reported an error inside the stream
+        self.failure: ProxyError | None = None
 
     @abstractmethod
     def feed(self, payload: bytes) -> bytes:
         """Client bytes for one upstream event payload (``b""`` to send nothing)."""
 
     def error(self, status: int, message: str) -> bytes:
+        """The engine reported an error inside the stream: an OpenAI error frame, then [DONE]."""
         self.failed = True
         self.done = True
-        return b"data: " + ProxyError(status, message).body() + b"\n\n" + DONE_FRAME
+        self.failure = ProxyError(status, message)
+        return b"data: " + self.failure.body() + b"\n\n" + DONE_FRAME
 
 
 class EngineAdapter(ABC):

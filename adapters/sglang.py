@@ -10,6 +10,11 @@ from .base import BackendLoad, UpstreamCall, metric_values, openai_route
 from .openai_compat import OpenAICompatibleAdapter
 
 
+def _rid(request: ProxyRequest) -> str:
+    """One rid per attempt: a retried or evicted request must not collide with its late abort."""
+    return f"{request.id}-{request.attempts}"
+
+
 class SGLangAdapter(OpenAICompatibleAdapter):
     engine = "sglang"
     health_path = "/health"
@@ -21,7 +26,7 @@ class SGLangAdapter(OpenAICompatibleAdapter):
 
     def build(self, request: ProxyRequest) -> UpstreamCall:
         body = dict(request.body)
-        body["rid"] = request.id
+        body["rid"] = _rid(request)
         if request.stream and not request.include_usage:
             options = body.get("stream_options")
             body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
@@ -33,7 +38,7 @@ class SGLangAdapter(OpenAICompatibleAdapter):
         return UpstreamCall(openai_route(request), msgspec.json.encode(body), self.headers)
 
     def abort_call(self, request: ProxyRequest) -> UpstreamCall:
-        return UpstreamCall("/abort_request", msgspec.json.encode({"rid": request.id}), self.headers)
+        return UpstreamCall("/abort_request", msgspec.json.encode({"rid": _rid(request)}), self.headers)
 
     def parse_load(self, metrics_text: str) -> BackendLoad:
         values = metric_values(metrics_text)

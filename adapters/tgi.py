@@ -86,7 +86,11 @@ class TGIStream(StreamTranslator):
             for choice in choices:
                 if isinstance(choice.get("delta"), dict):
                     choice["delta"].pop("role", None)
-        return out + _frame({**head, "choices": choices})
+        frame = {**head, "choices": choices}
+        if usage is not None and self.request.include_usage:
+            total = usage.prompt_tokens + usage.completion_tokens
+            frame["usage"] = {**msgspec.structs.asdict(usage), "total_tokens": total}
+        return out + _frame(frame)
 
 
 def _frame(chunk: dict[str, Any]) -> bytes:

@@ -104,12 +104,14 @@ class EvictForUrgent(FleetPolicy):
         for request in sorted(urgent, key=lambda r: r.urgent_deadline):
             options = []
             for backend in snapshot.backends:
-                if not backend.healthy or request.model not in backend.models or backend.priority_scheduling:
-                    continue  # an engine that schedules by priority preempts for it: no abort needed
+                if not backend.healthy or request.model not in backend.models:
+                    continue
                 need = backend.in_flight - freed.get(backend.name, 0) - backend.urgent_budget + 1
                 if need <= 0:
                     options = []
                     break  # it will be dispatched without anyone leaving
+                if backend.priority_scheduling:
+                    continue  # an engine that schedules by priority preempts for it: no abort needed
                 victims = sorted(
                     (
                         v

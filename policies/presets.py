@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 from .base import NoParams, Policy, PolicySpec
@@ -19,8 +21,8 @@ class QueuedParams(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class PriorityFairParams(QueuedParams, forbid_unknown_fields=True):
-    quantum_tokens: int = 1024
-    tenant_weights: dict[str, float] = msgspec.field(default_factory=dict)
+    quantum_tokens: Annotated[int, msgspec.Meta(gt=0)] = 1024
+    tenant_weights: dict[str, Annotated[float, msgspec.Meta(gt=0)]] = msgspec.field(default_factory=dict)
 
 
 def _round_robin(_: NoParams) -> Policy:

@@ -46,6 +46,15 @@ class _ClientGone(Exception):
         self.response = response
 
 
+def _translate(translator: StreamTranslator, payload: bytes) -> bytes:
+    """One upstream event through the adapter; a malformed event ends the stream with an error frame."""
+    try:
+        return translator.feed(payload)
+    except Exception as exc:  # the engine sent something the adapter cannot read
+        log.warning("untranslatable stream event: %r", exc)
+        return translator.error(502, "The backend sent a stream event the proxy could not read.")
+
+
 async def _client_write(response: web.StreamResponse, data: bytes) -> None:
     try:
         await response.write(data)
@@ -172,11 +181,14 @@ class Forwarder:
         started = time.monotonic()
         try:
             async for chunk in upstream.chunks():
-                out = b"".join([translator.feed(payload) for payload in decoder.feed(chunk)])
+                out = b"".join([_translate(translator, payload) for payload in decoder.feed(chunk)])
                 if out:
                     if response is None:
-                        if translator.failed:  # an error before anything was sent: answer with a status
-                            raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} failed the stream."))
+                        failure = translator.failure
+                        if failure is not None:  # an error before anything was sent: answer with its status
+                            if failure.status in RETRYABLE_STATUSES or failure.status >= 500:
+                                raise _RetryableFailure(failure)
+                            raise failure
                         response = web.StreamResponse(status=200, headers=SSE_HEADERS)
                         request.first_byte_sent = True
                         self.scheduler.first_token(request)
@@ -211,7 +223,9 @@ class Forwarder:
     async def _send_abort(self, backend: Backend, call: UpstreamCall) -> None:
         try:
             response = await self._upstreams[backend.name].request("POST", call.path, call.body, call.headers, 2.0)
-            await response.read()
-            response.release()
+            try:
+                await response.read()
+            finally:
+                response.release()
         except UpstreamError as exc:
             log.info("abort of %s on %s failed: %s", call.path, backend.name, exc)

@@ -77,6 +77,7 @@ class ProxyRequest:
     backend: str | None = None
     attempts: int = 0
     disconnected: bool = False  # the client went away before its reply ended
+    client_request_id: str | None = None  # X-Request-Id as the client sent it (for logs), never a key
     # Scheduling: filled by the classifier (tenant, class) and the estimates below.
     seq: int = field(default_factory=lambda: next(_arrival_seq))  # arrival order, unique
     tenant: str = "default"
@@ -155,7 +156,8 @@ def parse_request(kind: Kind, raw: bytes, request_id: str | None = None) -> Prox
         raise ProxyError(400, "`priority` must be an integer.", param="priority")
     limit = getattr(fields, "max_completion_tokens", None) or fields.max_tokens
     return ProxyRequest(
-        id=request_id or new_request_id(),
+        id=new_request_id(),  # internal and unique: the client's X-Request-Id is kept apart
+        client_request_id=request_id,
         kind=kind,
         model=fields.model,
         stream=fields.stream,

@@ -228,7 +228,7 @@ class Scheduler:
         running = {r.id: r for r in self._running.values()}
         for action in fleet.actions(self.snapshot(), list(self.waiting()), list(running.values())):
             victim = running.get(action.request_id)
-            if victim is None or victim.first_byte_sent or victim.evict is None:
+            if victim is None or victim.first_byte_sent or victim.evict is None or victim.evicted:
                 continue  # only work that has sent nothing to its client can move transparently
             victim.evicted = True
             victim.evict()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Mapping
+from typing import Annotated
 
 import msgspec
 
@@ -46,7 +47,7 @@ class TenantConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     api_keys: list[str] = msgspec.field(default_factory=list)
     default_class: str | None = None
-    weight: float = 1.0  # fair-share weight (priority-fair)
+    weight: Annotated[float, msgspec.Meta(gt=0)] = 1.0  # fair-share weight (priority-fair)
 
 
 class ModelDefaults(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

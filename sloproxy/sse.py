@@ -16,10 +16,13 @@ class SSEDecoder:
     def feed(self, chunk: bytes) -> list[bytes]:
         """Payloads of the events completed by ``chunk`` (``data`` lines joined by newlines)."""
         buffer = self._buffer + chunk
+        held = b""
+        if buffer.endswith(b"\r"):  # it may be half of a \r\n split across reads
+            buffer, held = buffer[:-1], b"\r"
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         events = buffer.split(b"\n\n")
-        self._buffer = events.pop()
+        self._buffer = events.pop() + held
         payloads: list[bytes] = []
         for event in events:
             data: list[bytes] = []

@@ -50,12 +50,18 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        response = self.response
+        if exc is None and response is not None and response.status and not response._delimited:
+            response._on_complete()  # a body without length ends when the server closes the connection
+            return
         self._fail(UpstreamError("connection closed by upstream" if exc is None else f"connection lost: {exc!r}"))
 
     # -- httptools callbacks -----------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.response is not None:
             self.response.headers.append((name, value))
+            if name.lower() in (b"content-length", b"transfer-encoding"):
+                self.response._delimited = True
 
     def on_headers_complete(self) -> None:
         response = self.response
@@ -103,6 +109,7 @@ class UpstreamResponse:
         "_chunks",
         "_complete",
         "_conn",
+        "_delimited",
         "_error",
         "_keep_alive",
         "_released",
@@ -122,6 +129,7 @@ class UpstreamResponse:
         self._complete = False
         self._error: UpstreamError | None = None
         self._keep_alive = False
+        self._delimited = False  # Content-Length or chunked: the body's end is known without a close
         self._released = False
         self._waiter: asyncio.Future | None = None
 
@@ -291,6 +299,9 @@ class UpstreamPool:
                     raise
                 response.close()
                 continue
+            except BaseException:  # cancelled (client gone): drop the connection so the engine aborts
+                response.close()
+                raise
         response = self._send(await self._connect(), payload, read_timeout)
         if on_sent is not None:
             on_sent(response)

@@ -108,12 +108,15 @@ def test_stream_error_frame_becomes_openai_error_then_done():
     assert frames[1] == b"data: [DONE]" and translator.failed and translator.done
 
 
-def test_sglang_gets_our_request_id_as_rid_and_an_abort_call():
+def test_sglang_gets_a_rid_per_attempt_and_an_abort_call():
     request = chat_request(stream=True)
+    request.attempts = 1
     adapter = SGLangAdapter()
-    assert json.loads(adapter.build(request).body)["rid"] == request.id
+    assert json.loads(adapter.build(request).body)["rid"] == f"{request.id}-1"
     abort = adapter.abort_call(request)
-    assert abort.path == "/abort_request" and json.loads(abort.body) == {"rid": request.id}
+    assert abort.path == "/abort_request" and json.loads(abort.body) == {"rid": f"{request.id}-1"}
+    request.attempts = 2  # a retry must not collide with the first attempt's late abort
+    assert json.loads(adapter.build(request).body)["rid"] == f"{request.id}-2"
     assert VLLMAdapter().abort_call(request) is None  # closing the connection aborts in vLLM
 
 
