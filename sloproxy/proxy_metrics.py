@@ -80,9 +80,6 @@ class _SchedulerCollector:
 
 
 class ProxyMetrics:
-    def attach(self, scheduler: Scheduler) -> None:
-        self.registry.register(_SchedulerCollector(scheduler))
-
     def __init__(self, pool: BackendPool) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
@@ -127,6 +124,10 @@ class ProxyMetrics:
         if child is None:
             child = self._ttft[model] = self.ttft.labels(model)
         child.observe(seconds)
+
+    def attach(self, scheduler: Scheduler) -> None:
+        """Expose the scheduler's queues, budgets and events too."""
+        self.registry.register(_SchedulerCollector(scheduler))
 
     def finished(self, model: str, outcome: str, seconds: float, prompt: int | None, completion: int | None) -> None:
         """Record one finished request (label lookups cached: this runs for every request)."""

@@ -77,12 +77,13 @@ class Scheduler:
         """Wait until the policy dispatches ``request``; returns its backend (call :meth:`release` after)."""
         if request.model not in self.pool.by_model:
             raise ProxyError(404, f"The model `{request.model}` does not exist.", param="model", code="model_not_found")
-        if not self.candidates(request):
+        candidates = self.candidates(request)
+        if not candidates:
             raise ProxyError(
                 503, f"No healthy backend is serving model `{request.model}` right now.", headers=self._retry_after()
             )
         if not self.policy.queued:
-            backend = self.policy.route(request, self.candidates(request), self.snapshot())
+            backend = self.policy.route(request, candidates, self.snapshot())
             assert backend is not None
             return self._dispatched(request, backend)  # type: ignore[arg-type]
         self._admit_to_queue(request)

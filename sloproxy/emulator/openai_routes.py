@@ -356,3 +356,16 @@ async def models_list(instance: Instance, entry: Callable[[str, str | None], dic
     data = [entry(instance.config.model, None)]
     data += [entry(name, instance.config.model) for name in instance.lora_adapters]
     return json_response({"object": "list", "data": data})
+
+
+def add_routes(app: web.Application, dialect: Dialect) -> None:
+    """Register ``/v1/chat/completions`` and ``/v1/completions`` in ``dialect``."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        return await chat_completions(request, dialect)
+
+    async def text(request: web.Request) -> web.StreamResponse:
+        return await completions(request, dialect)
+
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/completions", text)

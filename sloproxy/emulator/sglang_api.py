@@ -149,12 +149,6 @@ def build_app(instance: Instance) -> web.Application:
         finally:
             instance.release(generation)
 
-    async def chat(request: web.Request) -> web.StreamResponse:
-        return await openai_routes.chat_completions(request, DIALECT)
-
-    async def completions(request: web.Request) -> web.StreamResponse:
-        return await openai_routes.completions(request, DIALECT)
-
     async def models(request: web.Request) -> web.Response:
         def card(name: str, parent: str | None) -> dict[str, Any]:
             return {
@@ -256,8 +250,7 @@ def build_app(instance: Instance) -> web.Application:
         )
 
     app.router.add_post("/generate", generate)
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_post("/v1/completions", completions)
+    openai_routes.add_routes(app, DIALECT)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/health_generate", health_generate)

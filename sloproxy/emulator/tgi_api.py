@@ -196,12 +196,6 @@ def build_app(instance: Instance) -> web.Application:
         finally:
             instance.release(generation)
 
-    async def chat(request: web.Request) -> web.StreamResponse:
-        return await openai_routes.chat_completions(request, dialect)
-
-    async def completions(request: web.Request) -> web.StreamResponse:
-        return await openai_routes.completions(request, dialect)
-
     async def tokenize_route(request: web.Request) -> web.Response:
         body = await decode_body(request, GenerateRequest, invalid)
         pieces, ids = tokenize(body.inputs), token_ids(body.inputs)
@@ -248,8 +242,7 @@ def build_app(instance: Instance) -> web.Application:
     app.router.add_post("/generate", generate)
     app.router.add_post("/generate_stream", generate_stream)
     app.router.add_post("/", generate)
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_post("/v1/completions", completions)
+    openai_routes.add_routes(app, dialect)
     app.router.add_post("/tokenize", tokenize_route)
     app.router.add_get("/health", health)
     app.router.add_get("/info", info)

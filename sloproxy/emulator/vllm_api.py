@@ -72,12 +72,6 @@ def build_app(instance: Instance) -> web.Application:
     def bad(message: str) -> ApiError:
         return error(400, message)
 
-    async def chat(request: web.Request) -> web.StreamResponse:
-        return await openai_routes.chat_completions(request, dialect)
-
-    async def completions(request: web.Request) -> web.StreamResponse:
-        return await openai_routes.completions(request, dialect)
-
     async def models(request: web.Request) -> web.Response:
         return await openai_routes.models_list(instance, partial(_model_card, instance))
 
@@ -153,8 +147,7 @@ def build_app(instance: Instance) -> web.Application:
         instance.engine.reset_prefix_cache()
         return web.Response(status=200)
 
-    app.router.add_post("/v1/chat/completions", chat)
-    app.router.add_post("/v1/completions", completions)
+    openai_routes.add_routes(app, dialect)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/version", version)
