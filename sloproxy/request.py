@@ -89,11 +89,22 @@ class ProxyRequest:
     est_prompt_tokens: int = 0
     est_output_tokens: int = DEFAULT_OUTPUT_TOKENS
     excluded: set[str] = field(default_factory=set)  # backends not to try again (retries)
-    prefix_hashes: list[int] = field(default_factory=list)  # chained hashes of the prompt's leading blocks
+    _prefix_hashes: list[int] | None = None  # computed on first use (only prefix-aware routing needs them)
     first_byte_sent: bool = False  # once true, the request can no longer move to another backend
     first_token_at: float | None = None  # monotonic; set on the first streamed content
     evict: Callable[[], None] | None = None  # set while on a backend: aborts the upstream call
     evicted: bool = False
+
+    @property
+    def prefix_hashes(self) -> list[int]:
+        """Chained hashes of the prompt's leading blocks (see :func:`prefix_hashes`)."""
+        if self._prefix_hashes is None:
+            self._prefix_hashes = prefix_hashes(self.body)
+        return self._prefix_hashes
+
+    @prefix_hashes.setter
+    def prefix_hashes(self, value: list[int]) -> None:
+        self._prefix_hashes = value
 
     @property
     def urgency_rank(self) -> int:
@@ -167,7 +178,6 @@ def parse_request(kind: Kind, raw: bytes, request_id: str | None = None) -> Prox
         priority=priority,
         est_prompt_tokens=len(raw) // 4,  # ~4 bytes per token; the engine's usage corrects it later
         est_output_tokens=min(limit, DEFAULT_OUTPUT_TOKENS) if limit else DEFAULT_OUTPUT_TOKENS,
-        prefix_hashes=prefix_hashes(body),
     )
 
 
