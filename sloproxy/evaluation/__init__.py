@@ -1,0 +1,1 @@
+"""Workloads, trace replay, the trace-driven simulator and the SLO report."""

@@ -1,0 +1,1 @@
+"""Response-length prediction: features, LightGBM quantile models, serving and online learning."""
