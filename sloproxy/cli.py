@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--speedup", type=float, default=4.0)
     demo.add_argument("--requests", type=int, default=24)
     demo.set_defaults(func=_demo)
+
+    from .evaluation.cli import register as register_evaluation
+
+    register_evaluation(commands)
     return parser
 
 
