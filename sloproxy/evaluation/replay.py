@@ -57,11 +57,19 @@ class Progress:
     def __init__(self, total: int, enabled: bool, stream: TextIO = sys.stderr) -> None:
         self.total, self.enabled, self.stream = total, enabled, stream
         self.counts: Counter[str] = Counter()
+        self.sent = 0
         self.started = time.monotonic()
         self._drawn = 0.0
 
+    def sending(self) -> None:
+        self.sent += 1
+        self._maybe_draw()
+
     def update(self, status: str) -> None:
         self.counts[status] += 1
+        self._maybe_draw()
+
+    def _maybe_draw(self) -> None:
         now = time.monotonic()
         if self.enabled and (now - self._drawn >= 0.2 or self.counts.total() == self.total):
             self._drawn = now
@@ -72,8 +80,8 @@ class Progress:
         filled = int(30 * done / max(self.total, 1))
         c = self.counts
         self.stream.write(
-            f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} ok {c['ok']} rejected {c['rejected']} "
-            f"error {c['error']} timeout {c['timeout']} | {now - self.started:.1f}s"
+            f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} sent {self.sent} ok {c['ok']} "
+            f"rejected {c['rejected']} error {c['error']} timeout {c['timeout']} | {now - self.started:.1f}s\x1b[K"
         )
         self.stream.flush()
 
@@ -234,6 +242,7 @@ async def replay(
 
             async def fire(request: WorkloadRequest, due: float) -> RequestRecord:
                 send_lags.append(max(loop.time() - due, 0.0))
+                bar.sending()
                 record = await send_one(session, url, request, speedup=speedup, timeout_s=timeout_s)
                 bar.update(record.status)
                 return record
