@@ -31,10 +31,10 @@ from ..emulator.tokens import count_tokens, render_chat
 from .padding import ContextFiller
 from .prompts import LengthsData
 from .traces import TraceRow, load_trace
-from .workload import WorkloadRequest
+from .workload import WorkloadRequest, write_workload
 
 MOONCAKE_BLOCK_TOKENS = 512  # tokens per hash id in the Mooncake release traces
-DEFAULT_CLASSES = (("interactive", 0.6), ("batch", 0.4))
+DEFAULT_CLASS_SHARES = (("interactive", 0.6), ("batch", 0.4))  # EVALUATION.md's default mix
 DEFAULT_MAX_TOKENS_CAPS = (1024, 2048, 4096)
 
 
@@ -48,7 +48,7 @@ class BuildOptions(msgspec.Struct, kw_only=True):
     trace: str
     lengths_dir: str
     models: list[ModelMix]
-    classes: list[tuple[str, float]] = msgspec.field(default_factory=lambda: list(DEFAULT_CLASSES))
+    classes: list[tuple[str, float]] = msgspec.field(default_factory=lambda: list(DEFAULT_CLASS_SHARES))
     rate_scale: float = 1.0
     start_s: float = 0.0  # trace seconds skipped
     duration_s: float | None = None  # trace seconds kept (before rate scaling)
@@ -192,8 +192,7 @@ def build_workload(options: BuildOptions) -> list[WorkloadRequest]:
 
 
 def build_to_file(options: BuildOptions, out: str | Path) -> list[WorkloadRequest]:
-    from .workload import write_workload
-
+    """Build and write the workload; returns the requests (the CLI prints a summary of them)."""
     requests = build_workload(options)
     write_workload(out, requests)
     return requests
