@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation.cli import register as register_evaluation
 
     register_evaluation(commands)
+    from .predictor.cli import register as register_predictor
+
+    register_predictor(commands)
     return parser
 
 

@@ -1,0 +1,69 @@
+"""Prompt text as the proxy sees it: rendering chat messages and cutting a bounded window.
+
+Every later step (n-grams, cue regexes) only looks at the window, so the work per request
+is bounded whatever the prompt size; only cheap C-level scans (``len``, ``str.count``) run
+over the whole text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+HEAD_CHARS = 1536  # the instruction usually opens the prompt...
+TAIL_CHARS = 512  # ...or closes it (a question after pasted context)
+MAX_MESSAGES = 64  # rendering reads at most this many trailing messages
+
+
+def _content_text(content: Any) -> str:
+    """Text of one message's content: a string, or OpenAI content parts (text parts only)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content[:MAX_MESSAGES]:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+        return "\n".join(parts)
+    return ""
+
+
+def split_prompt(prompt: Any) -> tuple[str, str, int, bool]:
+    """(instruction, context, n_messages, has_system) from a prompt string or a chat message list.
+
+    The instruction is the last user turn (what the reply answers); the context is everything
+    before it (system prompt, history), used only for cheap counts.
+    """
+    if prompt is None:
+        return "", "", 0, False
+    if isinstance(prompt, str):
+        return prompt, "", 1, False
+    if isinstance(prompt, list | tuple):
+        msgs = list(prompt[-MAX_MESSAGES:])
+        if msgs and all(isinstance(m, str) for m in msgs):  # completions API: list of prompts
+            return "\n".join(msgs), "", len(msgs), False
+        has_system = False
+        texts: list[tuple[str, str]] = []
+        for m in msgs:
+            if isinstance(m, dict):
+                role = str(m.get("role", "user"))
+                content = m.get("content")
+            else:  # msgspec structs or objects with attributes
+                role = str(getattr(m, "role", "user"))
+                content = getattr(m, "content", None)
+            has_system |= role == "system"
+            texts.append((role, _content_text(content)))
+        last_user = max((i for i, (role, _) in enumerate(texts) if role == "user"), default=len(texts) - 1)
+        if last_user < 0:
+            return "", "", 0, has_system
+        context = "\n".join(t for _, t in texts[:last_user])
+        return texts[last_user][1], context, len(texts), has_system
+    return str(prompt), "", 1, False
+
+
+def window(text: str, head: int = HEAD_CHARS, tail: int = TAIL_CHARS) -> str:
+    """The head and tail of ``text``: the only part n-grams and regexes ever read."""
+    if len(text) <= head + tail:
+        return text
+    return text[:head] + "\n" + text[-tail:]

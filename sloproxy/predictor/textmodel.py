@@ -1,0 +1,102 @@
+"""Prompt verbosity from text: ridge regression over hashed n-grams.
+
+The target is a prompt's latent verbosity (how much longer than usual models answer it); the
+ridge is solved in its dual form because there are far fewer prompts than hash buckets. At
+serving time the score is a sum of looked-up weights, i.e. a few microseconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from .features import NGRAM_DIM, PromptFeatures
+
+
+def _row_values(f: PromptFeatures) -> tuple[np.ndarray, np.ndarray]:
+    """Bucket indices and values of one prompt: each block (words, chars) scaled to unit-ish norm."""
+    idx = np.concatenate([f.words, f.chars])
+    vals = np.concatenate(
+        [
+            np.full(len(f.words), 1.0 / np.sqrt(max(1, len(f.words)))),
+            np.full(len(f.chars), 1.0 / np.sqrt(max(1, len(f.chars)))),
+        ]
+    )
+    return idx, vals
+
+
+def design_matrix(feats: Sequence[PromptFeatures]) -> sp.csr_matrix:
+    """Sparse prompt x bucket matrix (repeated buckets add up, as at serving time)."""
+    rows, cols, vals = [], [], []
+    for i, f in enumerate(feats):
+        idx, v = _row_values(f)
+        rows.append(np.full(len(idx), i))
+        cols.append(idx)
+        vals.append(v)
+    if not feats:
+        return sp.csr_matrix((0, NGRAM_DIM))
+    m = sp.csr_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(len(feats), NGRAM_DIM)
+    )
+    m.sum_duplicates()
+    return m
+
+
+class TextModel:
+    """Linear score over hashed buckets; ``weights`` is dense in memory, sparse on disk."""
+
+    def __init__(self, weights: np.ndarray, bias: float) -> None:
+        self.weights = weights.astype(np.float64)
+        self.bias = float(bias)
+
+    def score(self, f: PromptFeatures) -> float:
+        w = self.weights
+        s = self.bias
+        if len(f.words):
+            s += float(w[f.words].sum()) / np.sqrt(len(f.words))
+        if len(f.chars):
+            s += float(w[f.chars].sum()) / np.sqrt(len(f.chars))
+        return s
+
+    def save(self, path: Path) -> None:
+        """Text format: a bias line, then ``bucket weight`` for the non-zero buckets."""
+        nz = np.flatnonzero(self.weights)
+        lines = [f"bias {self.bias:.9g}"] + [f"{i} {self.weights[i]:.6g}" for i in nz]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path) -> TextModel:
+        weights = np.zeros(NGRAM_DIM, dtype=np.float64)
+        bias = 0.0
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                key, _, value = line.partition(" ")
+                if key == "bias":
+                    bias = float(value)
+                elif key:
+                    weights[int(key)] = float(value)
+        return cls(weights, bias)
+
+
+def fit_ridge(x: sp.csr_matrix, y: np.ndarray, alpha: float) -> TextModel:
+    """Dual ridge: w = X^T (X X^T + alpha I)^-1 (y - mean)."""
+    mean = float(y.mean()) if len(y) else 0.0
+    if x.shape[0] == 0:
+        return TextModel(np.zeros(NGRAM_DIM), mean)
+    gram = (x @ x.T).toarray()
+    coef = np.linalg.solve(gram + alpha * np.eye(len(y)), y - mean)
+    w = np.asarray(x.T @ coef).ravel()
+    return TextModel(w, mean)
+
+
+def oof_ridge(x: sp.csr_matrix, y: np.ndarray, alpha: float, folds: np.ndarray) -> np.ndarray:
+    """Out-of-fold predictions so downstream models see text scores as noisy as on unseen prompts."""
+    out = np.zeros(len(y))
+    for k in np.unique(folds):
+        test = folds == k
+        model = fit_ridge(x[~test], y[~test], alpha)
+        out[test] = x[test] @ model.weights + model.bias
+    return out
