@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-calibration bench-capacity clean
+.PHONY: demo test lint bench-calibration bench-capacity clean predictor-model predictor-eval
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,16 @@ bench-capacity: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+LENGTHS := ../shared/data/lengths
+# The packaged default length predictor, trained on all the shared data (deterministic, seed 0).
+predictor-model: $(STAMP)
+	$(BIN)/sloproxy predictor train --prompts $(LENGTHS)/alpaca_eval_prompts.jsonl \
+		--lengths $(LENGTHS)/alpaca_eval_lengths.csv --seed 0 --out sloproxy/predictor/default_model
+
+# Held-out figures: train on 80% of the prompts (seeded split by prompt id), evaluate on the other 20%.
+predictor-eval: $(STAMP)
+	$(BIN)/sloproxy predictor train --prompts $(LENGTHS)/alpaca_eval_prompts.jsonl \
+		--lengths $(LENGTHS)/alpaca_eval_lengths.csv --holdout 0.2 --seed 0 --out build/predictor-holdout
+	$(BIN)/sloproxy predictor eval --model build/predictor-holdout --prompts $(LENGTHS)/alpaca_eval_prompts.jsonl \
+		--lengths $(LENGTHS)/alpaca_eval_lengths.csv --holdout-only --json

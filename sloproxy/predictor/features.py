@@ -8,6 +8,7 @@ measured with C-level ``len``/``str.count``.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import zlib
@@ -18,7 +19,7 @@ import numpy as np
 
 from .text import split_prompt, window
 
-FEATURE_SPEC_VERSION = 3  # bump whenever a feature's definition, order or hashing changes
+FEATURE_SPEC_VERSION = 5  # bump whenever a feature's definition, order or hashing changes
 
 WORD_BITS = 18
 CHAR_BITS = 18
@@ -66,6 +67,8 @@ _UNIT_GROUP = {
     "paragraph": 2,
     "page": 2,
 }  # anything else counts as items
+_UPPER_DIGIT = re.compile(r"[A-Z0-9]")
+SCAN_CHARS = 65_536
 _LIST_RE = re.compile(r"(?m)^\s*(?:[-*\u2022]|\d{1,3}[.)])\s+")
 _BRIEF = (
     "brief",
@@ -180,56 +183,73 @@ FIRST_LINE_CHARS = 300
 _FIRST_SALT = 0x5BD1E995
 
 
+_HASH_CACHE: dict[str, int] = {}
+_HASH_CACHE_MAX = 200_000  # words repeat across requests; the cache is cleared when full (bounded memory)
+
+
 def _hashes(tokens: list[str]) -> list[int]:
-    crc = zlib.crc32
-    return [crc(t.encode("utf-8", "surrogatepass")) for t in tokens]
+    cache = _HASH_CACHE
+    out = []
+    for t in tokens:
+        h = cache.get(t)
+        if h is None:
+            if len(cache) >= _HASH_CACHE_MAX:
+                cache.clear()
+            h = cache[t] = zlib.crc32(t.encode("utf-8", "surrogatepass"))
+        out.append(h)
+    return out
 
 
-def word_buckets(win: str) -> np.ndarray:
+def word_buckets(win: str, tokens: list[str] | None = None) -> np.ndarray:
     """Hashed word unigrams and bigrams of the window, plus the first line's in their own namespace.
 
     The first line is usually the task ("Rewrite the sentence...", "Write a story..."); what follows
     is often pasted input whose words say little about the reply's length.
     """
-    tokens = _WORD_RE.findall(win)
+    if tokens is None:
+        tokens = _WORD_RE.findall(win)
     first = _WORD_RE.findall(win[:FIRST_LINE_CHARS].split("\n", 1)[0]) if tokens else []
-    return np.concatenate([_ngram_buckets(_hashes(tokens), 0), _ngram_buckets(_hashes(first), _FIRST_SALT)])
+    out = _ngram_buckets(_hashes(tokens), 0)
+    out += _ngram_buckets(_hashes(first), _FIRST_SALT)
+    return np.array(out, dtype=np.int64)
 
 
-def _ngram_buckets(hashes: list[int], salt: int) -> np.ndarray:
-    out = np.empty(2 * len(hashes), dtype=np.int64)
-    if hashes:
-        h = np.asarray(hashes, dtype=np.int64) ^ salt
-        out[: len(h)] = h
-        out[len(h) : 2 * len(h) - 1] = (h[:-1] * 1000003) ^ (h[1:] + 0x9E3779B9)
-        out = out[: 2 * len(h) - 1]
-    else:
-        out = out[:0]
-    return out & (WORD_DIM - 1)
+def _ngram_buckets(hashes: list[int], salt: int) -> list[int]:
+    mask = WORD_DIM - 1
+    uni = [(h ^ salt) & mask for h in hashes]
+    bi = [(((a ^ salt) * 1000003) ^ (b + 0x9E3779B9)) & mask for a, b in itertools.pairwise(hashes)]
+    return uni + bi
 
 
 def char_buckets(win: str) -> np.ndarray:
-    """Hashed character 3-, 4- and 5-gram buckets of the window's first bytes (vectorised rolling hash)."""
-    data = win[:CHAR_WINDOW].encode("utf-8", "surrogatepass")
-    a = np.frombuffer(data, dtype=np.uint8).astype(np.uint64)
-    parts = []
-    with np.errstate(over="ignore"):
-        for n, salt in ((3, 0x9E3779B97F4A7C15), (4, 0xC2B2AE3D27D4EB4F), (5, 0x165667B19E3779F9)):
-            if len(a) < n:
-                continue
-            h = np.full(len(a) - n + 1, salt, dtype=np.uint64)
-            for k in range(n):
-                h = (h ^ a[k : len(a) - n + 1 + k]) * np.uint64(0x100000001B3)
-            parts.append((h >> np.uint64(64 - CHAR_BITS)).astype(np.int64))
-    if not parts:
+    """Hashed character 3-, 4- and 5-gram buckets of the window's first bytes (vectorised rolling hash).
+
+    Each longer n-gram extends the shorter one's hash by one byte, so all three orders cost a
+    handful of numpy operations whatever the window size.
+    """
+    a = np.frombuffer(win[:CHAR_WINDOW].encode("utf-8", "surrogatepass"), dtype=np.uint8).astype(np.uint64)
+    if len(a) < 3:
         return np.zeros(0, dtype=np.int64)
-    return np.concatenate(parts) + WORD_DIM
+    prime = np.uint64(0x100000001B3)
+    with np.errstate(over="ignore"):
+        h = (a[:-1] * prime ^ a[1:]) * prime
+        parts = []
+        for n in (3, 4, 5):
+            if len(a) < n:
+                break
+            h = (h[:-1] ^ a[n - 1 :]) * prime
+            parts.append(h ^ np.uint64(n))
+        out = np.concatenate(parts) * np.uint64(0x9E3779B97F4A7C15)
+    return (out >> np.uint64(64 - CHAR_BITS)).astype(np.int64) + WORD_DIM
+
+
+REQ_CHARS = 600  # length requests sit in the instruction itself
 
 
 def _requested(win: str) -> tuple[float, float, float, float]:
     """Numbers the prompt asks for: (words, sentences, paragraphs, items); NaN when not asked."""
     found = [math.nan, math.nan, math.nan, math.nan]
-    for num, unit in _REQ_RE.findall(win):
+    for num, unit in _REQ_RE.findall(win[:REQ_CHARS]):
         n = float(num) if num.isdigit() else float(_NUM_WORDS.get(num, 1))
         stem = unit.rstrip("s")
         group = _UNIT_GROUP.get(stem.split()[0] if " " in stem else stem, 3)
@@ -272,36 +292,37 @@ def featurise(
     prompt_tokens_estimate: int | None = None,
 ) -> PromptFeatures:
     """Features of one request from the prompt (string or chat messages) and its parameters."""
-    instr, context, n_messages, has_system = split_prompt(prompt)
+    instr, context_chars, n_messages, has_system = split_prompt(prompt)
     if not isinstance(instr, str):
         instr = str(instr)
-    total_chars = len(instr) + len(context)
+    total_chars = len(instr) + context_chars
     if prompt_tokens_estimate is None or prompt_tokens_estimate < 0:
         prompt_tokens_estimate = max(1, total_chars // 4)
     win = window(instr).lower()
     words = _WORD_RE.findall(win)
     alpha_words = [w for w in words[:64] if w[0].isalnum()]
     req_w, req_s, req_p, req_i = _requested(win)
-    n_upper_digit = sum(1 for ch in instr[:256] if ch.isupper() or ch.isdigit())
+    head = instr[:SCAN_CHARS]  # counts read at most SCAN_CHARS; total length comes from len()
+    n_upper_digit = len(_UPPER_DIGIT.findall(instr, 0, 256))
     cues = [
         math.log1p(prompt_tokens_estimate),
         math.log1p(len(instr)),
-        math.log1p(len(context)),
+        math.log1p(context_chars),
         float(n_messages),
         float(has_system),
-        float(min(instr.count("\n"), 10_000)),
-        float(min(instr.count("?"), 1_000)),
-        float("```" in instr),
+        float(head.count("\n")),
+        float(head.count("?")),
+        float("```" in head),
         float(len(_LIST_RE.findall(win))),
         req_w,
         req_s,
         req_p,
         req_i,
-        float(sum(c in win for c in _BRIEF)),
-        float(sum(c in win for c in _LONG)),
-        float(sum(c in win for c in _CODE)),
+        float(sum(map(win.__contains__, _BRIEF))),
+        float(sum(map(win.__contains__, _LONG))),
+        float(sum(map(win.__contains__, _CODE))),
         _first_word_class(alpha_words),
-        float(instr.rstrip().endswith("?")),
+        float(instr[-64:].rstrip().endswith("?")),
         float(len(words)),
         float("\n\n" in win or "input:" in win or ":\n" in win),
         n_upper_digit / max(1, min(len(instr), 256)),
@@ -313,7 +334,7 @@ def featurise(
         _category(tenant),
     ]
     return PromptFeatures(
-        words=word_buckets(win),
+        words=word_buckets(win, words),
         chars=char_buckets(win),
         cues=cues,
         params=params,

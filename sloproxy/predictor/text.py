@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-HEAD_CHARS = 1536  # the instruction usually opens the prompt...
-TAIL_CHARS = 512  # ...or closes it (a question after pasted context)
+HEAD_CHARS = 768  # the instruction usually opens the prompt...
+TAIL_CHARS = 256  # ...or closes it (a question after pasted context)
 MAX_MESSAGES = 64  # rendering reads at most this many trailing messages
 
 
@@ -29,20 +29,20 @@ def _content_text(content: Any) -> str:
     return ""
 
 
-def split_prompt(prompt: Any) -> tuple[str, str, int, bool]:
-    """(instruction, context, n_messages, has_system) from a prompt string or a chat message list.
+def split_prompt(prompt: Any) -> tuple[str, int, int, bool]:
+    """(instruction, context_chars, n_messages, has_system) from a prompt string or a chat message list.
 
     The instruction is the last user turn (what the reply answers); the context is everything
-    before it (system prompt, history), used only for cheap counts.
+    before it (system prompt, history), of which only the size is kept.
     """
     if prompt is None:
-        return "", "", 0, False
+        return "", 0, 0, False
     if isinstance(prompt, str):
-        return prompt, "", 1, False
+        return prompt, 0, 1, False
     if isinstance(prompt, list | tuple):
         msgs = list(prompt[-MAX_MESSAGES:])
         if msgs and all(isinstance(m, str) for m in msgs):  # completions API: list of prompts
-            return "\n".join(msgs), "", len(msgs), False
+            return "\n".join(msgs), 0, len(msgs), False
         has_system = False
         texts: list[tuple[str, str]] = []
         for m in msgs:
@@ -56,10 +56,10 @@ def split_prompt(prompt: Any) -> tuple[str, str, int, bool]:
             texts.append((role, _content_text(content)))
         last_user = max((i for i, (role, _) in enumerate(texts) if role == "user"), default=len(texts) - 1)
         if last_user < 0:
-            return "", "", 0, has_system
-        context = "\n".join(t for _, t in texts[:last_user])
-        return texts[last_user][1], context, len(texts), has_system
-    return str(prompt), "", 1, False
+            return "", 0, 0, has_system
+        context_chars = sum(len(t) + 1 for _, t in texts[:last_user])
+        return texts[last_user][1], context_chars, len(texts), has_system
+    return str(prompt), 0, 1, False
 
 
 def window(text: str, head: int = HEAD_CHARS, tail: int = TAIL_CHARS) -> str:

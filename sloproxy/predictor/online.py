@@ -1,0 +1,233 @@
+"""Online learning: record finished requests, retrain off the event loop, hot-swap only on improvement.
+
+The request path pays only a deque append per finished request. Retraining runs in a worker process
+(``retrain.retrain_job``); loading the accepted candidate's trees runs in a thread (LightGBM's C
+parser releases the GIL); the swap itself is one attribute assignment on the loop thread, so a
+request sees either the old or the new predictor, never a mix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
+
+import lightgbm as lgb
+
+from .columns import full_row, prompt_part
+from .retrain import retrain_job
+from .serving import LengthPredictor, Prediction
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, frozen=True)
+class Sample:
+    row: list[float]  # the LightGBM row the server computed for the request
+    output_tokens: int
+    p50: float  # what was predicted when the request arrived (live error)
+    p90: float
+
+
+class SampleStore:
+    """Bounded ring buffer of finished requests (oldest dropped first)."""
+
+    def __init__(self, capacity: int = 20_000) -> None:
+        self._items: deque[Sample] = deque(maxlen=capacity)
+        self.added = 0  # ever added (monotonic; "N new samples" counts from here)
+
+    def append(self, sample: Sample) -> None:
+        self._items.append(sample)
+        self.added += 1
+
+    def snapshot(self) -> list[Sample]:
+        return list(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class LiveError:
+    """Error of the serving model over the last ``window`` finished requests."""
+
+    def __init__(self, window: int = 2_000) -> None:
+        self._abs_log: deque[float] = deque(maxlen=window)
+        self._abs_tok: deque[float] = deque(maxlen=window)
+        self._covered: deque[bool] = deque(maxlen=window)
+
+    def add(self, p50: float, p90: float, true: int) -> None:
+        self._abs_log.append(abs(math.log1p(p50) - math.log1p(true)))
+        self._abs_tok.append(abs(p50 - true))
+        self._covered.append(true <= p90)
+
+    def reset(self) -> None:
+        self._abs_log.clear()
+        self._abs_tok.clear()
+        self._covered.clear()
+
+    def figures(self) -> dict[str, float]:
+        n = len(self._abs_log)
+        if n == 0:
+            return {
+                "live_samples": 0.0,
+                "live_mae_log": math.nan,
+                "live_mae_tokens": math.nan,
+                "live_p90_coverage": math.nan,
+            }
+        return {
+            "live_samples": float(n),
+            "live_mae_log": sum(self._abs_log) / n,
+            "live_mae_tokens": sum(self._abs_tok) / n,
+            "live_p90_coverage": sum(self._covered) / n,
+        }
+
+
+class OnlineLearner:
+    """Holds the current predictor, records outcomes and replaces the predictor when a retrain wins.
+
+    ``retrain_every``: new samples that trigger a retrain; ``interval_s``: retrain on this schedule too
+    (when at least ``min_samples`` are stored). ``executor``: where ``retrain_job`` runs (default: a
+    one-worker process pool created on first use).
+    """
+
+    def __init__(
+        self,
+        predictor: LengthPredictor,
+        capacity: int = 20_000,
+        retrain_every: int = 5_000,
+        interval_s: float | None = 3_600.0,
+        min_samples: int = 500,
+        holdback: float = 0.2,
+        rounds: int = 50,
+        min_improvement: float = 0.01,
+        executor: Executor | None = None,
+    ) -> None:
+        self.predictor = predictor
+        self.store = SampleStore(capacity)
+        self.live = LiveError()
+        self.retrain_every = retrain_every
+        self.interval_s = interval_s
+        self.min_samples = min_samples
+        self.holdback = holdback
+        self.rounds = rounds
+        self.min_improvement = min_improvement
+        self._executor = executor
+        self._own_executor = executor is None
+        self._trained_at_added = 0
+        self._last_retrain = time.monotonic()
+        self._task: asyncio.Task | None = None
+        self._running: asyncio.Task | None = None
+        self.counters = {"retrains": 0, "swaps": 0, "rejected": 0, "failed": 0, "generation": 0}
+        self.last_result: dict[str, Any] = {}
+
+    # -- request path -------------------------------------------------------------------------
+    def predict_request(self, *args: Any, **kwargs: Any) -> Prediction:
+        """Same as ``LengthPredictor.predict_request`` on whichever predictor is current."""
+        return self.predictor.predict_request(*args, **kwargs)
+
+    def record(self, prediction: Prediction, completion_tokens: int | None) -> None:
+        """A request finished with ``completion_tokens`` (from the engine's usage); O(1)."""
+        if completion_tokens is None or completion_tokens < 0:
+            return
+        f = prediction.features
+        p = self.predictor
+        row = full_row(prompt_part(f, p.bundle.text.score(f)), p.model_stats(f.model))
+        self.store.append(Sample(row, int(completion_tokens), prediction.p50, prediction.p90))
+        self.live.add(prediction.p50, prediction.p90, int(completion_tokens))
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers to export as gauges/counters (live error of the serving model, retrain outcomes)."""
+        out = self.live.figures()
+        out["store_samples"] = float(len(self.store))
+        out.update(
+            {f"{k}_total" if k != "generation" else "model_generation": float(v) for k, v in self.counters.items()}
+        )
+        for key in ("current_loss", "candidate_loss"):
+            out[f"last_{key}"] = float(self.last_result.get(key, math.nan))
+        return out
+
+    # -- background worker ----------------------------------------------------------------------
+    def due(self) -> bool:
+        if len(self.store) < self.min_samples or self._running is not None:
+            return False
+        if self.store.added - self._trained_at_added >= self.retrain_every:
+            return True
+        return self.interval_s is not None and time.monotonic() - self._last_retrain >= self.interval_s
+
+    def start(self, check_every_s: float = 1.0) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(check_every_s), name="predictor-online")
+
+    async def stop(self) -> None:
+        for task in (self._task, self._running):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._own_executor and self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    async def _loop(self, check_every_s: float) -> None:
+        while True:
+            await asyncio.sleep(check_every_s)
+            if self.due():
+                self._running = asyncio.get_running_loop().create_task(self.retrain_now())
+                with contextlib.suppress(Exception):
+                    await self._running
+                self._running = None
+
+    async def retrain_now(self) -> dict[str, Any]:
+        """Retrain on the stored samples, validate, swap if better; returns the job's verdict."""
+        loop = asyncio.get_running_loop()
+        samples = self.store.snapshot()
+        self._trained_at_added = self.store.added
+        self._last_retrain = time.monotonic()
+        bundle = self.predictor.bundle
+        payload = {
+            "x": [s.row for s in samples],
+            "y": [s.output_tokens for s in samples],
+            "p50": bundle.p50.model_to_string(),
+            "p90": bundle.p90.model_to_string(),
+            "offset50": bundle.offset50,
+            "offset90": bundle.offset90,
+            "holdback": self.holdback,
+            "rounds": self.rounds,
+            "min_improvement": self.min_improvement,
+        }
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(max_workers=1)
+        self.counters["retrains"] += 1
+        try:
+            result = await loop.run_in_executor(self._executor, retrain_job, payload)
+        except Exception:
+            self.counters["failed"] += 1
+            log.exception("predictor retrain failed")
+            raise
+        self.last_result = {k: v for k, v in result.items() if k not in ("p50", "p90")}
+        if result["accepted"]:
+            candidate = await asyncio.to_thread(self._build, result)
+            self.predictor = candidate  # the swap: one reference assignment on the loop thread
+            self.live.reset()
+            self.counters["swaps"] += 1
+            self.counters["generation"] += 1
+        else:
+            self.counters["rejected"] += 1
+        return self.last_result
+
+    def _build(self, result: dict[str, Any]) -> LengthPredictor:
+        old = self.predictor.bundle
+        bundle = replace(
+            old,
+            p50=lgb.Booster(model_str=result["p50"]),
+            p90=lgb.Booster(model_str=result["p90"]),
+            offset50=result["offset50"],
+            offset90=result["offset90"],
+            meta={**old.meta, "online_generation": self.counters["generation"] + 1},
+        )
+        return LengthPredictor(bundle, source=f"{self.predictor.source} (online)")

@@ -1,0 +1,96 @@
+"""The request-path predictor: featurise one request and return (p50, p90) output tokens.
+
+Everything here is synchronous and bounded (tens to a few hundred microseconds), so the proxy
+calls it inline on the event loop; there is no I/O and no allocation proportional to prompt size
+beyond the bounded window.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import artifact
+from .columns import N_COLUMNS, full_row, prompt_part
+from .fastpredict import FastBooster
+from .features import PromptFeatures, featurise
+from .modelstats import lookup
+from .train import Bundle
+
+
+def default_model_dir() -> Path:
+    """The artifact shipped inside the package (trained on all the shared data; ``make predictor-model``)."""
+    return Path(__file__).resolve().parent / "default_model"
+
+
+@dataclass(slots=True)
+class Prediction:
+    p50: float
+    p90: float
+    features: PromptFeatures  # keep on the request; the online learner records it when the reply ends
+
+
+class LengthPredictor:
+    """A loaded artifact with one-row fast paths for both quantile heads."""
+
+    def __init__(self, bundle: Bundle, source: str = "") -> None:
+        self.bundle = bundle
+        self.source = source
+        self._p50 = FastBooster(bundle.p50, N_COLUMNS)
+        self._p90 = FastBooster(bundle.p90, N_COLUMNS)
+        self._stats_cache: dict[str, list[float]] = {}
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> LengthPredictor:
+        """Load an artifact (default: the packaged one); raises ``ArtifactError`` on a version mismatch."""
+        p = Path(path) if path is not None else default_model_dir()
+        return cls(artifact.load(p), source=str(p))
+
+    def model_stats(self, model: str) -> list[float]:
+        stats = self._stats_cache.get(model)
+        if stats is None:
+            stats = lookup(self.bundle.stats, self.bundle.prior, model)["stats"]
+            if len(self._stats_cache) < 4096:  # bounded: client-chosen model names are unbounded
+                self._stats_cache[model] = stats
+        return stats
+
+    def predict_features(self, f: PromptFeatures, max_tokens: int | None = None) -> tuple[float, float]:
+        """(p50, p90) in tokens for already computed features; capped by ``max_tokens``."""
+        row = full_row(prompt_part(f, self.bundle.text.score(f)), self.model_stats(f.model))
+        log50 = self._p50.predict(row) + self.bundle.offset50
+        log90 = max(self._p90.predict(row) + self.bundle.offset90, log50)
+        p50 = max(1.0, math.expm1(log50))
+        p90 = max(1.0, math.expm1(log90))
+        if max_tokens is not None and max_tokens > 0:
+            p50, p90 = min(p50, float(max_tokens)), min(p90, float(max_tokens))
+        return p50, p90
+
+    def predict_request(
+        self,
+        prompt: Any,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        slo_class: str | None = None,
+        tenant: str | None = None,
+        prompt_tokens_estimate: int | None = None,
+    ) -> Prediction:
+        f = featurise(prompt, model, max_tokens, temperature, slo_class, tenant, prompt_tokens_estimate)
+        p50, p90 = self.predict_features(f, max_tokens)
+        return Prediction(p50, p90, f)
+
+    def predict(
+        self,
+        prompt: Any,
+        model: str | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        slo_class: str | None = None,
+        tenant: str | None = None,
+        prompt_tokens_estimate: int | None = None,
+    ) -> tuple[float, float]:
+        """(p50, p90) output tokens for one request: prompt string or chat messages, plus its parameters."""
+        pred = self.predict_request(prompt, model, max_tokens, temperature, slo_class, tenant, prompt_tokens_estimate)
+        return pred.p50, pred.p90
