@@ -41,6 +41,7 @@ class Backend:
     name: str = ""  # = config.name (a plain attribute: policies read it in hot loops)
     priority_scheduling: bool = False  # the engine orders by priority itself (hints are sent)
     urgent_budget: int = 32  # band-0 budget: a quarter more where the engine preempts by priority
+    clock: Callable[[], float] = time.monotonic  # the simulator passes its virtual clock
 
     def __post_init__(self) -> None:
         self.name = self.config.name
@@ -52,7 +53,7 @@ class Backend:
 
     @property
     def load_is_stale(self) -> bool:
-        return self.load_read_at is None or time.monotonic() - self.load_read_at > self.stale_after_s
+        return self.load_read_at is None or self.clock() - self.load_read_at > self.stale_after_s
 
     def record_probe(self, ok: bool, health: HealthConfig) -> None:
         if ok:
@@ -72,7 +73,13 @@ class Backend:
 class BackendPool:
     """All backends, indexed by model; runs their health checks and load polling."""
 
-    def __init__(self, configs: Iterable[BackendConfig], health: HealthConfig, polling: LoadPolling) -> None:
+    def __init__(
+        self,
+        configs: Iterable[BackendConfig],
+        health: HealthConfig,
+        polling: LoadPolling,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.health = health
         self.polling = polling
         self.backends: list[Backend] = []
@@ -81,7 +88,9 @@ class BackendPool:
             adapter = load_adapter_class(config.engine)(
                 api_key=config.api_key, priority_scheduling=config.priority_scheduling
             )
-            backend = Backend(config, adapter, stale_after_s=polling.stale_after_s, models=frozenset(config.models))
+            backend = Backend(
+                config, adapter, stale_after_s=polling.stale_after_s, models=frozenset(config.models), clock=clock
+            )
             self.backends.append(backend)
             for model in config.models:
                 self.by_model.setdefault(model, []).append(backend)

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .backends import Backend, BackendPool
 from .errors import ProxyError
@@ -35,8 +35,10 @@ class Scheduler:
         pool: BackendPool,
         config: SchedulingConfig | None = None,
         state: SchedulerState | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.policy = policy
+        self.clock = clock  # monotonic seconds; the simulator passes its virtual clock
         self.pool = pool
         self.config = config or SchedulingConfig()
         self.state = state or LocalState()
@@ -68,7 +70,7 @@ class Scheduler:
 
     # ----- the request side -----------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
-        return Snapshot(time.monotonic(), self.pool.backends)
+        return Snapshot(self.clock(), self.pool.backends)
 
     def candidates(self, request: ProxyRequest) -> list[Backend]:
         return [b for b in self.pool.candidates(request.model) if b.name not in request.excluded]
@@ -122,7 +124,7 @@ class Scheduler:
 
     def first_token(self, request: ProxyRequest) -> None:
         """Event: the request's first content reached its client (it can no longer be moved)."""
-        request.first_token_at = time.monotonic()
+        request.first_token_at = self.clock()
 
     def _admit_to_queue(self, request: ProxyRequest) -> None:
         waiting = sum(len(q) for q in self.queues.values())
@@ -131,7 +133,7 @@ class Scheduler:
             raise ProxyError(
                 429, "The proxy queue is full; retry later.", code="queue_full", headers=self._retry_after()
             )
-        if self.hopeless(request, time.monotonic()):
+        if self.hopeless(request, self.clock()):
             self.counts["deadline_exceeded"] += 1
             raise ProxyError(
                 429,
@@ -217,9 +219,13 @@ class Scheduler:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(self.config.tick_s)
-            self.expire(time.monotonic())
-            self.fleet_actions()
-            self.dispatch_all()
+            self.tick()
+
+    def tick(self) -> None:
+        """The timer's work: shed and expire, fleet actions, dispatch (the simulator calls it on its own timer)."""
+        self.expire(self.clock())
+        self.fleet_actions()
+        self.dispatch_all()
 
     def fleet_actions(self) -> None:
         """Run the policy's slow path and carry out what it decides (evictions for now)."""

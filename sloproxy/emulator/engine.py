@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -99,6 +100,7 @@ class Step:
     end: float
     work: list[tuple[Sequence, int]]
     shape: StepShape
+    ends: list[float] | None = None  # a decode run (see Engine.plan_run): each iteration's end; ``end`` is the last
 
 
 class _WaitingQueue:
@@ -229,6 +231,8 @@ class Engine:
         if step is None:
             return []
         self.current = None
+        if step.ends is not None:
+            return self._apply_run(step, len(step.ends))
         now = step.end
         progressed: list[Sequence] = []
         block_size = self.kv.block_size
@@ -253,6 +257,136 @@ class Engine:
                 seq.on_progress(seq)
         self.stats.steps += 1
         self.stats.busy_seconds += step.end - step.start
+        return progressed
+
+    # ----- decode runs (the trace-driven simulator's fast path) ---------------------------------
+    def plan_run(self, now: float, until: float, max_iterations: int = 4096) -> Step | None:
+        """:meth:`plan_step`, or several identical decode iterations planned as one :class:`Step`.
+
+        When nothing waits and every running sequence is decoding, consecutive iterations differ
+        only in context lengths, so a run covers them up to the first finish, the iteration in
+        flight at ``until``, or where the KV cache would run out. Applying it (:meth:`complete_step`)
+        leaves exactly the state, times and counters that per-iteration planning would; anything
+        that touches the engine before the run ends must call :meth:`cut_run` first. KV blocks are
+        taken when iterations are applied, so cached blocks are evicted in the same order.
+        """
+        if self.current is not None:
+            raise RuntimeError("a step is already in flight")
+        work = self._decode_run_work()
+        if work is None:
+            return self.plan_step(now)
+        kv = self.kv
+        limit = min(max_iterations, min(seq.target_tokens - seq.output for seq in self.running))
+        if limit < 2:
+            return self.plan_step(now)
+        if self._run_blocks(limit) > kv.free:  # the largest run that fits (the cache only fills)
+            low, high = 1, limit
+            while low < high:
+                middle = (low + high + 1) // 2
+                if self._run_blocks(middle) <= kv.free:
+                    low = middle
+                else:
+                    high = middle - 1
+            limit = low
+            if limit < 2:
+                return self.plan_step(now)
+        shape = StepShape()
+        for seq in self.running:
+            shape.add_decode(seq.computed + 1)
+        profile = self.profile
+        count = len(self.running)
+        ends: list[float] = []
+        end = now
+        while True:
+            end = end + step_time_ms(profile, shape) / 1e3
+            ends.append(end)
+            if len(ends) >= limit or end >= until:
+                break
+            shape.decode_context_tokens += count
+            shape.max_decode_context += 1
+        if len(ends) < 2:
+            return self.plan_step(now)
+        self.current = Step(now, end, work, shape, ends)
+        return self.current
+
+    def _decode_run_work(self) -> list[tuple[Sequence, int]] | None:
+        """The iteration's work in the engine's own order when a run applies, else None."""
+        if self.sleeping or len(self.waiting) or not self.running:
+            return None
+        if self.kind == "vllm" and len(self.running) > self.token_budget:
+            return None
+        for seq in self.running:
+            if seq.output == 0 or seq.computed != seq.prompt_len + seq.output - 1:
+                return None  # prefilling (or recomputing after a preemption)
+            if seq.can_register and len(seq.shared) < len(seq.block_hashes):
+                return None
+        ordered = self.running
+        if self.kind == "sglang":  # its decode batch order (_schedule_sglang)
+            ordered = sorted(self.running, key=lambda s: (s.output, -s.prompt_len), reverse=True)
+        return [(seq, 1) for seq in ordered]
+
+    def _run_blocks(self, iterations: int) -> int:
+        """KV blocks to allocate so every running sequence can decode ``iterations`` more tokens."""
+        blocks_for = self.kv.blocks_for
+        total = 0
+        for seq in self.running:
+            need = blocks_for(seq.computed + iterations) - len(seq.shared) - seq.private_blocks - seq.reserved_blocks
+            if need > 0:
+                total += need
+        return total
+
+    def cut_run(self, now: float) -> Step | None:
+        """Something touches the engine at ``now``: a run in flight keeps only the iterations done
+        by then, and the one in flight becomes an ordinary step. Returns the step now in flight."""
+        step = self.current
+        if step is None or step.ends is None or now >= step.end:
+            return step
+        done = bisect_right(step.ends, now)
+        self.current = None
+        self._apply_run(step, done)
+        start = step.ends[done - 1] if done else step.start
+        single = self.plan_step(start)
+        if single is None or single.end != step.ends[done]:
+            raise RuntimeError("a cut decode run does not replan to the same iteration")
+        return single
+
+    def _apply_run(self, step: Step, iterations: int) -> list[Sequence]:
+        """Apply the first ``iterations`` of a decode run (allocation, progress, counters)."""
+        if iterations == 0:
+            return []
+        ends = step.ends
+        assert ends is not None
+        kv = self.kv
+        times = ends[:iterations]
+        now = times[-1]
+        progressed: list[Sequence] = []
+        for seq, _ in step.work:
+            if seq.state is not SeqState.RUNNING:
+                continue
+            need = kv.blocks_for(seq.computed + iterations) - len(seq.shared) - seq.private_blocks
+            if need > 0:
+                from_reserve = min(need, seq.reserved_blocks)
+                if not kv.allocate(need - from_reserve):
+                    raise RuntimeError("a decode run ran out of KV blocks")
+                seq.reserved_blocks -= from_reserve
+                seq.private_blocks += need
+            seq.computed += iterations
+            seq.output += iterations
+            seq.token_times.extend(times)
+            if seq.output >= seq.target_tokens:
+                self.running.remove(seq)
+                self._free(seq)
+                self._finish(seq, "length" if seq.hit_limit else "stop", now)
+            progressed.append(seq)
+            if seq.on_progress is not None:
+                seq.on_progress(seq)
+        stats = self.stats
+        stats.generation_tokens += len(progressed) * iterations
+        stats.steps += iterations
+        start = step.start
+        for end in times:
+            stats.busy_seconds += end - start
+            start = end
         return progressed
 
     # ----- scheduling styles -----------------------------------------------------------------

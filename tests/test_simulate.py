@@ -1,0 +1,181 @@
+"""The trace-driven simulator: invariants, determinism, the oracle, and its model of engine metrics."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from sloproxy.emulator.fleet import FleetSpec, InstanceSpec, instance_config
+from sloproxy.emulator.instance import Instance
+from sloproxy.emulator.metrics_text import render_metrics
+from sloproxy.emulator.tokens import token_ids
+from sloproxy.evaluation.build import BuildOptions, build_workload, parse_models
+from sloproxy.evaluation.simprep import PromptTokens, prepare
+from sloproxy.evaluation.simulate import Simulation, engine_load, proxy_config, simulate
+from sloproxy.plugins import load_adapter_class
+
+POLICIES = ("round-robin", "least-load", "fcfs", "edf", "priority-fair")
+
+# Small KV caches (A10 + a 7B model without GQA) so engines queue, preempt and refuse: the hard cases.
+FLEET = FleetSpec(
+    instances=[
+        InstanceSpec(name="v0", engine="vllm", model="m", port=1, profile="a10-llama2-7b"),
+        InstanceSpec(
+            name="v1", engine="vllm", model="m", port=2, profile="a10-llama2-7b", scheduling_policy="priority"
+        ),
+        InstanceSpec(name="s0", engine="sglang", model="m", port=3, profile="a10-llama2-7b", max_queued_requests=8),
+        InstanceSpec(name="t0", engine="tgi", model="m", port=4, profile="a10-llama2-7b", max_concurrent_requests=6),
+    ]
+)
+
+
+@pytest.fixture(scope="module")
+def workload(shared_data: Path):
+    options = BuildOptions(
+        trace=str(shared_data / "traces" / "azure_conv_2023.csv"),
+        lengths_dir=str(shared_data / "lengths"),
+        models=parse_models("m=Meta-Llama-3-8B-Instruct"),
+        max_requests=400,
+        rate_scale=3.0,  # ~17 req/s on four A10s: well past capacity
+        seed=5,
+    )
+    return prepare(build_workload(options))
+
+
+def _run(workload, policy: str, **kwargs) -> Simulation:
+    config = proxy_config(FLEET, policy)
+    simulation = Simulation(FLEET, workload, config, check_invariants=True, **kwargs)
+    simulation.run()
+    return simulation
+
+
+@pytest.fixture(scope="module")
+def runs(workload) -> dict[str, Simulation]:
+    return {policy: _run(workload, policy, timeout_s=120.0) for policy in POLICIES}
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_every_request_ends_exactly_once(runs: dict[str, Simulation], workload, policy: str) -> None:
+    simulation = runs[policy]
+    records = [client.record for client in simulation.clients]
+    assert [r.id for r in records] == [w.id for w in workload]
+    statuses = {r.status for r in records}
+    assert statuses <= {"ok", "rejected", "error", "timeout"}
+    assert "ok" in statuses
+    for record in records:
+        if record.status == "ok":
+            assert record.output_tokens is not None and record.output_tokens >= 1
+            assert record.ttft_s is not None and record.e2e_s is not None
+        elif record.status == "rejected":
+            assert record.http_status in (429, 503)
+    # nothing is left inside an engine or the proxy afterwards
+    assert not simulation.scheduler._running
+    assert all(len(q) == 0 for q in simulation.scheduler.queues.values())
+    assert all(b.in_flight == 0 for b in simulation.pool.backends)
+
+
+def test_the_overloaded_fleet_exercises_the_hard_paths(runs: dict[str, Simulation]) -> None:
+    # otherwise the invariants above would hold trivially
+    assert any(r.status == "timeout" for r in (c.record for c in runs["round-robin"].clients))
+    assert sum(run.stats()["preemptions"] for run in runs.values()) > 0
+    assert any(run.scheduler.counts for run in runs.values())  # shed or timed out in the proxy queue
+    assert any(
+        c.record.status == "rejected" and c.record.http_status == 429 for c in runs["round-robin"].clients
+    )  # TGI's concurrency limit, after the retry elsewhere also failed
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_time_never_goes_backwards(runs: dict[str, Simulation], policy: str) -> None:
+    for client in runs[policy].clients:
+        arrival = client.record.arrival_s
+        times = [arrival, *client.dispatched_at]
+        if client.record.status == "ok":
+            times += [client.first_at, client.finish_at]
+            assert client.record.ttft_s == pytest.approx(client.first_at - arrival)
+            assert 0 <= client.record.ttft_s <= client.record.e2e_s
+        assert times == sorted(times), (client.item.id, times)
+        if client.seq is not None and client.seq.token_times:
+            assert client.seq.token_times == sorted(client.seq.token_times)
+
+
+def test_same_inputs_give_identical_records(workload) -> None:
+    first = [c.record for c in _run(workload, "edf").clients]
+    second = [c.record for c in _run(workload, "edf").clients]
+    assert first == second
+
+
+def test_the_oracle_changes_estimates_only(workload) -> None:
+    blind, oracle = _run(workload[:150], "round-robin"), _run(workload[:150], "round-robin", oracle=True)
+    # round-robin reads no estimate, so the outcome is identical; only the estimates differ
+    assert [c.record for c in blind.clients] == [c.record for c in oracle.clients]
+    assert [c.request.est_output_tokens for c in oracle.clients] == [w.output_tokens for w in workload[:150]]
+    assert [c.request.est_output_tokens for c in blind.clients] != [w.output_tokens for w in workload[:150]]
+    assert [c.request.deadline for c in blind.clients if c.request.slo.name == "batch"] == [
+        c.request.deadline for c in oracle.clients if c.request.slo.name == "batch"
+    ]  # end-to-end deadlines do not depend on the estimate
+
+
+def test_edf_with_the_oracle_uses_the_true_lengths(workload) -> None:
+    meta, records = simulate(FLEET, workload[:150], "edf", oracle=True)
+    assert meta.source == "simulate" and meta.label == "edf+oracle" and meta.extra["oracle"] is True
+    assert len(records) == 150
+
+
+def test_arrivals_are_scaled(workload) -> None:
+    _, records = simulate(FLEET, workload[:50], "round-robin", scale=2.0)
+    assert [r.arrival_s for r in records] == pytest.approx([w.arrival_s / 2.0 for w in workload[:50]])
+
+
+@pytest.mark.parametrize("kind", ["vllm", "sglang", "tgi"])
+def test_engine_load_is_what_the_adapter_parses_from_metrics(kind: str) -> None:
+    spec = InstanceSpec(name="x", engine=kind, model="m", port=1, profile="a10-llama2-7b")
+    instance = Instance(instance_config(spec))
+    engine = instance.engine
+    rng = random.Random(1)
+    from sloproxy.emulator.virtual import make_sequence
+
+    for _ in range(40):
+        engine.add(make_sequence(engine, rng.randint(50, 900), rng.randint(5, 400), 0.0))
+    now = 0.0
+    for _ in range(60):  # mid-flight: running, waiting and a part-filled cache
+        step = engine.plan_step(now)
+        engine.complete_step()
+        now = step.end
+    adapter = load_adapter_class(kind)()
+    parsed = adapter.parse_load(render_metrics(instance).decode())
+    assert engine_load(engine) == parsed
+    assert parsed.running > 0 and parsed.waiting > 0
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<|user|>\nHello there\nsecond line  \n  indented\n\n\nlast\n<|assistant|>\n",
+        "a\n\nb\n \nc\t\nd\n",
+        "\nstarts with a newline\nand 123 numbers, punctuation!\n",
+        "trailing spaces   \nx\n   \n",
+        "",
+    ],
+)
+def test_prompt_tokens_match_the_emulator(text: str) -> None:
+    assert PromptTokens().ids(text) == token_ids(text)
+
+
+def test_prompt_tokens_match_on_random_text() -> None:
+    rng = random.Random(2)
+    alphabet = ["a", "bc", " ", "\n", "\t", "7", "!", "  ", "word", "\n\n"]
+    tokens = PromptTokens()
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        assert tokens.ids(text) == token_ids(text), repr(text)
+
+
+def test_proxy_config_follows_the_fleet() -> None:
+    config = proxy_config(FLEET, "edf", {"reserve": 0.5})
+    assert [b.name for b in config.backends] == ["v0", "v1", "s0", "t0"]
+    assert [b.priority_scheduling for b in config.backends] == [False, True, False, False]
+    assert config.policy.name == "edf" and config.policy.params == {"reserve": 0.5}
+    assert msgspec.structs.asdict(config.scheduling) == msgspec.structs.asdict(type(config.scheduling)())
