@@ -74,13 +74,13 @@ class OpenAICompatibleAdapter(EngineAdapter):
         """The raw client body, or a changed one: asked for usage, priority hint set or stripped."""
         priority = self.engine_priority(request)
         needs_usage = request.stream and not request.include_usage
-        touches_priority = priority is not None or "priority" in request.body
+        touches_priority = priority is not None or request.priority_given
         if not needs_usage and not touches_priority:
             return request.raw
         raw = request.raw.lstrip()
-        if not touches_priority and "stream_options" not in request.body and raw.startswith(b"{"):
+        if not touches_priority and not request.stream_options_given and raw.startswith(b"{"):
             return b'{"stream_options":{"include_usage":true},' + raw[1:]  # no re-encode of the prompt
-        body = dict(request.body)
+        body = dict(request.decoded_body())
         if needs_usage:
             options = body.get("stream_options")
             body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}

@@ -25,7 +25,7 @@ class SGLangAdapter(OpenAICompatibleAdapter):
         return -request.urgency_rank if self.priority_scheduling else None
 
     def build(self, request: ProxyRequest) -> UpstreamCall:
-        body = dict(request.body)
+        body = dict(request.decoded_body())
         body["rid"] = _rid(request)
         if request.stream and not request.include_usage:
             options = body.get("stream_options")

@@ -104,7 +104,7 @@ class TGIAdapter(EngineAdapter):
         self.headers = {"Content-Type": "application/json"}  # TGI has no priorities: hints are dropped
 
     def build(self, request: ProxyRequest) -> UpstreamCall:
-        body = dict(request.body)
+        body = dict(request.decoded_body())
         body.pop("priority", None)
         body["model"] = "tgi"  # any other name would be taken as a LoRA adapter id
         if request.stream:

@@ -208,6 +208,7 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=300)
     parser.add_argument("--litellm", help="path to a litellm executable (optional)")
     parser.add_argument("--policy", default="round-robin", help="sloproxy's scheduling policy")
+    parser.add_argument("--ttfc-only", action="store_true", help="measure only time to first chunk (quick)")
     args = parser.parse_args()
     for tool in ("wrk", "nginx", "taskset"):
         if shutil.which(tool) is None:
@@ -287,9 +288,13 @@ def main() -> int:
         results: dict[str, dict] = {}
         for name, (fast, slow) in targets.items():
             route = "/v1/chat/completions"
-            throughput = wrk(fast + route, BODY, 64, args.seconds)
-            single = wrk(fast + route, BODY, 1, args.seconds)
-            streamed = wrk(fast + route, STREAM_BODY, 64, args.seconds)
+            if args.ttfc_only:
+                nothing = {"rps": 0.0, "p50_ms": 0.0, "p99_ms": 0.0, "non_2xx": 0}
+                throughput = single = streamed = nothing
+            else:
+                throughput = wrk(fast + route, BODY, 64, args.seconds)
+                single = wrk(fast + route, BODY, 1, args.seconds)
+                streamed = wrk(fast + route, STREAM_BODY, 64, args.seconds)
             ttfc = asyncio.run(first_chunk_times(fast + route, args.streams))
             ttfc_paced = asyncio.run(first_chunk_times(slow + route, args.streams))
             results[name] = {
@@ -308,7 +313,9 @@ def main() -> int:
             row["added_p50_ms_c1"] = row["p50_ms_c1"] - base["p50_ms_c1"]
             row["added_ttfc_p50_ms"] = row["ttfc_p50_ms"] - base["ttfc_p50_ms"]
             row["added_paced_ttfc_p50_ms"] = row["paced_ttfc_p50_ms"] - base["paced_ttfc_p50_ms"]
-        results["abort_propagation"] = asyncio.run(abort_latency(20))
+        results["abort_propagation"] = (
+            {"samples": 0, "p50_ms": 0.0, "max_ms": 0.0} if args.ttfc_only else asyncio.run(abort_latency(20))
+        )
     finally:
         for proc in procs:
             proc.terminate()

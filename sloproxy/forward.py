@@ -13,12 +13,11 @@ import asyncio
 import logging
 import time
 
-from aiohttp import web
-
 from .adapters.base import EngineAdapter, StreamTranslator, UpstreamCall
 from .backends import Backend, BackendPool
 from .config import Limits
 from .errors import ProxyError, error_frame
+from .http_server import JSON, Response
 from .proxy_metrics import ProxyMetrics
 from .request import ProxyRequest
 from .scheduler import Scheduler
@@ -27,7 +26,7 @@ from .upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("sloproxy.forward")
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class _RetryableFailure(Exception):
@@ -41,10 +40,6 @@ class _RetryableFailure(Exception):
 class _ClientGone(Exception):
     """The client closed its connection mid-stream; the partly sent response is all it gets."""
 
-    def __init__(self, response: web.StreamResponse) -> None:
-        super().__init__("client disconnected")
-        self.response = response
-
 
 def _translate(translator: StreamTranslator, payload: bytes) -> bytes:
     """One upstream event through the adapter; a malformed event ends the stream with an error frame."""
@@ -55,18 +50,18 @@ def _translate(translator: StreamTranslator, payload: bytes) -> bytes:
         return translator.error(502, "The backend sent a stream event the proxy could not read.")
 
 
-async def _client_write(response: web.StreamResponse, data: bytes) -> None:
+async def _client_write(response: Response, data: bytes) -> None:
     try:
         await response.write(data)
     except ConnectionResetError:
-        raise _ClientGone(response) from None
+        raise _ClientGone from None
 
 
-async def _client_end(response: web.StreamResponse) -> None:
+async def _client_end(response: Response) -> None:
     try:
-        await response.write_eof()
+        await response.end()
     except ConnectionResetError:
-        raise _ClientGone(response) from None
+        raise _ClientGone from None
 
 
 class Forwarder:
@@ -89,7 +84,8 @@ class Forwarder:
         for upstream in self._upstreams.values():
             upstream.close()
 
-    async def forward(self, http: web.Request, request: ProxyRequest) -> web.StreamResponse:
+    async def forward(self, response: Response, request: ProxyRequest) -> None:
+        """Answer ``request`` through ``response`` from a backend the scheduler hands out."""
         last_error: ProxyError | None = None
         failures = 0
         while failures <= self.limits.retries_before_first_byte:
@@ -99,7 +95,7 @@ class Forwarder:
             request.backend = backend.name
             request.attempts += 1
             try:
-                return await self._attempt(http, request, backend)
+                return await self._attempt(response, request, backend)
             except _RetryableFailure as failure:
                 if request.evicted:  # the scheduler moved it: back to the queue, not a failure
                     request.evicted = False
@@ -116,7 +112,7 @@ class Forwarder:
                 self.scheduler.release(request, backend, request.tokens_used)
         raise last_error or ProxyError(503, f"No backend could serve model `{request.model}`.")
 
-    async def _attempt(self, http: web.Request, request: ProxyRequest, backend: Backend) -> web.StreamResponse:
+    async def _attempt(self, response: Response, request: ProxyRequest, backend: Backend) -> None:
         adapter = backend.adapter
         call = adapter.build(request)
         upstream: UpstreamResponse | None = None
@@ -144,15 +140,17 @@ class Forwarder:
                 raise error
             if request.stream:
                 try:
-                    response = await self._relay_stream(http, request, adapter, upstream, backend)
-                except _ClientGone as gone:
+                    await self._relay_stream(response, request, adapter, upstream, backend)
+                except _ClientGone:
                     request.disconnected = True
-                    return gone.response  # aiohttp finds the transport closed and moves on quietly
+                    return
             else:
                 body = await self._read(upstream, backend)
-                response = web.Response(body=adapter.translate_reply(request, body), content_type="application/json")
+                try:
+                    response.send(200, adapter.translate_reply(request, body), JSON)
+                except ConnectionResetError:
+                    request.disconnected = True
             finished = True
-            return response
         finally:
             if upstream is not None:
                 if finished:
@@ -169,48 +167,47 @@ class Forwarder:
 
     async def _relay_stream(
         self,
-        http: web.Request,
+        response: Response,
         request: ProxyRequest,
         adapter: EngineAdapter,
         upstream: UpstreamResponse,
         backend: Backend,
-    ) -> web.StreamResponse:
+    ) -> None:
         decoder = SSEDecoder()
         translator: StreamTranslator = adapter.stream_translator(request)
-        response: web.StreamResponse | None = None
         started = time.monotonic()
         try:
             async for chunk in upstream.chunks():
                 out = b"".join([_translate(translator, payload) for payload in decoder.feed(chunk)])
                 if out:
-                    if response is None:
+                    if not response.started:
                         failure = translator.failure
                         if failure is not None:  # an error before anything was sent: answer with its status
                             if failure.status in RETRYABLE_STATUSES or failure.status >= 500:
                                 raise _RetryableFailure(failure)
                             raise failure
-                        response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+                        response.start(200, "text/event-stream", SSE_HEADERS)
                         request.first_byte_sent = True
+                        await _client_write(response, out)  # the head leaves with the first chunk
                         self.scheduler.first_token(request)
-                        await response.prepare(http)
                         self.metrics.first_byte(request.model, time.monotonic() - started)
-                    await _client_write(response, out)
+                    else:
+                        await _client_write(response, out)
                 if translator.done:
                     break
         except UpstreamError as exc:
-            if response is None:
+            if not response.started:
                 raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} failed mid-stream ({exc}).")) from None
             await _client_write(response, error_frame(502, f"The backend failed mid-stream ({exc})."))
             await _client_end(response)
-            return response
+            return
         if not translator.done:
-            if response is None:
+            if not response.started:
                 raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} closed the stream early."))
             await _client_write(response, error_frame(502, "The backend closed the stream before it finished."))
-        if response is None:  # a stream with nothing in it at all
+        if not response.started:  # a stream with nothing in it at all
             raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} sent an empty stream."))
         await _client_end(response)
-        return response
 
     def _abort_in_engine(self, adapter: EngineAdapter, backend: Backend, request: ProxyRequest) -> None:
         call = adapter.abort_call(request)

@@ -114,7 +114,10 @@ class ProxyMetrics:
         self.tokens = Counter(
             "sloproxy_tokens", "Tokens the engines reported, by kind.", ["model", "kind"], registry=self.registry
         )
-        self.in_flight = Gauge("sloproxy_in_flight_requests", "Requests being served.", registry=self.registry)
+        self.in_flight = 0  # a plain number on the hot path, read at scrape time
+        Gauge("sloproxy_in_flight_requests", "Requests being served.", registry=self.registry).set_function(
+            lambda: self.in_flight
+        )
         self.registry.register(_BackendCollector(pool))
         self._finished: dict[tuple[str, str], tuple] = {}
         self._ttft: dict[str, Histogram] = {}

@@ -51,6 +51,7 @@ class _ChatFields(msgspec.Struct):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     n: int = 1
+    priority: int | None = None
 
 
 class _CompletionFields(msgspec.Struct):
@@ -60,6 +61,12 @@ class _CompletionFields(msgspec.Struct):
     stream_options: _StreamOptions | None = None
     max_tokens: int | None = None
     n: int = 1
+    priority: int | None = None
+
+
+# One typed pass over the client's bytes validates what the proxy relies on (unknown fields are
+# skipped here and pass through in the raw body); the full dict is decoded only if an adapter needs it.
+_DECODERS = {"chat": msgspec.json.Decoder(_ChatFields), "completions": msgspec.json.Decoder(_CompletionFields)}
 
 
 @dataclass(slots=True, eq=False)
@@ -69,8 +76,10 @@ class ProxyRequest:
     model: str
     stream: bool
     include_usage: bool  # the client asked for the usage chunk
-    body: dict[str, Any]
     raw: bytes
+    stream_options_given: bool = False  # the client sent ``stream_options`` (adapters must merge, not prepend)
+    priority_given: bool = False  # the client sent ``priority``
+    body: dict[str, Any] | None = None  # decoded from ``raw`` on first use: see ``decoded_body``
     received_at: float = field(default_factory=time.monotonic)
     prompt_tokens: int | None = None  # learned from the engine's usage
     completion_tokens: int | None = None
@@ -95,11 +104,17 @@ class ProxyRequest:
     evict: Callable[[], None] | None = None  # set while on a backend: aborts the upstream call
     evicted: bool = False
 
+    def decoded_body(self) -> dict[str, Any]:
+        """The client's JSON body as a dict, decoded on first use (pass-through engines never need it)."""
+        if self.body is None:
+            self.body = msgspec.json.decode(self.raw)
+        return self.body
+
     @property
     def prefix_hashes(self) -> list[int]:
         """Chained hashes of the prompt's leading blocks (see :func:`prefix_hashes`)."""
         if self._prefix_hashes is None:
-            self._prefix_hashes = prefix_hashes(self.body)
+            self._prefix_hashes = prefix_hashes(self.decoded_body())
         return self._prefix_hashes
 
     @prefix_hashes.setter
@@ -141,18 +156,16 @@ def _validation_message(exc: msgspec.ValidationError) -> tuple[str, str | None]:
 def parse_request(kind: Kind, raw: bytes, request_id: str | None = None) -> ProxyRequest:
     """Decode and validate a client body; raises :class:`ProxyError` (400) on bad input."""
     try:
-        body = msgspec.json.decode(raw)
+        fields = _DECODERS[kind].decode(raw)
+    except msgspec.ValidationError as exc:  # well-formed JSON of the wrong shape
+        if raw.lstrip()[:1] not in (b"{", b""):
+            raise ProxyError(400, "The request body must be a JSON object.") from None
+        message, param = _validation_message(exc)
+        raise ProxyError(400, message, param=param) from None
     except msgspec.DecodeError as exc:
         raise ProxyError(400, f"Invalid JSON body: {exc}") from None
     except UnicodeDecodeError:
         raise ProxyError(400, "The request body is not valid UTF-8.") from None
-    if not isinstance(body, dict):
-        raise ProxyError(400, "The request body must be a JSON object.")
-    try:
-        fields = msgspec.convert(body, _ChatFields if kind == "chat" else _CompletionFields)
-    except msgspec.ValidationError as exc:
-        message, param = _validation_message(exc)
-        raise ProxyError(400, message, param=param) from None
     if kind == "chat" and not fields.messages:
         raise ProxyError(400, "`messages` must contain at least one message.", param="messages")
     for name in ("max_tokens", "max_completion_tokens"):
@@ -162,9 +175,6 @@ def parse_request(kind: Kind, raw: bytes, request_id: str | None = None) -> Prox
     if fields.n < 1:
         raise ProxyError(400, f"`n` must be at least 1, got {fields.n}.", param="n")
     options = fields.stream_options
-    priority = body.get("priority", 0)
-    if not isinstance(priority, int) or isinstance(priority, bool):
-        raise ProxyError(400, "`priority` must be an integer.", param="priority")
     limit = getattr(fields, "max_completion_tokens", None) or fields.max_tokens
     return ProxyRequest(
         id=new_request_id(),  # internal and unique: the client's X-Request-Id is kept apart
@@ -173,9 +183,10 @@ def parse_request(kind: Kind, raw: bytes, request_id: str | None = None) -> Prox
         model=fields.model,
         stream=fields.stream,
         include_usage=bool(options and options.include_usage),
-        body=body,
         raw=raw,
-        priority=priority,
+        stream_options_given=options is not None,
+        priority_given=fields.priority is not None,
+        priority=fields.priority or 0,
         est_prompt_tokens=len(raw) // 4,  # ~4 bytes per token; the engine's usage corrects it later
         est_output_tokens=min(limit, DEFAULT_OUTPUT_TOKENS) if limit else DEFAULT_OUTPUT_TOKENS,
     )

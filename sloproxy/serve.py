@@ -8,31 +8,29 @@ import logging
 import signal
 from collections.abc import Callable
 
-from aiohttp import web
-
-from .app import Proxy, build_app
+from .app import Proxy, build_server
 from .config import ProxyConfig
 
 
 async def run_proxy(config: ProxyConfig, ready: Callable[[str], None] | None = None) -> None:
     proxy = Proxy(config)
-    app = build_app(proxy)
-    # handler_cancellation: a client that disconnects cancels its handler, which aborts upstream.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, config.listen.host, config.listen.port, backlog=2048, reuse_address=True)
-    await site.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    address = f"http://{config.listen.host}:{config.listen.port}"
-    (ready or print)(f"sloproxy serving on {address} ({len(config.backends)} backends, policy {config.policy.name})")
+    server = build_server(proxy)
+    await proxy.start()
     try:
+        await server.start(config.listen.host, config.listen.port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        address = f"http://{config.listen.host}:{config.listen.port}"
+        (ready or print)(
+            f"sloproxy serving on {address} ({len(config.backends)} backends, policy {config.policy.name})"
+        )
         await stop.wait()
+        await server.stop()
     finally:
-        await runner.cleanup()
+        await proxy.stop()
 
 
 def configure_logging(level: str = "INFO") -> None:
