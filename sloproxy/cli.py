@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation.cli import register as register_evaluation
 
     register_evaluation(commands)
+    from .evaluation.sim_cli import register as register_simulator  # simulate, sweep
+
+    register_simulator(commands)
     from .predictor.cli import register as register_predictor
 
     register_predictor(commands)

@@ -179,3 +179,106 @@ def test_proxy_config_follows_the_fleet() -> None:
     assert [b.priority_scheduling for b in config.backends] == [False, True, False, False]
     assert config.policy.name == "edf" and config.policy.params == {"reserve": 0.5}
     assert msgspec.structs.asdict(config.scheduling) == msgspec.structs.asdict(type(config.scheduling)())
+
+
+@pytest.fixture(scope="module")
+def files(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    import yaml
+
+    from sloproxy.evaluation.workload import write_workload
+
+    directory = tmp_path_factory.mktemp("simcli")
+    options = BuildOptions(
+        trace=str(shared_data / "traces" / "azure_conv_2023.csv"),
+        lengths_dir=str(shared_data / "lengths"),
+        models=parse_models("m=Meta-Llama-3-8B-Instruct"),
+        max_requests=120,
+        max_context=4096,
+        seed=9,
+    )
+    workload = directory / "w.jsonl"
+    write_workload(workload, build_workload(options))
+    fleet = directory / "fleet.yaml"
+    fleet.write_text(yaml.safe_dump({"instances": [msgspec.to_builtins(i) for i in FLEET.instances]}))
+    return fleet, workload
+
+
+def test_simulate_cli_writes_a_run_and_prints_the_report(files, tmp_path: Path, capsys) -> None:
+    import json
+
+    from sloproxy.cli import main
+    from sloproxy.evaluation.records import read_run
+
+    fleet, workload = files
+    out = tmp_path / "run.jsonl"
+    args = ["simulate", "--fleet", str(fleet), "--workload", str(workload), "--policy", "edf+oracle"]
+    assert main([*args, "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    meta, records = read_run(out)
+    assert meta.source == "simulate" and meta.label == "edf+oracle" and meta.extra["oracle"] is True
+    assert len(records) == 120 == report["requests"]
+    assert report["overall"]["ok"] == sum(r.status == "ok" for r in records)
+
+
+def test_sweep_cli_json_has_capacity_and_attainment(files, tmp_path: Path, capsys) -> None:
+    import json
+
+    from sloproxy.cli import main
+
+    fleet, workload = files
+    png = tmp_path / "sweep.png"
+    argv = ["sweep", "--fleet", str(fleet), "--workload", str(workload), "--policies", "edf", "--scales", "1,8"]
+    assert main([*argv, "--json", "--png", str(png)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"capacity", "attainment"}
+    assert list(result["attainment"]) == ["round-robin", "least-load", "edf"]  # baselines always run
+    for label, values in result["attainment"].items():
+        assert set(values) == {"1", "8"}
+        assert all(0.0 <= v <= 1.0 for v in values.values())
+        expected = None
+        for scale in ("1", "8"):
+            if values[scale] < 0.9:
+                break
+            expected = float(scale)
+        assert result["capacity"][label] == expected
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_capacity_is_bounded_by_the_first_miss() -> None:
+    from sloproxy.evaluation.sweep import capacity
+
+    assert capacity({0.5: 0.99, 1.0: 0.95, 1.5: 0.80, 2.0: 0.93}) == 1.0
+    assert capacity({0.5: 0.5}) is None
+    assert capacity({1.0: 0.9}) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--policy", "no-such-policy"], "no-such-policy"),
+        (["--policy", "edf", "--scale", "0"], "--scale"),
+        (["--policy", "edf", "--params", "[1]"], "--params"),
+        (["--policy", "edf", "--params", '{"nope": 1}'], "nope"),
+    ],
+)
+def test_simulate_cli_bad_inputs(files, capsys, argv: list[str], message: str) -> None:
+    from sloproxy.cli import main
+
+    fleet, workload = files
+    assert main(["simulate", "--fleet", str(fleet), "--workload", str(workload), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_files_and_unserved_models(files, tmp_path: Path, capsys) -> None:
+    from sloproxy.cli import main
+    from sloproxy.evaluation.workload import read_workload, write_workload
+
+    fleet, workload = files
+    assert (
+        main(["simulate", "--fleet", str(tmp_path / "nope.yaml"), "--workload", str(workload), "--policy", "edf"]) == 2
+    )
+    assert "does not exist" in capsys.readouterr().err
+    other = tmp_path / "other.jsonl"
+    write_workload(other, [msgspec.structs.replace(r, model="other") for r in read_workload(workload)[:3]])
+    assert main(["sweep", "--fleet", str(fleet), "--workload", str(other), "--policies", "edf"]) == 2
+    assert "does not serve: other" in capsys.readouterr().err

@@ -13,10 +13,12 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from ..emulator.fleet import FleetSpec
 from ..emulator.tokens import VOCAB_SIZE, block_hashes, render_chat, token_ids
 from .workload import WorkloadRequest
 
@@ -104,3 +106,30 @@ def prepare(requests: Sequence[WorkloadRequest], block_sizes: Iterable[int] = (1
             )
         )
     return prepared
+
+
+def load_inputs(fleet_path: str, workload_path: str) -> tuple[FleetSpec, list[SimRequest]]:
+    """Read a fleet file and a workload, check that the fleet serves the workload's models, prepare it."""
+    from ..emulator.fleet import load_fleet
+    from ..emulator.profiles import get_profile
+    from .workload import read_workload
+
+    if not Path(fleet_path).is_file():
+        raise FileNotFoundError(f"fleet file {fleet_path} does not exist")
+    if not Path(workload_path).is_file():
+        raise FileNotFoundError(f"workload file {workload_path} does not exist")
+    fleet = load_fleet(fleet_path)
+    if not fleet.instances:
+        raise ValueError(f"{fleet_path}: the fleet has no instances")
+    requests = read_workload(workload_path)
+    if not requests:
+        raise ValueError(f"{workload_path}: no requests")
+    served = {spec.model for spec in fleet.instances}
+    missing = sorted({r.model for r in requests} - served)
+    if missing:
+        served_text = ", ".join(sorted(served))
+        raise ValueError(
+            f"{workload_path} uses models the fleet does not serve: {', '.join(missing)} (served: {served_text})"
+        )
+    sizes = {get_profile(spec.profile).block_size for spec in fleet.instances}
+    return fleet, prepare(requests, sizes)
