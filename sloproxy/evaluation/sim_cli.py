@@ -22,6 +22,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     simulate.add_argument("--scale", type=float, default=1.0, help="multiply the request rate (arrivals / X)")
     simulate.add_argument("--out", help="run JSONL to write (source=simulate, trace seconds)")
     simulate.add_argument("--label", help="run label in reports (default: the policy)")
+    simulate.add_argument("--poll-phase", type=float, default=0.0, help="first load reading at this trace second")
+    simulate.add_argument("--overhead-ms", type=float, default=0.0, help="fixed HTTP-path latency added to TTFT/E2E")
     simulate.add_argument("--json", action="store_true", help="print the report as JSON")
     simulate.set_defaults(func=_simulate)
 
@@ -30,6 +32,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     sweep.add_argument("--policies", required=True, help="A,B,... (NAME+oracle: with true reply lengths)")
     sweep.add_argument("--scales", default="0.5,0.75,1,1.25,1.5,2", help="rate scales to simulate")
     sweep.add_argument("--jobs", type=int, default=1, help="worker processes (the machine may be shared)")
+    sweep.add_argument(
+        "--phases",
+        type=int,
+        default=1,
+        help="average attainment over N load-polling phases (queued policies are sensitive)",
+    )
     sweep.add_argument("--json", action="store_true", help='print {"capacity": ..., "attainment": ...}')
     sweep.add_argument("--png", help="write attainment vs rate scale per policy")
     sweep.set_defaults(func=_sweep)
@@ -88,6 +96,8 @@ def _simulate(args: argparse.Namespace) -> int:
         oracle=oracle,
         scale=args.scale,
         timeout_s=args.timeout,
+        poll_phase_s=args.poll_phase,
+        overhead_s=args.overhead_ms / 1e3,
         label=args.label,
         workload=args.workload,
         fleet_path=args.fleet,
@@ -129,7 +139,17 @@ def _sweep(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
-    result = sweep(fleet, requests, runs, scales, base=base, timeout_s=args.timeout, jobs=args.jobs, progress=progress)
+    result = sweep(
+        fleet,
+        requests,
+        runs,
+        scales,
+        base=base,
+        timeout_s=args.timeout,
+        jobs=args.jobs,
+        phases=args.phases,
+        progress=progress,
+    )
     if args.png:
         Path(args.png).write_bytes(figure_png(result, f"{Path(args.workload).name} on {Path(args.fleet).name}"))
     if args.json:

@@ -189,18 +189,26 @@ class Simulation:
         oracle: bool = False,
         timeout_s: float = 600.0,
         scale: float = 1.0,
+        poll_phase_s: float = 0.0,
+        overhead_s: float = 0.0,
         check_invariants: bool = False,
     ) -> None:
         if scale <= 0:
             raise ValueError("the rate scale must be positive")
         if timeout_s <= 0:
             raise ValueError("the client timeout must be positive")
+        if not 0 <= poll_phase_s < config.load_polling.interval_s:
+            raise ValueError("the load-polling phase must be within [0, load_polling.interval_s)")
+        if overhead_s < 0:
+            raise ValueError("the overhead must not be negative")
         self.fleet = fleet
         self.requests = requests
         self.config = config
         self.oracle = oracle
         self.timeout_s = timeout_s
         self.scale = scale
+        self.poll_phase_s = poll_phase_s  # where the proxy's polling cycle stands when the trace starts
+        self.overhead_s = overhead_s  # fixed client-seen latency of the HTTP path (see simulate())
         self.check_invariants = check_invariants
         self.now = 0.0
         self.loop = VirtualLoop(self.clock)
@@ -231,7 +239,9 @@ class Simulation:
 
     def run(self) -> list[RequestRecord]:
         started = time.perf_counter()
-        self._push(0.0, _POLL, None)  # the proxy started before the first request: it has a reading
+        self._push(self.poll_phase_s, _POLL, None)
+        if self.poll_phase_s > 0:  # the proxy started before the first request: it has a reading
+            self._poll_at_start()
         for client in self.clients:
             self._push(client.item.arrival_s / self.scale, _ARRIVAL, client)
         self._outstanding = len(self.clients)
@@ -343,6 +353,14 @@ class Simulation:
             if on_update is not None:
                 on_update(backend)
         self._push(self._next_poll, _POLL, None)
+
+    def _poll_at_start(self) -> None:
+        """The reading the proxy took before the trace started (an idle fleet)."""
+        for backend in self.pool.backends:
+            backend.load = engine_load(self.instances[backend.name].engine)
+            backend.load_read_at = self.poll_phase_s - self.config.load_polling.interval_s
+            if self.pool.on_load_update is not None:
+                self.pool.on_load_update(backend)
 
     # ----- clients ------------------------------------------------------------------------------------
     def _arrive(self, client: _Client) -> None:
@@ -475,8 +493,9 @@ class Simulation:
         else:
             status, http_status, message = "ok", 200, None
         ok = status == "ok"
-        ttft = client.first_at - arrival if ok and client.first_at is not None else None
-        e2e = client.finish_at - arrival if ok and client.finish_at is not None else None
+        extra = self.overhead_s
+        ttft = client.first_at - arrival + extra if ok and client.first_at is not None else None
+        e2e = client.finish_at - arrival + extra if ok and client.finish_at is not None else None
         output = seq.output if seq is not None and (ok or seq.output) else None
         client.record = RequestRecord(
             id=item.id,
@@ -517,13 +536,30 @@ def simulate(
     oracle: bool = False,
     scale: float = 1.0,
     timeout_s: float = 600.0,
+    poll_phase_s: float = 0.0,
+    overhead_s: float = 0.0,
     label: str | None = None,
     workload: str = "",
     fleet_path: str | None = None,
 ) -> tuple[RunMeta, list[RequestRecord]]:
-    """Simulate ``requests`` (arrivals divided by ``scale``) through ``policy``; the run's meta and records."""
+    """Simulate ``requests`` (arrivals divided by ``scale``) through ``policy``; the run's meta and records.
+
+    ``poll_phase_s``: when the first load reading falls after the trace starts (live, that phase is
+    arbitrary, and queued policies whose budgets adapt to readings are sensitive to it).
+    ``overhead_s``: a fixed latency added to every TTFT and E2E the client sees (the proxy and HTTP
+    path; ~0.3 ms live, negligible; a replay at speedup K sees K times its wall-clock overhead).
+    """
     config = proxy_config(fleet, policy, params, base)
-    simulation = Simulation(fleet, requests, config, oracle=oracle, timeout_s=timeout_s, scale=scale)
+    simulation = Simulation(
+        fleet,
+        requests,
+        config,
+        oracle=oracle,
+        timeout_s=timeout_s,
+        scale=scale,
+        poll_phase_s=poll_phase_s,
+        overhead_s=overhead_s,
+    )
     records = simulation.run()
     classes = simulation.classifier.classes
     meta = RunMeta(
@@ -537,6 +573,14 @@ def simulate(
             c.name: {"ttft_s": c.ttft_s, "tpot_s": c.tpot_s, "deadline_s": c.deadline_s} for c in classes.values()
         },
         started_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        extra={"policy": policy, "oracle": oracle, "scale": scale, "timeout_s": timeout_s, **simulation.stats()},
+        extra={
+            "policy": policy,
+            "oracle": oracle,
+            "scale": scale,
+            "timeout_s": timeout_s,
+            "poll_phase_s": poll_phase_s,
+            "overhead_s": overhead_s,
+            **simulation.stats(),
+        },
     )
     return meta, records

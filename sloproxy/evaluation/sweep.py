@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import ProxyConfig
+from ..config import LoadPolling, ProxyConfig
 from ..emulator.fleet import FleetSpec
 from .report import summarize
 from .simprep import SimRequest
@@ -82,8 +82,8 @@ def scale_key(scale: float) -> str:
 _INPUTS: dict[str, Any] = {}
 
 
-def _one(task: tuple[PolicyRun, float]) -> tuple[str, float, dict[str, Any]]:
-    run, scale = task
+def _one(task: tuple[PolicyRun, float, float]) -> tuple[str, float, dict[str, Any]]:
+    run, scale, phase = task
     meta, records = simulate(
         _INPUTS["fleet"],
         _INPUTS["requests"],
@@ -92,6 +92,7 @@ def _one(task: tuple[PolicyRun, float]) -> tuple[str, float, dict[str, Any]]:
         scale=scale,
         base=_INPUTS["base"],
         timeout_s=_INPUTS["timeout_s"],
+        poll_phase_s=phase,
         label=run.label,
     )
     return run.label, scale, summarize(meta, records)["overall"]
@@ -106,13 +107,21 @@ def sweep(
     base: ProxyConfig | None = None,
     timeout_s: float = 600.0,
     jobs: int = 1,
+    phases: int = 1,
     progress: Any = None,
 ) -> dict[str, Any]:
-    """``{"capacity": {label: scale or None}, "attainment": {label: {scale: value}}, "overall": ...}``."""
+    """``{"capacity": {label: scale or None}, "attainment": {label: {scale: value}}, "overall": ...}``.
+
+    With ``phases`` > 1 each point is the mean attainment over that many load-polling phases spread
+    over one polling interval (the phase is arbitrary live, and budgets adapt to the readings).
+    """
     if jobs < 1:
         raise ValueError("--jobs must be at least 1")
+    if phases < 1:
+        raise ValueError("--phases must be at least 1")
+    interval = (base.load_polling.interval_s if base is not None else LoadPolling().interval_s) / phases
     _INPUTS.update(fleet=fleet, requests=requests, base=base, timeout_s=timeout_s)
-    tasks = [(run, scale) for run in runs for scale in scales]
+    tasks = [(run, scale, index * interval) for run in runs for scale in scales for index in range(phases)]
     results: list[tuple[str, float, dict[str, Any]]] = []
     try:
         if jobs == 1:
@@ -129,10 +138,12 @@ def sweep(
     finally:
         _INPUTS.clear()
     attainment: dict[str, dict[float, float]] = {run.label: {} for run in runs}
-    overall: dict[str, dict[float, dict[str, Any]]] = {run.label: {} for run in runs}
+    overall: dict[str, dict[float, list[dict[str, Any]]]] = {run.label: {} for run in runs}
     for label, scale, summary in results:
-        attainment[label][scale] = summary["slo_attainment"] or 0.0
-        overall[label][scale] = summary
+        overall[label].setdefault(scale, []).append(summary)
+    for label, by_scale in overall.items():
+        for scale, summaries in by_scale.items():
+            attainment[label][scale] = sum(s["slo_attainment"] or 0.0 for s in summaries) / len(summaries)
     for label in attainment:
         attainment[label] = dict(sorted(attainment[label].items()))
     return {
