@@ -91,6 +91,11 @@ class StreamTranslator(ABC):
     def feed(self, payload: bytes) -> bytes:
         """Client bytes for one upstream event payload (``b""`` to send nothing)."""
 
+    def unchanged(self, events: bytes) -> bool:
+        """True if these complete upstream events (``data: …`` frames) go to the client exactly as
+        they are, so the proxy can skip splitting and re-framing them. Default: never."""
+        return False
+
     def error(self, status: int, message: str) -> bytes:
         """The engine reported an error inside the stream: an OpenAI error frame, then [DONE]."""
         self.failed = True

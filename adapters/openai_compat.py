@@ -38,6 +38,15 @@ _usage_chunk_decoder = msgspec.json.Decoder(_UsageChunk)
 
 
 class PassThroughStream(StreamTranslator):
+    def unchanged(self, events: bytes) -> bool:
+        """Token chunks pass as they are; only usage, errors and the end need a look (C-speed scans)."""
+        return (
+            events.startswith(b"data: ")
+            and b'"usage"' not in events
+            and b"[DONE]" not in events
+            and b'"error"' not in events
+        )
+
     def feed(self, payload: bytes) -> bytes:
         if payload == b"[DONE]":
             self.done = True

@@ -178,7 +178,11 @@ class Forwarder:
         started = time.monotonic()
         try:
             async for chunk in upstream.chunks():
-                out = b"".join([_translate(translator, payload) for payload in decoder.feed(chunk)])
+                whole = chunk.endswith(b"\n\n") and b"\r" not in chunk and not decoder.pending
+                if whole and translator.unchanged(chunk):
+                    out = chunk  # whole plain events: forwarded without splitting them
+                else:
+                    out = b"".join([_translate(translator, payload) for payload in decoder.feed(chunk)])
                 if out:
                     if not response.started:
                         failure = translator.failure

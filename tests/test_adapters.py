@@ -92,6 +92,19 @@ def test_vllm_stream_passes_bytes_and_strips_the_usage_it_asked_for():
     assert translator.feed(b"[DONE]") == b"data: [DONE]\n\n" and translator.done
 
 
+def test_plain_token_events_are_marked_for_forwarding_unchanged_and_the_rest_are_not():
+    request = chat_request(stream=True)
+    translator = VLLMAdapter().stream_translator(request)
+    content = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"say \\"error\\""}}]}\n\n'
+    assert translator.unchanged(content * 3)
+    usage = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}\n\n'
+    assert not translator.unchanged(content + usage)
+    assert not translator.unchanged(content + b"data: [DONE]\n\n")
+    assert not translator.unchanged(b'data: {"error":{"message":"x"}}\n\n')
+    assert not translator.unchanged(b": keep-alive comment\n\n")
+    assert not TGIAdapter().stream_translator(request).unchanged(content)  # TGI's chunks are always rewritten
+
+
 def test_usage_chunk_kept_when_the_client_asked():
     request = chat_request(stream=True, stream_options={"include_usage": True})
     assert VLLMAdapter().build(request).body == request.raw  # nothing to change: bytes pass as sent
