@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import multiprocessing
 import time
 from collections import deque
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -86,6 +87,14 @@ class LiveError:
             "live_mae_tokens": sum(self._abs_tok) / n,
             "live_p90_coverage": sum(self._covered) / n,
         }
+
+
+def _start_pool() -> ProcessPoolExecutor:
+    """A one-worker pool, already started (spawn, not fork: a forked child of a process whose
+    LightGBM OpenMP pool has run can deadlock)."""
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    pool.submit(int).result()
+    return pool
 
 
 class OnlineLearner:
@@ -188,20 +197,9 @@ class OnlineLearner:
         samples = self.store.snapshot()
         self._trained_at_added = self.store.added
         self._last_retrain = time.monotonic()
-        bundle = self.predictor.bundle
-        payload = {
-            "x": [s.row for s in samples],
-            "y": [s.output_tokens for s in samples],
-            "p50": bundle.p50.model_to_string(),
-            "p90": bundle.p90.model_to_string(),
-            "offset50": bundle.offset50,
-            "offset90": bundle.offset90,
-            "holdback": self.holdback,
-            "rounds": self.rounds,
-            "min_improvement": self.min_improvement,
-        }
+        payload = await asyncio.to_thread(self._payload, samples)  # serialising trees: off the loop thread
         if self._executor is None:
-            self._executor = ProcessPoolExecutor(max_workers=1)
+            self._executor = await asyncio.to_thread(_start_pool)  # process start-up: off the loop thread
         self.counters["retrains"] += 1
         try:
             result = await loop.run_in_executor(self._executor, retrain_job, payload)
@@ -219,6 +217,20 @@ class OnlineLearner:
         else:
             self.counters["rejected"] += 1
         return self.last_result
+
+    def _payload(self, samples: list[Sample]) -> dict[str, Any]:
+        bundle = self.predictor.bundle
+        return {
+            "x": [s.row for s in samples],
+            "y": [s.output_tokens for s in samples],
+            "p50": bundle.p50.model_to_string(),
+            "p90": bundle.p90.model_to_string(),
+            "offset50": bundle.offset50,
+            "offset90": bundle.offset90,
+            "holdback": self.holdback,
+            "rounds": self.rounds,
+            "min_improvement": self.min_improvement,
+        }
 
     def _build(self, result: dict[str, Any]) -> LengthPredictor:
         old = self.predictor.bundle
