@@ -282,3 +282,65 @@ def test_missing_files_and_unserved_models(files, tmp_path: Path, capsys) -> Non
     write_workload(other, [msgspec.structs.replace(r, model="other") for r in read_workload(workload)[:3]])
     assert main(["sweep", "--fleet", str(fleet), "--workload", str(other), "--policies", "edf"]) == 2
     assert "does not serve: other" in capsys.readouterr().err
+
+
+def test_live_replay_and_simulation_agree(shared_data: Path, tmp_path: Path) -> None:
+    """One live session (emulated fleet + proxy in child processes, speedup 8) against the simulator.
+
+    Six idle probes first measure the HTTP path's fixed latency (K x a few wall ms in trace seconds),
+    which the model takes as its overhead; then 60 Azure conv requests load the fleet. Round-robin is
+    used because its outcome does not depend on the load-polling phase.
+    """
+    import asyncio
+
+    from sloproxy.evaluation.agreement import base_config, scaled_config
+    from sloproxy.evaluation.replay import replay_run
+    from sloproxy.evaluation.report import summarize
+    from sloproxy.evaluation.workload import write_workload
+    from sloproxy.processes import EmulatorProcess, ProxyProcess
+
+    speedup = 8.0
+    built = build_workload(
+        BuildOptions(
+            trace=str(shared_data / "traces" / "azure_conv_2023.csv"),
+            lengths_dir=str(shared_data / "lengths"),
+            models=parse_models("m=Meta-Llama-3-8B-Instruct"),
+            max_requests=66,
+            rate_scale=0.25,
+            max_context=4096,
+            max_tokens_caps=(1024, 2048),
+            seed=11,
+        )
+    )
+    probes = [msgspec.structs.replace(r, arrival_s=4.0 * i) for i, r in enumerate(built[60:])]
+    main_part = [msgspec.structs.replace(r, arrival_s=r.arrival_s + 30.0) for r in built[:60]]
+    requests = [*probes, *main_part]
+    workload = tmp_path / "w.jsonl"
+    write_workload(workload, requests)
+    instances = [
+        {"name": "v0", "engine": "vllm", "model": "m", "profile": "a10-llama2-7b"},
+        {"name": "t0", "engine": "tgi", "model": "m", "profile": "a10-llama2-7b"},
+    ]
+    with EmulatorProcess(instances, speedup=speedup, extra={"lengths": str(workload)}) as emulator:
+        fleet = FleetSpec(
+            instances=[
+                InstanceSpec(port=int(emulator.url(i["name"]).rsplit(":", 1)[1]), **i)  # type: ignore[arg-type]
+                for i in instances
+            ]
+        )
+        config = scaled_config(proxy_config(fleet, "round-robin", base=base_config()), speedup)
+        with ProxyProcess(msgspec.to_builtins(config)) as proxy:
+            meta, live = asyncio.run(
+                replay_run(requests, proxy.url, workload=str(workload), label="live", speedup=speedup)
+            )
+    sim_meta, sim = simulate(fleet, prepare(requests), "round-robin", base=base_config())
+    gaps = sorted(a.ttft_s - b.ttft_s for a, b in zip(live[:6], sim[:6], strict=True) if a.ttft_s and b.ttft_s)
+    overhead = gaps[len(gaps) // 2]
+    assert 0 <= overhead < 0.2  # a few wall milliseconds x 8
+    sim_meta, sim = simulate(fleet, prepare(requests), "round-robin", base=base_config(), overhead_s=overhead)
+    live_summary = summarize(meta, live[6:])["overall"]
+    sim_summary = summarize(sim_meta, sim[6:])["overall"]
+    assert live_summary["ok"] == sim_summary["ok"] == 60
+    assert sim_summary["slo_attainment"] == pytest.approx(live_summary["slo_attainment"], rel=0.10)
+    assert sim_summary["ttft_s"]["p50"] == pytest.approx(live_summary["ttft_s"]["p50"], rel=0.10)
+    assert sim_summary["e2e_s"]["p50"] == pytest.approx(live_summary["e2e_s"]["p50"], rel=0.10)
