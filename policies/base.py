@@ -151,6 +151,7 @@ class Policy:
     scorers: list[tuple[Scorer, float]] = field(default_factory=list)
     fleet: FleetPolicy | None = None
     queued: bool = True
+    uses_predictions: bool = False  # reads predicted reply lengths: the proxy runs the predictor for it
     _turn: Iterator[int] = field(default_factory=itertools.count, repr=False)
 
     def route(

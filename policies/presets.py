@@ -51,6 +51,7 @@ def _queued(name: str, params: QueuedParams, ordering, *, may_evict: bool = True
         admission=BudgetAdmission(params.kv_limit, params.reserve),
         scorers=_scorers(params.least_load_weight, params.prefix_affinity_weight),
         fleet=EvictForUrgent(params.evict_margin_s) if may_evict and params.evict else None,
+        uses_predictions=True,  # deadlines, shedding and budgets read the estimated reply length
     )
 
 

@@ -11,6 +11,7 @@ import msgspec
 from .backends import BackendPool
 from .config import ProxyConfig
 from .errors import ProxyError
+from .estimates import LengthEstimates
 from .forward import Forwarder
 from .http_server import HTTPServer, Request, Response
 from .plugins import load_policy
@@ -34,15 +35,19 @@ class Proxy:
         self.metrics.attach(self.scheduler)
         self.classifier = Classifier(config.slo_classes, config.default_class, config.tenants, config.models)
         self.forwarder = Forwarder(self.pool, self.scheduler, config.limits, self.metrics)
+        self.estimates = LengthEstimates.from_config(config.predictor, self.policy.uses_predictions)
+        self.metrics.attach_predictor(self.estimates)
 
     async def start(self) -> None:
         await self.pool.start()
         self.scheduler.start()
+        self.estimates.start()
         if not self.pool.ready:
             log.warning("no backend is healthy at start; /ready reports 503 until one is")
 
     async def stop(self) -> None:
         await self.scheduler.stop()
+        await self.estimates.stop()
         await self.forwarder.stop()
         await self.pool.stop()
 
@@ -56,6 +61,8 @@ class Proxy:
     async def _openai(self, http: Request, response: Response, kind: Kind) -> None:
         started = time.monotonic()
         proxy_request = parse_request(kind, http.body, http.headers.get("x-request-id"))
+        if self.estimates.enabled:
+            self.estimates.estimate(proxy_request)  # before classify: deadlines depend on the estimate
         proxy_request.classify(*self.classifier.classify(http.headers, proxy_request.model))
         metrics = self.metrics
         metrics.in_flight += 1
@@ -67,6 +74,7 @@ class Proxy:
                 metrics.disconnects.labels(proxy_request.model).inc()
             else:
                 outcome = "ok"
+                self.estimates.finished(proxy_request)
         except ProxyError as error:
             outcome = f"http_{error.status}"
             raise

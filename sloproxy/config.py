@@ -56,6 +56,19 @@ class LoadPolling(msgspec.Struct, forbid_unknown_fields=True):
     stale_after_s: float = 5.0  # older readings are marked stale
 
 
+class PredictorConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """The reply-length predictor. ``auto``: on when the policy reads predictions (queued policies),
+    off for the no-queue baselines, which would only pay its cost."""
+
+    mode: Literal["auto", "on", "off"] = "auto"
+    model: str | None = None  # an artifact directory; None: the model shipped with the package
+    online: bool = True  # learn from finished requests and hot-swap a better model
+    retrain_every: int = 5000  # new samples that trigger a retrain
+    retrain_interval_s: float | None = 3600.0
+    min_samples: int = 500
+    store_capacity: int = 20000
+
+
 class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True):
     backends: list[BackendConfig]
     listen: Listen = msgspec.field(default_factory=Listen)
@@ -68,6 +81,7 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True):
     default_class: str | None = None
     tenants: list[TenantConfig] = msgspec.field(default_factory=list)
     models: dict[str, ModelDefaults] = msgspec.field(default_factory=dict)
+    predictor: PredictorConfig = msgspec.field(default_factory=PredictorConfig)
 
 
 class ConfigError(ValueError):

@@ -11,6 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from .backends import BackendPool
 
 if TYPE_CHECKING:
+    from .estimates import LengthEstimates
     from .scheduler import Scheduler
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
@@ -79,6 +80,33 @@ class _SchedulerCollector:
         yield from (depth, budget, outcomes)
 
 
+class _PredictorCollector:
+    """The length predictor's live error and online-learning counts, read at scrape time."""
+
+    HELP = {
+        "live_mae_log": "Mean absolute error of log(1 + tokens), p50 vs true, over recent replies.",
+        "live_mae_tokens": "Mean absolute error in tokens, p50 vs true, over recent replies.",
+        "live_p90_coverage": "Share of recent replies no longer than the predicted p90.",
+        "store_samples": "Finished requests kept for retraining.",
+        "model_generation": "Online retrains adopted since start (0: the loaded model).",
+    }
+
+    def __init__(self, estimates: LengthEstimates) -> None:
+        self.estimates = estimates
+
+    def collect(self):
+        for key, value in sorted(self.estimates.metrics().items()):
+            if value != value:  # NaN: nothing measured yet
+                continue
+            name = f"sloproxy_predictor_{key}"
+            if key.endswith("_total"):
+                family = CounterMetricFamily(name[: -len("_total")], f"Predictor {key[:-6]} count.")
+            else:
+                family = GaugeMetricFamily(name, self.HELP.get(key, f"Predictor {key}."))
+            family.add_metric([], value)
+            yield family
+
+
 class ProxyMetrics:
     def __init__(self, pool: BackendPool) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -127,6 +155,10 @@ class ProxyMetrics:
         if child is None:
             child = self._ttft[model] = self.ttft.labels(model)
         child.observe(seconds)
+
+    def attach_predictor(self, estimates: LengthEstimates) -> None:
+        if estimates.enabled:
+            self.registry.register(_PredictorCollector(estimates))
 
     def attach(self, scheduler: Scheduler) -> None:
         """Expose the scheduler's queues, budgets and events too."""

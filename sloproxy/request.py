@@ -52,6 +52,8 @@ class _ChatFields(msgspec.Struct):
     max_completion_tokens: int | None = None
     n: int = 1
     priority: int | None = None
+    temperature: float | None = None
+    ignore_eos: bool = False  # vLLM / SGLang / TGI extension: the reply runs to the limit
 
 
 class _CompletionFields(msgspec.Struct):
@@ -62,6 +64,8 @@ class _CompletionFields(msgspec.Struct):
     max_tokens: int | None = None
     n: int = 1
     priority: int | None = None
+    temperature: float | None = None
+    ignore_eos: bool = False  # vLLM / SGLang / TGI extension: the reply runs to the limit
 
 
 # One typed pass over the client's bytes validates what the proxy relies on (unknown fields are
@@ -80,6 +84,10 @@ class ProxyRequest:
     stream_options_given: bool = False  # the client sent ``stream_options`` (adapters must merge, not prepend)
     priority_given: bool = False  # the client sent ``priority``
     body: dict[str, Any] | None = None  # decoded from ``raw`` on first use: see ``decoded_body``
+    prompt: Any = None  # chat messages (typed) or the completion prompt, as validated: the predictor reads it
+    max_tokens: int | None = None  # the client's reply limit (max_completion_tokens or max_tokens)
+    temperature: float | None = None
+    ignore_eos: bool = False
     received_at: float = field(default_factory=time.monotonic)
     prompt_tokens: int | None = None  # learned from the engine's usage
     completion_tokens: int | None = None
@@ -96,7 +104,10 @@ class ProxyRequest:
     deadline: float | None = None  # monotonic: the end-to-end budget of the class
     urgent_deadline: float | None = None  # the first deadline that can be missed (TTFT if the class has one)
     est_prompt_tokens: int = 0
-    est_output_tokens: int = DEFAULT_OUTPUT_TOKENS
+    est_output_tokens: int = DEFAULT_OUTPUT_TOKENS  # what scheduling assumes: the predicted p50 when predicting
+    pred_p50: float | None = None  # predicted reply length in tokens (None: no prediction was made)
+    pred_p90: float | None = None
+    prediction: Any = None  # the predictor's record of it (features), for online learning when the reply ends
     excluded: set[str] = field(default_factory=set)  # backends not to try again (retries)
     _prefix_hashes: list[int] | None = None  # computed on first use (only prefix-aware routing needs them)
     first_byte_sent: bool = False  # once true, the request can no longer move to another backend
@@ -184,6 +195,10 @@ def parse_request(kind: Kind, raw: bytes, request_id: str | None = None) -> Prox
         stream=fields.stream,
         include_usage=bool(options and options.include_usage),
         raw=raw,
+        prompt=fields.messages if kind == "chat" else fields.prompt,
+        max_tokens=limit,
+        temperature=fields.temperature,
+        ignore_eos=fields.ignore_eos,
         stream_options_given=options is not None,
         priority_given=fields.priority is not None,
         priority=fields.priority or 0,

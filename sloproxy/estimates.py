@@ -1,0 +1,92 @@
+"""Reply-length estimates on the request path: the predictor's p50/p90 for every request, and
+what each finished request teaches the online learner.
+
+One object does it for the live proxy and the simulator alike, so a policy sees the same
+estimates in both. Without a predictor the estimate stays the request's own guess
+(``min(max_tokens, 256)``); an oracle (simulation only) may set the true length instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from .config import PredictorConfig
+from .request import ProxyRequest
+
+if TYPE_CHECKING:
+    from .predictor.online import OnlineLearner
+
+log = logging.getLogger("sloproxy.estimates")
+
+
+class LengthEstimates:
+    def __init__(self, learner: OnlineLearner | None, *, online: bool = False) -> None:
+        self.learner = learner
+        self.online = online and learner is not None
+
+    @classmethod
+    def from_config(cls, config: PredictorConfig, policy_uses_predictions: bool) -> LengthEstimates:
+        """Load the configured model (the packaged one by default) when predictions are wanted."""
+        wanted = config.mode == "on" or (config.mode == "auto" and policy_uses_predictions)
+        if not wanted:
+            return cls(None)
+        from .predictor.online import OnlineLearner
+        from .predictor.serving import LengthPredictor
+
+        predictor = LengthPredictor.load(config.model)
+        learner = OnlineLearner(
+            predictor,
+            capacity=config.store_capacity,
+            retrain_every=config.retrain_every,
+            interval_s=config.retrain_interval_s,
+            min_samples=config.min_samples,
+        )
+        log.info("length predictor loaded from %s", predictor.source)
+        return cls(learner, online=config.online)
+
+    @property
+    def enabled(self) -> bool:
+        return self.learner is not None
+
+    def start(self) -> None:
+        if self.online and self.learner is not None:
+            self.learner.start()
+
+    async def stop(self) -> None:
+        if self.learner is not None:
+            await self.learner.stop()
+
+    def estimate(self, request: ProxyRequest) -> None:
+        """Predict ``request``'s reply length; scheduling then assumes the median (p50)."""
+        if self.learner is None:
+            return
+        if request.ignore_eos and request.max_tokens is not None:  # its length is known: no model needed
+            request.pred_p50 = request.pred_p90 = float(request.max_tokens)
+            request.est_output_tokens = request.max_tokens
+            return
+        prediction = self.learner.predict_request(
+            request.prompt,
+            request.model,
+            max_tokens=request.max_tokens,
+            temperature=request.temperature,
+            prompt_tokens_estimate=request.est_prompt_tokens,
+        )
+        request.prediction = prediction
+        request.pred_p50, request.pred_p90 = prediction.p50, prediction.p90
+        request.est_output_tokens = max(1, round(prediction.p50))
+
+    def finished(self, request: ProxyRequest) -> None:
+        """A reply ended: its true length (from the engine's usage) is a training sample, unless the
+        client's limit cut it (then the natural length is unknown) or the client left early."""
+        if not self.online or self.learner is None or request.prediction is None:
+            return
+        tokens = request.completion_tokens
+        if tokens is None or request.disconnected:
+            return
+        if request.max_tokens is not None and tokens >= request.max_tokens:
+            return
+        self.learner.record(request.prediction, tokens)
+
+    def metrics(self) -> dict[str, float]:
+        return self.learner.metrics() if self.learner is not None else {}
