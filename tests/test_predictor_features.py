@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import zlib
 
 import numpy as np
 
-from sloproxy.predictor.features import CUE_NAMES, NGRAM_DIM, PARAM_NAMES, featurise
+from sloproxy.predictor.features import (
+    CHAR_BITS,
+    CHAR_WINDOW,
+    CUE_NAMES,
+    NGRAM_DIM,
+    PARAM_NAMES,
+    WORD_DIM,
+    char_buckets,
+    featurise,
+    tokenize,
+)
 from sloproxy.predictor.text import HEAD_CHARS, TAIL_CHARS, split_prompt, window
 
 
@@ -65,3 +77,66 @@ def test_params_and_requested_lengths() -> None:
     assert f.prompt_tokens == 12.0 and f.model == "m"
     g = featurise("Write 500 words about tea, in 3 paragraphs.", "m", 256, 0.2, "batch", "acme", 12)
     assert _same(f, g) and f.params == g.params  # stable hashing: same input, same buckets
+
+
+_M64 = (1 << 64) - 1
+
+
+def _py_word_hashes(tokens: list[bytes], n_first: int) -> list[int]:
+    """Reference n-gram hashes in plain Python integers (independent of the numpy implementation)."""
+    h = [zlib.crc32(t) for t in tokens]
+    first = [v ^ 0x5BD1E995 for v in h[:n_first]]
+
+    def bigram(a: int, b: int) -> int:
+        return ((a * 1_000_003) & _M64) ^ ((b + 0x9E3779B9) & _M64)
+
+    main = [bigram(a, b) for a, b in itertools.pairwise(h)]
+    return h + first + main + [bigram(a, b) for a, b in zip(first, h[1:n_first], strict=False)]
+
+
+def test_word_buckets_match_reference_hashing() -> None:
+    f = featurise("Write a Poem, please!\nAbout cats' whiskers.")
+    tokens = [b"write", b"a", b"poem", b",", b"please", b"!", b"about", b"cats'", b"whiskers", b"."]
+    assert tokenize(b"write a poem, please!\nabout cats' whiskers.") == tokens  # punctuation: own tokens
+    expected = [h & (WORD_DIM - 1) for h in _py_word_hashes(tokens, 6)]  # 6 tokens on the first line
+    assert f.words.tolist() == expected
+    assert f.words.dtype == np.int64
+    assert f.cues[CUE_NAMES.index("n_window_words")] == 10.0
+    assert tokenize(b"caf\xc3\xa9 ok...") == [b"caf\xc3\xa9", b"ok", b".", b".", b"."]  # non-ASCII stays in words
+
+
+def test_char_buckets_are_little_endian_ngrams() -> None:
+    b = "ab\u00e9!".encode()  # 5 bytes, one character takes two
+    padded = b + b"\0" * 8
+    muls = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9)
+    expected = [
+        WORD_DIM + (((int.from_bytes(padded[i : i + n], "little") * mul) & _M64) >> (64 - CHAR_BITS))
+        for n, mul in zip((3, 4, 5), muls, strict=True)
+        for i in range(len(b) - n + 1)
+    ]
+    assert len(expected) == 3 + 2 + 1
+    assert char_buckets(b).tolist() == expected
+    assert char_buckets(b"").tolist() == []
+    long = ("x" * 2000).encode()
+    assert len(char_buckets(long)) == 3 * CHAR_WINDOW - 9  # bounded window: (n-2)+(n-3)+(n-4)
+
+
+def test_cues_on_hand_made_prompts() -> None:
+    cue = CUE_NAMES.index
+    f = featurise("Briefly summarize this in one sentence. Keep it short and brief.")
+    assert f.cues[cue("brief_cues")] == 5.0  # briefly, summarize, one sentence, short, brief (distinct)
+    assert f.cues[cue("req_sentences")] == 1.0 and math.isnan(f.cues[cue("req_words")])
+    assert f.cues[cue("first_word_class")] == 8.0  # an alphabetic word outside the verb classes
+    g = featurise("Write a detailed, step-by-step Python tutorial: 10 tips and a 300-character summary.")
+    assert g.cues[cue("long_cues")] == 3.0  # detailed, step-by-step, tutorial
+    assert g.cues[cue("code_cues")] == 1.0  # python
+    assert g.cues[cue("req_items")] == 10.0 and g.cues[cue("req_words")] == 60.0  # 300 characters ~ 60 words
+    assert g.cues[cue("first_word_class")] == 4.0  # write
+    h = featurise("What are five-paragraph essays?\n- one\n- two\n3. three\n  * four")
+    assert h.cues[cue("req_paragraphs")] == 5.0 and h.cues[cue("first_word_class")] == 1.0
+    assert h.cues[cue("n_list_items")] == 4.0 and h.cues[cue("n_lines")] == 4.0
+    assert h.cues[cue("long_cues")] == 1.0 and h.cues[cue("brief_cues")] == 0.0
+    assert featurise("List 7 reasons for tea").cues[cue("req_items")] == 7.0
+    assert featurise("- item\nx").cues[cue("n_list_items")] == 1.0  # a list item on the first line
+    u = featurise("ABC 12 de?")
+    assert u.cues[cue("frac_upper_digits")] == 5 / 10 and u.cues[cue("ends_with_question")] == 1.0

@@ -20,10 +20,10 @@ _DTYPE_FLOAT64 = 1
 class FastBooster:
     """Single-row predictor bound to one booster; not thread-safe (one per event loop)."""
 
-    def __init__(self, booster: lgb.Booster, ncol: int) -> None:
+    def __init__(self, booster: lgb.Booster, ncol: int, row: ctypes.Array | None = None) -> None:
         self._booster = booster  # keeps the C handle alive
         self._ncol = ncol
-        self._row = (ctypes.c_double * ncol)()
+        self._row = row if row is not None else (ctypes.c_double * ncol)()  # may be shared by several heads
         self._out = ctypes.c_double()
         self._len = ctypes.c_int64()
         self._cfg: ctypes.c_void_p | None = None
@@ -49,9 +49,13 @@ class FastBooster:
             self._cfg = None
 
     def predict(self, row: list[float]) -> float:
-        if self._cfg is None:  # pragma: no cover
-            return float(self._booster.predict(np.asarray([row], dtype=np.float64))[0])
         self._row[:] = row
+        return self.predict_loaded()
+
+    def predict_loaded(self) -> float:
+        """Predict on the row already in the (possibly shared) buffer: heads sharing it copy the row once."""
+        if self._cfg is None:  # pragma: no cover
+            return float(self._booster.predict(np.asarray([self._row[:]], dtype=np.float64))[0])
         if self._fn(self._cfg, self._row, self._len_ref, self._out_ref) != 0:
             raise lgb.basic.LightGBMError(_LIB.LGBM_GetLastError().decode("utf-8"))
         return self._out.value

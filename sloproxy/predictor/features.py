@@ -2,13 +2,18 @@
 
 Nothing here depends on a trained model. ``PromptFeatures`` is what the sample store keeps and
 what training consumes, so offline training, serving and online retraining see identical inputs.
-Work is bounded: n-grams and regexes read only :func:`text.window`; the full text is only
-measured with C-level ``len``/``str.count``.
+
+Runs inline on the proxy's event loop for every request, so every step is a handful of C-level
+calls over a bounded window (no per-character or per-token Python loop on the common path):
+the window's UTF-8 bytes are tokenised with ``bytes.translate`` + ``split``, words are hashed
+with CRC-32 (cached), n-gram buckets are combined with numpy, character n-grams are read as
+unaligned little-endian integers straight from the bytes, and the lexical cues are found by
+one table gather over the word n-gram buckets. The full text is only measured with
+``len``/``str.count``.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
 import zlib
@@ -19,23 +24,34 @@ import numpy as np
 
 from .text import split_prompt, window
 
-FEATURE_SPEC_VERSION = 5  # bump whenever a feature's definition, order or hashing changes
+FEATURE_SPEC_VERSION = 6  # bump whenever a feature's definition, order or hashing changes
 
 WORD_BITS = 18
 CHAR_BITS = 18
 WORD_DIM = 1 << WORD_BITS
 CHAR_DIM = 1 << CHAR_BITS
 NGRAM_DIM = WORD_DIM + CHAR_DIM  # char buckets live after the word buckets
-CHAR_WINDOW = 768  # char n-grams read the first CHAR_WINDOW chars of the word window only
-_MASK64 = (1 << 64) - 1
+CHAR_WINDOW = 768  # char n-grams read the first CHAR_WINDOW bytes of the (lower-cased) window only
+FIRST_LINE_BYTES = 300  # the first-line namespace reads at most this much of the window
+SCAN_CHARS = 65_536  # newline / question-mark / fence counts read at most this much of the instruction
 
-_WORD_RE = re.compile(r"[a-z0-9']+|[^\sa-z0-9]")
-_NUMBER = r"(\d{1,5}|an?|one|two|three|four|five|six|seven|eight|nine|ten|twelve|fifteen|twenty|fifty|hundred)"
-_REQ_RE = re.compile(
-    _NUMBER + r"[\s-]+(?:\w+[\s-]+)?(words?|sentences?|paragraphs?|lines?|pages?|"
-    r"bullet(?:s| points?)?|points?|items?|examples?|tips|ideas|ways|steps|questions|names|"
-    r"reasons|facts|things|options|suggestions|titles|slogans|tweets?|haikus?|verses?|stanzas?|characters?)\b"
-)
+# Word tokens: runs of [a-z0-9'] and non-ASCII bytes; every other printable ASCII byte is a token of its own.
+_WORDISH = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789' \t\n\r\x0b\x0c") | frozenset(range(128, 256))
+_NOT_PUNCT = bytes(b for b in range(256) if b in _WORDISH or b < 0x21 or b == 0x7F)
+_SPACED = {b: b" " + bytes([b]) + b" " for b in range(256) if b not in _NOT_PUNCT}
+_NOT_UPPER_DIGIT = bytes(b for b in range(256) if not (0x41 <= b <= 0x5A or 0x30 <= b <= 0x39))
+
+_U64 = np.uint64
+_WORD_MASK = _U64(WORD_DIM - 1)
+_BIGRAM_MUL = _U64(1_000_003)
+_BIGRAM_ADD = _U64(0x9E3779B9)
+_FIRST_SALT = _U64(0x5BD1E995)
+# char n-grams: the n bytes at each position (little-endian), multiply-shift hashed per order
+_CHAR_MASKS = np.array([[(1 << 24) - 1], [(1 << 32) - 1], [(1 << 40) - 1]], dtype=np.uint64)
+_CHAR_MULS = np.array([[0x9E3779B97F4A7C15], [0xC2B2AE3D27D4EB4F], [0x165667B19E3779F9]], dtype=np.uint64)
+_CHAR_SHIFT = _U64(64 - CHAR_BITS)
+_PAD = b"\0" * 8
+
 _NUM_WORDS = {
     "a": 1,
     "an": 1,
@@ -67,63 +83,33 @@ _UNIT_GROUP = {
     "paragraph": 2,
     "page": 2,
 }  # anything else counts as items
-_UPPER_DIGIT = re.compile(r"[A-Z0-9]")
-SCAN_CHARS = 65_536
-_LIST_RE = re.compile(r"(?m)^\s*(?:[-*\u2022]|\d{1,3}[.)])\s+")
+_UNITS = (
+    *(
+        f"{u}{s}"
+        for u in ("word", "character", "sentence", "line", "tweet", "haiku", "verse", "stanza")
+        for s in ("", "s")
+    ),
+    *(f"{u}{s}" for u in ("paragraph", "page", "bullet", "point", "item", "example") for s in ("", "s")),
+    *("tips", "ideas", "ways", "steps", "questions", "names", "reasons", "facts", "things", "options"),
+    *("suggestions", "titles", "slogans"),
+)
 _BRIEF = (
-    "brief",
-    "short",
-    "concise",
-    "one word",
-    "single word",
-    "yes or no",
-    "one sentence",
-    "a sentence",
-    "tl;dr",
-    "summar",
-    "just the",
-    "only the",
-    "classify",
-    "true or false",
-    "which of",
-    "answer:",
-    "output:",
-    "label",
-    "rate ",
-    "correct the",
-    "translate",
-    "rewrite",
-    "paraphrase",
+    *("brief", "briefly", "short", "shorter", "concise", "concisely", "summary", "summarize", "summarise"),
+    *("summarized", "summarization", "classify", "label", "labels", "translate", "rewrite", "paraphrase", "rate"),
+    *("one word", "single word", "or no", "one sentence", "a sentence", "tl ;", "just the", "only the"),
+    *("or false", "which of", "correct the", "answer :", "output :"),
 )
 _LONG = (
-    "essay",
-    "story",
-    "article",
-    "blog",
-    "detailed",
-    "in detail",
-    "step by step",
-    "step-by-step",
-    "guide",
-    "explain",
-    "describe",
-    "plan",
-    "outline",
-    "letter",
-    "email",
-    "speech",
-    "script",
-    "lyrics",
-    "poem",
-    "review",
-    "compare",
-    "pros and cons",
-    "tutorial",
-    "recipe",
-    "itinerary",
-    "report",
+    *("essay", "story", "stories", "article", "blog", "detailed", "guide", "explain", "describe", "plan"),
+    *("outline", "letter", "email", "speech", "script", "lyrics", "poem", "review", "compare", "tutorial"),
+    *("recipe", "itinerary", "report", "in detail", "by step", "- by", "and cons", "essays", "articles", "blogs"),
+    *("guides", "plans", "outlines", "letters", "emails", "speeches", "scripts", "poems", "reviews"),
+    *("tutorials", "recipes", "reports", "explanation", "description", "detail"),
 )
-_CODE = ("code", "function", "python", "javascript", "program", "sql", "implement", "algorithm", "c++", "java", "html")
+_CODE = (
+    *("code", "function", "python", "javascript", "program", "sql", "implement", "algorithm", "java", "html"),
+    *("functions", "programs", "programming", "algorithms", "implementation", "coding"),
+)
 _WH = {"what", "who", "when", "where", "which", "whose", "whom"}
 _YESNO = {"is", "are", "do", "does", "did", "can", "could", "will", "would", "should", "was", "were", "has", "have"}
 _HOW = {"how", "why"}
@@ -142,6 +128,13 @@ _SHORTV = {
     "translate",
     "convert",
 }
+_FIRST_WORD_CLASS = {
+    w.encode(): float(cls)
+    for cls, vocab in reversed(list(enumerate((_WH, _YESNO, _HOW, _WRITE, _EXPLAIN, _LISTV, _SHORTV), start=1)))
+    for w in vocab
+}  # reversed: a word in two vocabularies keeps the lower class
+_LIST_RE = re.compile(r"\n[ \t]*(?:[-*\u2022]|\d{1,3}[.)])[ \t]")  # literal "\n" prefix: the regex skips fast
+_LIST_START = re.compile(r"[ \t]*(?:[-*\u2022]|\d{1,3}[.)])[ \t]")
 
 CUE_NAMES: tuple[str, ...] = (
     "log_prompt_tokens",
@@ -174,100 +167,147 @@ def stable_hash(value: str) -> int:
     return zlib.crc32(value.encode("utf-8", "surrogatepass"))
 
 
+_CATEGORY_CACHE: dict[str, float] = {}
+
+
 def _category(value: str | None) -> float:
     """A small stable integer for a categorical string (LightGBM categorical), NaN when unset."""
-    return float(stable_hash(value) % 1021) if value else math.nan
+    if not value:
+        return math.nan
+    c = _CATEGORY_CACHE.get(value)
+    if c is None:
+        c = float(stable_hash(value) % 1021)
+        if len(_CATEGORY_CACHE) < 1024:  # bounded: client-chosen strings are unbounded
+            _CATEGORY_CACHE[value] = c
+    return c
 
 
-FIRST_LINE_CHARS = 300
-_FIRST_SALT = 0x5BD1E995
-
-
-_HASH_CACHE: dict[str, int] = {}
+_HASH_CACHE: dict[bytes, int] = {}
 _HASH_CACHE_MAX = 200_000  # words repeat across requests; the cache is cleared when full (bounded memory)
 
 
-def _hashes(tokens: list[str]) -> list[int]:
+def token_hashes(tokens: list[bytes]) -> np.ndarray:
+    """CRC-32 of each token as uint64; cached lookups via ``map`` (C loop), misses hashed on the side."""
     cache = _HASH_CACHE
-    out = []
-    for t in tokens:
-        h = cache.get(t)
-        if h is None:
-            if len(cache) >= _HASH_CACHE_MAX:
-                cache.clear()
-            h = cache[t] = zlib.crc32(t.encode("utf-8", "surrogatepass"))
-        out.append(h)
-    return out
+    try:
+        return np.fromiter(map(cache.__getitem__, tokens), dtype=np.uint64, count=len(tokens))
+    except KeyError:
+        if len(cache) + len(tokens) > _HASH_CACHE_MAX:
+            cache.clear()
+        for t in tokens:
+            if t not in cache:
+                cache[t] = zlib.crc32(t)
+        return np.fromiter(map(cache.__getitem__, tokens), dtype=np.uint64, count=len(tokens))
 
 
-def word_buckets(win: str, tokens: list[str] | None = None) -> np.ndarray:
-    """Hashed word unigrams and bigrams of the window, plus the first line's in their own namespace.
+def tokenize(win_bytes: bytes) -> list[bytes]:
+    """Word tokens of the (lower-cased, UTF-8) window, all in C: each distinct punctuation byte
+    present (usually a handful) is padded with spaces by one ``bytes.replace``, then ``split``."""
+    for b in set(win_bytes.translate(None, _NOT_PUNCT)):
+        win_bytes = win_bytes.replace(_SPACED[b][1:2], _SPACED[b])
+    return win_bytes.split()
+
+
+def _first_line_tokens(win_bytes: bytes) -> int:
+    """How many of the window's leading tokens start on its first line (read up to FIRST_LINE_BYTES)."""
+    return len(tokenize(win_bytes[:FIRST_LINE_BYTES].partition(b"\n")[0]))
+
+
+def word_hashes(hashes: np.ndarray, n_first: int) -> np.ndarray:
+    """Full (unmasked) n-gram hashes: the window's unigrams, the first line's (salted) unigrams, then
+    the window's bigrams and the first line's bigrams.
 
     The first line is usually the task ("Rewrite the sentence...", "Write a story..."); what follows
-    is often pasted input whose words say little about the reply's length.
+    is often pasted input whose words say little about the reply's length, so its tokens get their
+    own namespace.
     """
-    if tokens is None:
-        tokens = _WORD_RE.findall(win)
-    first = _WORD_RE.findall(win[:FIRST_LINE_CHARS].split("\n", 1)[0]) if tokens else []
-    out = _ngram_buckets(_hashes(tokens), 0)
-    out += _ngram_buckets(_hashes(first), _FIRST_SALT)
-    return np.array(out, dtype=np.int64)
+    first = hashes[:n_first] ^ _FIRST_SALT
+    nxt = hashes[1:] + _BIGRAM_ADD
+    return np.concatenate(
+        (hashes, first, (hashes[:-1] * _BIGRAM_MUL) ^ nxt, (first[:-1] * _BIGRAM_MUL) ^ nxt[: max(0, n_first - 1)])
+    )
 
 
-def _ngram_buckets(hashes: list[int], salt: int) -> list[int]:
-    mask = WORD_DIM - 1
-    uni = [(h ^ salt) & mask for h in hashes]
-    bi = [(((a ^ salt) * 1000003) ^ (b + 0x9E3779B9)) & mask for a, b in itertools.pairwise(hashes)]
-    return uni + bi
+def word_buckets_of(full: np.ndarray) -> np.ndarray:
+    """Word bucket indices (int64 in [0, WORD_DIM)) of full n-gram hashes."""
+    return (full & _WORD_MASK).view(np.int64)
 
 
-def char_buckets(win: str) -> np.ndarray:
-    """Hashed character 3-, 4- and 5-gram buckets of the window's first bytes (vectorised rolling hash).
+def char_buckets(win_bytes: bytes) -> np.ndarray:
+    """Hashed character 3-, 4- and 5-gram buckets of the window's first bytes.
 
-    Each longer n-gram extends the shorter one's hash by one byte, so all three orders cost a
-    handful of numpy operations whatever the window size.
+    The n bytes at a position, read as one little-endian integer (an unaligned, stride-1 uint64 view
+    of the NUL-padded bytes, masked to n bytes), *are* the n-gram; a per-order multiply-shift hashes
+    it. All three orders cost a handful of numpy operations whatever the window size.
     """
-    a = np.frombuffer(win[:CHAR_WINDOW].encode("utf-8", "surrogatepass"), dtype=np.uint8).astype(np.uint64)
-    if len(a) < 3:
+    b = win_bytes[:CHAR_WINDOW]
+    n = len(b)
+    if n < 3:
         return np.zeros(0, dtype=np.int64)
-    prime = np.uint64(0x100000001B3)
-    with np.errstate(over="ignore"):
-        h = (a[:-1] * prime ^ a[1:]) * prime
-        parts = []
-        for n in (3, 4, 5):
-            if len(a) < n:
-                break
-            h = (h[:-1] ^ a[n - 1 :]) * prime
-            parts.append(h ^ np.uint64(n))
-        out = np.concatenate(parts) * np.uint64(0x9E3779B97F4A7C15)
-    return (out >> np.uint64(64 - CHAR_BITS)).astype(np.int64) + WORD_DIM
+    grams = np.ndarray((n - 2,), dtype="<u8", buffer=b + _PAD, offset=0, strides=(1,))
+    h = ((grams & _CHAR_MASKS) * _CHAR_MULS) >> _CHAR_SHIFT  # row k: (k+3)-grams (the last k are partial)
+    return (np.concatenate((h[0], h[1, : n - 3], h[2, : n - 4])) + _U64(WORD_DIM)).view(np.int64)
 
 
-REQ_CHARS = 600  # length requests sit in the instruction itself
+def _cue_tables() -> tuple[np.ndarray, dict[int, tuple[int, str]]]:
+    """Cue phrases as word n-gram hashes: a bucket -> flag table (a cheap gather finds candidates)
+    and the full hash -> (group, phrase) map that confirms them (bucket collisions are not cues)."""
+    table = np.zeros(WORD_DIM, dtype=np.uint8)
+    full: dict[int, tuple[int, str]] = {}
+    for group, phrases in enumerate((_BRIEF, _LONG, _CODE, _UNITS)):
+        for phrase in phrases:
+            toks = tokenize(phrase.encode())
+            h = token_hashes(toks)
+            value = int(h[0]) if len(toks) == 1 else int((h[0] * _BIGRAM_MUL) ^ (h[1] + _BIGRAM_ADD))
+            full[value] = (group, phrase)
+            table[value & (WORD_DIM - 1)] = 1
+    return table, full
 
 
-def _requested(win: str) -> tuple[float, float, float, float]:
-    """Numbers the prompt asks for: (words, sentences, paragraphs, items); NaN when not asked."""
-    found = [math.nan, math.nan, math.nan, math.nan]
-    for num, unit in _REQ_RE.findall(win[:REQ_CHARS]):
-        n = float(num) if num.isdigit() else float(_NUM_WORDS.get(num, 1))
-        stem = unit.rstrip("s")
-        group = _UNIT_GROUP.get(stem.split()[0] if " " in stem else stem, 3)
-        if group == 0 and unit.startswith("character"):
-            n = n / 5.0  # characters -> roughly words
-        if math.isnan(found[group]):
-            found[group] = n
-    return found[0], found[1], found[2], found[3]
+_CUE_TABLE, _CUE_FULL = _cue_tables()
 
 
-def _first_word_class(words: list[str]) -> float:
-    if not words:
-        return 0.0
-    w = words[0]
-    for cls, vocab in enumerate((_WH, _YESNO, _HOW, _WRITE, _EXPLAIN, _LISTV, _SHORTV), start=1):
-        if w in vocab:
-            return float(cls)
-    return 8.0 if w.isalpha() else 0.0
+def _cues_and_requests(full: np.ndarray, tokens: list[bytes]) -> tuple[list[float], list[float]]:
+    """Distinct brief/long/code cue phrases present, and the numbers the prompt asks for.
+
+    Requested lengths ("500 words", "3 short paragraphs", "ten ideas", "a sentence"): a unit word
+    preceded by a number, or by a number and one other word; the first request per group counts
+    (words, sentences, paragraphs, items). Characters count as a fifth of a word.
+    """
+    seen: set[str] = set()
+    counts = [0.0, 0.0, 0.0]
+    req = [math.nan, math.nan, math.nan, math.nan]
+    n_tok = len(tokens)
+    candidates = np.flatnonzero(_CUE_TABLE[full & _WORD_MASK])
+    if not len(candidates):
+        return counts, req
+    for pos, value in zip(candidates.tolist(), full[candidates].tolist(), strict=True):
+        hit = _CUE_FULL.get(value)
+        if hit is None:
+            continue
+        group, phrase = hit
+        if group < 3:
+            if phrase not in seen:
+                seen.add(phrase)
+                counts[group] += 1.0
+        elif pos < n_tok:  # a unit word in the window (not the first-line copy)
+            num = _number(tokens[pos - 1]) if pos >= 1 else None
+            if num is None and pos >= 2:
+                num = _number(tokens[pos - 2])
+            if num is None:
+                continue
+            stem = phrase[:-1] if phrase.endswith("s") else phrase
+            unit = _UNIT_GROUP.get(stem, 3)
+            if math.isnan(req[unit]):
+                req[unit] = num / 5.0 if stem == "character" else num
+    return counts, req
+
+
+def _number(token: bytes) -> float | None:
+    if token.isdigit():
+        return float(token) if len(token) <= 5 else None
+    n = _NUM_WORDS.get(token.decode("utf-8", "replace"))
+    return float(n) if n is not None else None
 
 
 @dataclass(slots=True)
@@ -295,37 +335,39 @@ def featurise(
     instr, context_chars, n_messages, has_system = split_prompt(prompt)
     if not isinstance(instr, str):
         instr = str(instr)
-    total_chars = len(instr) + context_chars
+    n_chars = len(instr)
     if prompt_tokens_estimate is None or prompt_tokens_estimate < 0:
-        prompt_tokens_estimate = max(1, total_chars // 4)
+        prompt_tokens_estimate = max(1, (n_chars + context_chars) // 4)
     win = window(instr).lower()
-    words = _WORD_RE.findall(win)
-    alpha_words = [w for w in words[:64] if w[0].isalnum()]
-    req_w, req_s, req_p, req_i = _requested(win)
-    head = instr[:SCAN_CHARS]  # counts read at most SCAN_CHARS; total length comes from len()
-    n_upper_digit = len(_UPPER_DIGIT.findall(instr, 0, 256))
+    wb = win.encode("utf-8", "surrogatepass")
+    tokens = tokenize(wb)
+    full = word_hashes(token_hashes(tokens), _first_line_tokens(wb))
+    (brief, long_, code), (req_w, req_s, req_p, req_i) = _cues_and_requests(full, tokens)
+    n_list = len(_LIST_RE.findall(win)) + (1 if _LIST_START.match(win) else 0)
+    head = instr[:256]
+    n_upper_digit = len(head.encode("ascii", "ignore").translate(None, _NOT_UPPER_DIGIT))
     cues = [
         math.log1p(prompt_tokens_estimate),
-        math.log1p(len(instr)),
+        math.log1p(n_chars),
         math.log1p(context_chars),
         float(n_messages),
         float(has_system),
-        float(head.count("\n")),
-        float(head.count("?")),
-        float("```" in head),
-        float(len(_LIST_RE.findall(win))),
+        float(instr.count("\n", 0, SCAN_CHARS)),
+        float(instr.count("?", 0, SCAN_CHARS)),
+        float(instr.find("```", 0, SCAN_CHARS) >= 0),
+        float(n_list),
         req_w,
         req_s,
         req_p,
         req_i,
-        float(sum(map(win.__contains__, _BRIEF))),
-        float(sum(map(win.__contains__, _LONG))),
-        float(sum(map(win.__contains__, _CODE))),
-        _first_word_class(alpha_words),
+        brief,
+        long_,
+        code,
+        _FIRST_WORD_CLASS.get(tokens[0], 8.0 if tokens[0].isalpha() else 0.0) if tokens else 0.0,
         float(instr[-64:].rstrip().endswith("?")),
-        float(len(words)),
+        float(len(tokens)),
         float("\n\n" in win or "input:" in win or ":\n" in win),
-        n_upper_digit / max(1, min(len(instr), 256)),
+        n_upper_digit / max(1, len(head)),
     ]
     params = [
         math.log1p(max_tokens) if max_tokens and max_tokens > 0 else math.nan,
@@ -334,8 +376,8 @@ def featurise(
         _category(tenant),
     ]
     return PromptFeatures(
-        words=word_buckets(win, words),
-        chars=char_buckets(win),
+        words=word_buckets_of(full),
+        chars=char_buckets(wb),
         cues=cues,
         params=params,
         model=model or "",

@@ -7,6 +7,7 @@ beyond the bounded window.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ class Prediction:
     p50: float
     p90: float
     features: PromptFeatures  # keep on the request; the online learner records it when the reply ends
+    row: list[float] | None = None  # the LightGBM row the heads saw (the online learner stores it as is)
 
 
 class LengthPredictor:
@@ -38,8 +40,9 @@ class LengthPredictor:
     def __init__(self, bundle: Bundle, source: str = "") -> None:
         self.bundle = bundle
         self.source = source
-        self._p50 = FastBooster(bundle.p50, N_COLUMNS)
-        self._p90 = FastBooster(bundle.p90, N_COLUMNS)
+        self._row = (ctypes.c_double * N_COLUMNS)()  # one buffer for both heads: the row is copied in once
+        self._p50 = FastBooster(bundle.p50, N_COLUMNS, self._row)
+        self._p90 = FastBooster(bundle.p90, N_COLUMNS, self._row)
         self._stats_cache: dict[str, list[float]] = {}
 
     @classmethod
@@ -56,11 +59,19 @@ class LengthPredictor:
                 self._stats_cache[model] = stats
         return stats
 
+    def row(self, f: PromptFeatures) -> list[float]:
+        """The LightGBM input row of already computed features (text score, cues, params, model stats)."""
+        return full_row(prompt_part(f, self.bundle.text.score(f)), self.model_stats(f.model))
+
     def predict_features(self, f: PromptFeatures, max_tokens: int | None = None) -> tuple[float, float]:
         """(p50, p90) in tokens for already computed features; capped by ``max_tokens``."""
-        row = full_row(prompt_part(f, self.bundle.text.score(f)), self.model_stats(f.model))
-        log50 = self._p50.predict(row) + self.bundle.offset50
-        log90 = max(self._p90.predict(row) + self.bundle.offset90, log50)
+        return self._predict_row(self.row(f), max_tokens)
+
+    def _predict_row(self, row: list[float], max_tokens: int | None) -> tuple[float, float]:
+        bundle = self.bundle
+        self._row[:] = row
+        log50 = self._p50.predict_loaded() + bundle.offset50
+        log90 = max(self._p90.predict_loaded() + bundle.offset90, log50)
         p50 = max(1.0, math.expm1(log50))
         p90 = max(1.0, math.expm1(log90))
         if max_tokens is not None and max_tokens > 0:
@@ -78,8 +89,9 @@ class LengthPredictor:
         prompt_tokens_estimate: int | None = None,
     ) -> Prediction:
         f = featurise(prompt, model, max_tokens, temperature, slo_class, tenant, prompt_tokens_estimate)
-        p50, p90 = self.predict_features(f, max_tokens)
-        return Prediction(p50, p90, f)
+        row = self.row(f)
+        p50, p90 = self._predict_row(row, max_tokens)
+        return Prediction(p50, p90, f, row)
 
     def predict(
         self,
