@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sloproxy.predictor.columns import N_COLUMNS
 from sloproxy.predictor.data import holdout_ids, load_lengths
-from sloproxy.predictor.online import OnlineLearner, Sample, SampleStore
+from sloproxy.predictor.online import OnlineLearner, SampleStore
+from sloproxy.predictor.retrain import read_payload, write_payload
 from sloproxy.predictor.serving import LengthPredictor
 from sloproxy.predictor.train import TrainConfig, fit
 
@@ -40,12 +42,34 @@ def _feed(learner: OnlineLearner, traffic, scale_until: int = 0, scale: float = 
         learner.record(pred, int(tokens * scale) if i < scale_until else tokens)
 
 
-def test_store_is_bounded() -> None:
-    store = SampleStore(capacity=3)
-    for i in range(10):
-        store.append(Sample([float(i)], i, 1.0, 2.0))
+def test_store_is_bounded_and_wraps_in_time_order() -> None:
+    store = SampleStore(capacity=3, ncol=2)
+    assert len(store) == 0 and store.snapshot()[0].shape == (0, 2)
+    store.append([0.0, 0.5], 0)
+    store.append([1.0, 1.5], 1)
+    x, y = store.snapshot()
+    assert x.tolist() == [[0.0, 0.5], [1.0, 1.5]] and y.tolist() == [0, 1]  # not yet full
+    for i in range(2, 10):
+        store.append([float(i), i + 0.5], i)
     assert len(store) == 3 and store.added == 10
-    assert [s.output_tokens for s in store.snapshot()] == [7, 8, 9]
+    x, y = store.snapshot()
+    assert y.tolist() == [7, 8, 9] and x[:, 0].tolist() == [7.0, 8.0, 9.0]  # oldest first across the wrap
+    assert x.dtype == np.float32 and x.flags.c_contiguous
+    x[0, 0] = -1.0
+    assert store.snapshot()[0][0, 0] == 7.0  # a copy: the live ring is untouched
+
+
+def test_retrain_payload_round_trips(tmp_path: Path, data) -> None:
+    bundle, _ = data
+    x = np.arange(6 * N_COLUMNS, dtype=np.float32).reshape(6, N_COLUMNS)
+    y = np.array([1, 2, 3, 400, 5, 6], dtype=np.int64)
+    payload = write_payload(tmp_path, x, y, bundle, {"holdback": 0.2, "rounds": 3})
+    assert payload["holdback"] == 0.2 and payload["offset90"] == bundle.offset90
+    x2, y2, p50, p90 = read_payload(payload)
+    assert np.array_equal(x2, x) and x2.dtype == np.float32 and np.array_equal(y2, y)
+    rows = x.astype(np.float64)
+    assert np.array_equal(p50.predict(rows), bundle.p50.predict(rows))
+    assert np.array_equal(p90.predict(rows), bundle.p90.predict(rows))
 
 
 async def test_accepts_a_better_model(data) -> None:
@@ -58,6 +82,8 @@ async def test_accepts_a_better_model(data) -> None:
     result = await learner.retrain_now()
     assert result["accepted"] and result["candidate_loss"] < result["current_loss"]
     assert learner.predictor is not before
+    assert learner.predictor.bundle.offset50 == result["offset50"]
+    assert learner.predictor.predict("Write a poem.", traffic[0][1]) != before.predict("Write a poem.", traffic[0][1])
     m = learner.metrics()
     assert m["swaps_total"] == 1 and m["model_generation"] == 1 and m["live_samples"] == 0  # reset on swap
     await learner.stop()

@@ -13,45 +13,57 @@ import contextlib
 import logging
 import math
 import multiprocessing
+import shutil
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import Executor, ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
-import lightgbm as lgb
+import numpy as np
 
-from .columns import full_row, prompt_part
-from .retrain import retrain_job
+from .columns import N_COLUMNS
+from .retrain import load_boosters, retrain_job, write_payload
 from .serving import LengthPredictor, Prediction
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True, frozen=True)
-class Sample:
-    row: list[float]  # the LightGBM row the server computed for the request
-    output_tokens: int
-    p50: float  # what was predicted when the request arrived (live error)
-    p90: float
-
-
 class SampleStore:
-    """Bounded ring buffer of finished requests (oldest dropped first)."""
+    """Bounded ring buffer of finished requests (oldest overwritten first), preallocated numpy arrays.
 
-    def __init__(self, capacity: int = 20_000) -> None:
-        self._items: deque[Sample] = deque(maxlen=capacity)
+    Rows are float32 (what LightGBM bins anyway), so a snapshot is one array copy and handing
+    it to the retrain worker is a file write of contiguous memory, not pickling Python objects.
+    """
+
+    def __init__(self, capacity: int = 20_000, ncol: int = N_COLUMNS) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.capacity = capacity
+        self.rows = np.zeros((capacity, ncol), dtype=np.float32)
+        self.tokens = np.zeros(capacity, dtype=np.int64)
+        self._next = 0  # slot the next sample goes to
+        self._size = 0
         self.added = 0  # ever added (monotonic; "N new samples" counts from here)
 
-    def append(self, sample: Sample) -> None:
-        self._items.append(sample)
+    def append(self, row: list[float], output_tokens: int) -> None:
+        i = self._next
+        self.rows[i] = row
+        self.tokens[i] = output_tokens
+        self._next = (i + 1) % self.capacity
+        self._size = min(self._size + 1, self.capacity)
         self.added += 1
 
-    def snapshot(self) -> list[Sample]:
-        return list(self._items)
+    def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, output_tokens) copies, oldest first."""
+        if self._size < self.capacity:
+            return self.rows[: self._size].copy(), self.tokens[: self._size].copy()
+        i = self._next
+        return np.concatenate((self.rows[i:], self.rows[:i])), np.concatenate((self.tokens[i:], self.tokens[:i]))
 
     def __len__(self) -> int:
-        return len(self._items)
+        return self._size
 
 
 class LiveError:
@@ -144,10 +156,10 @@ class OnlineLearner:
         """A request finished with ``completion_tokens`` (from the engine's usage); O(1)."""
         if completion_tokens is None or completion_tokens < 0:
             return
-        f = prediction.features
-        p = self.predictor
-        row = full_row(prompt_part(f, p.bundle.text.score(f)), p.model_stats(f.model))
-        self.store.append(Sample(row, int(completion_tokens), prediction.p50, prediction.p90))
+        row = prediction.row
+        if row is None:  # a Prediction built elsewhere: recompute the row the heads saw
+            row = self.predictor.row(prediction.features)
+        self.store.append(row, int(completion_tokens))
         self.live.add(prediction.p50, prediction.p90, int(completion_tokens))
 
     def metrics(self) -> dict[str, float]:
@@ -192,52 +204,53 @@ class OnlineLearner:
                 self._running = None
 
     async def retrain_now(self) -> dict[str, Any]:
-        """Retrain on the stored samples, validate, swap if better; returns the job's verdict."""
+        """Retrain on the stored samples, validate, swap if better; returns the job's verdict.
+
+        Nothing large is pickled or copied while holding the GIL for long: the samples are one
+        numpy copy on the loop thread, then (in a thread) written as ``.npy`` files next to the
+        current heads (LightGBM writes those in C); the worker reads them and writes the candidate's
+        heads back as files, which a thread parses (in C) before the swap.
+        """
         loop = asyncio.get_running_loop()
-        samples = self.store.snapshot()
+        x, y = self.store.snapshot()  # one array copy: consistent with the ring the loop keeps writing
         self._trained_at_added = self.store.added
         self._last_retrain = time.monotonic()
-        payload = await asyncio.to_thread(self._payload, samples)  # serialising trees: off the loop thread
-        if self._executor is None:
-            self._executor = await asyncio.to_thread(_start_pool)  # process start-up: off the loop thread
-        self.counters["retrains"] += 1
+        workdir = tempfile.mkdtemp(prefix="sloproxy-retrain-")
         try:
-            result = await loop.run_in_executor(self._executor, retrain_job, payload)
-        except Exception:
-            self.counters["failed"] += 1
-            log.exception("predictor retrain failed")
-            raise
-        self.last_result = {k: v for k, v in result.items() if k not in ("p50", "p90")}
-        if result["accepted"]:
-            candidate = await asyncio.to_thread(self._build, result)
-            self.predictor = candidate  # the swap: one reference assignment on the loop thread
-            self.live.reset()
-            self.counters["swaps"] += 1
-            self.counters["generation"] += 1
-        else:
-            self.counters["rejected"] += 1
-        return self.last_result
+            payload = await asyncio.to_thread(write_payload, workdir, x, y, self.predictor.bundle, self._options())
+            del x, y
+            if self._executor is None:
+                self._executor = await asyncio.to_thread(_start_pool)  # process start-up: off the loop thread
+            self.counters["retrains"] += 1
+            try:
+                result = await loop.run_in_executor(self._executor, retrain_job, payload)
+            except Exception:
+                self.counters["failed"] += 1
+                log.exception("predictor retrain failed")
+                raise
+            self.last_result = {k: v for k, v in result.items() if k not in ("p50", "p90")}
+            if result["accepted"]:
+                candidate = await asyncio.to_thread(self._build, result)
+                self.predictor = candidate  # the swap: one reference assignment on the loop thread
+                self.live.reset()
+                self.counters["swaps"] += 1
+                self.counters["generation"] += 1
+            else:
+                self.counters["rejected"] += 1
+            return self.last_result
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)  # a few unlinks; synchronous so cancellation cannot leak it
 
-    def _payload(self, samples: list[Sample]) -> dict[str, Any]:
-        bundle = self.predictor.bundle
-        return {
-            "x": [s.row for s in samples],
-            "y": [s.output_tokens for s in samples],
-            "p50": bundle.p50.model_to_string(),
-            "p90": bundle.p90.model_to_string(),
-            "offset50": bundle.offset50,
-            "offset90": bundle.offset90,
-            "holdback": self.holdback,
-            "rounds": self.rounds,
-            "min_improvement": self.min_improvement,
-        }
+    def _options(self) -> dict[str, Any]:
+        return {"holdback": self.holdback, "rounds": self.rounds, "min_improvement": self.min_improvement}
 
     def _build(self, result: dict[str, Any]) -> LengthPredictor:
         old = self.predictor.bundle
+        p50, p90 = load_boosters(result)
         bundle = replace(
             old,
-            p50=lgb.Booster(model_str=result["p50"]),
-            p90=lgb.Booster(model_str=result["p90"]),
+            p50=p50,
+            p90=p90,
             offset50=result["offset50"],
             offset90=result["offset90"],
             meta={**old.meta, "online_generation": self.counters["generation"] + 1},

@@ -4,16 +4,23 @@ Live traffic tells only (prompt, model, params, true completion tokens), so a ca
 heads boosted further on the server-computed rows (``init_model``), recalibrated on one slice of
 recent samples and judged against the current heads on the most recent slice, which neither saw.
 Both are scored with the same loss, so a swap happens only on measured improvement.
+
+The payload is a small dict naming files in a work directory (``.npy`` samples, LightGBM model
+files): writing and reading those is a memcpy or C code that releases the GIL, where pickling
+rows and model strings would stall the server's event loop for tens of milliseconds.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import lightgbm as lgb
 import numpy as np
 
 from .columns import CATEGORICAL, COLUMNS
 from .metrics import pinball
-from .train import TrainConfig, conformal_offsets, lgb_params
+from .train import Bundle, TrainConfig, conformal_offsets, lgb_params
 
 
 def quantile_loss(log50: np.ndarray, log90: np.ndarray, y: np.ndarray) -> float:
@@ -28,13 +35,38 @@ def split_recent(n: int, holdback: float) -> tuple[slice, slice, slice]:
     return slice(0, n - n_val - n_cal), slice(n - n_val - n_cal, n - n_val), slice(n - n_val, n)
 
 
+def write_payload(workdir: str | Path, x: np.ndarray, y: np.ndarray, bundle: Bundle, options: dict) -> dict:
+    """Write samples (oldest first) and the current heads into ``workdir``; returns the job's payload."""
+    d = Path(workdir)
+    np.save(d / "x.npy", np.ascontiguousarray(x), allow_pickle=False)
+    np.save(d / "y.npy", np.ascontiguousarray(y), allow_pickle=False)
+    bundle.p50.save_model(str(d / "p50.txt"))
+    bundle.p90.save_model(str(d / "p90.txt"))
+    return {"dir": str(d), "offset50": bundle.offset50, "offset90": bundle.offset90, **options}
+
+
+def read_payload(payload: dict) -> tuple[np.ndarray, np.ndarray, lgb.Booster, lgb.Booster]:
+    """(rows, output tokens, current p50 head, current p90 head) as written by ``write_payload``."""
+    d = Path(payload["dir"])
+    x = np.load(d / "x.npy", allow_pickle=False)
+    y = np.load(d / "y.npy", allow_pickle=False)
+    return x, y, lgb.Booster(model_file=str(d / "p50.txt")), lgb.Booster(model_file=str(d / "p90.txt"))
+
+
+def load_boosters(result: dict[str, Any]) -> tuple[lgb.Booster, lgb.Booster]:
+    """The accepted candidate's heads (parsed by LightGBM's C loader, which releases the GIL)."""
+    return lgb.Booster(model_file=result["p50"]), lgb.Booster(model_file=result["p90"])
+
+
 def retrain_job(payload: dict) -> dict:
-    """Pure function of its payload (picklable in and out); see ``OnlineLearner`` for the fields."""
-    x = np.asarray(payload["x"], dtype=np.float64)
-    y = np.log1p(np.asarray(payload["y"], dtype=np.float64))
+    """Pure function of its payload's files (small dict in and out); see ``OnlineLearner`` for the fields.
+
+    An accepted candidate's heads are written next to the payload; the result names the files.
+    """
+    x_raw, y_raw, cur50, cur90 = read_payload(payload)
+    x = x_raw.astype(np.float64)
+    y = np.log1p(y_raw.astype(np.float64))
     tr, cal, val = split_recent(len(y), payload["holdback"])
-    cur50 = lgb.Booster(model_str=payload["p50"])
-    cur90 = lgb.Booster(model_str=payload["p90"])
     off50, off90 = payload["offset50"], payload["offset90"]
     cur_log50 = cur50.predict(x[val]) + off50
     current_loss = quantile_loss(cur_log50, np.maximum(cur90.predict(x[val]) + off90, cur_log50), y[val])
@@ -51,13 +83,18 @@ def retrain_job(payload: dict) -> dict:
     cand_log50 = new50.predict(x[val]) + c50
     candidate_loss = quantile_loss(cand_log50, np.maximum(new90.predict(x[val]) + c90, cand_log50), y[val])
     better = candidate_loss < current_loss * (1.0 - payload.get("min_improvement", 0.01))
+    paths = {"p50": None, "p90": None}
+    if better:
+        for name, head in (("p50", new50), ("p90", new90)):
+            paths[name] = str(Path(payload["dir"]) / f"candidate_{name}.txt")
+            head.save_model(paths[name])
     return {
         "accepted": bool(better),
         "current_loss": float(current_loss),
         "candidate_loss": float(candidate_loss),
         "validation_samples": int(val.stop - val.start),
-        "p50": new50.model_to_string() if better else None,
-        "p90": new90.model_to_string() if better else None,
+        "p50": paths["p50"],
+        "p90": paths["p90"],
         "offset50": float(c50),
         "offset90": float(c90),
     }
