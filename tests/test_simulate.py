@@ -299,13 +299,13 @@ def test_live_replay_and_simulation_agree(shared_data: Path, tmp_path: Path) -> 
     from sloproxy.evaluation.workload import write_workload
     from sloproxy.processes import EmulatorProcess, ProxyProcess
 
-    speedup = 8.0
+    speedup = 4.0
     built = build_workload(
         BuildOptions(
             trace=str(shared_data / "traces" / "azure_conv_2023.csv"),
             lengths_dir=str(shared_data / "lengths"),
             models=parse_models("m=Meta-Llama-3-8B-Instruct"),
-            max_requests=66,
+            max_requests=72,
             rate_scale=0.25,
             max_context=4096,
             max_tokens_caps=(1024, 2048),
@@ -313,7 +313,7 @@ def test_live_replay_and_simulation_agree(shared_data: Path, tmp_path: Path) -> 
         )
     )
     probes = [msgspec.structs.replace(r, arrival_s=4.0 * i) for i, r in enumerate(built[60:])]
-    main_part = [msgspec.structs.replace(r, arrival_s=r.arrival_s + 30.0) for r in built[:60]]
+    main_part = [msgspec.structs.replace(r, arrival_s=r.arrival_s + 50.0) for r in built[:60]]
     requests = [*probes, *main_part]
     workload = tmp_path / "w.jsonl"
     write_workload(workload, requests)
@@ -334,12 +334,13 @@ def test_live_replay_and_simulation_agree(shared_data: Path, tmp_path: Path) -> 
                 replay_run(requests, proxy.url, workload=str(workload), label="live", speedup=speedup)
             )
     sim_meta, sim = simulate(fleet, prepare(requests), "round-robin", base=base_config())
-    gaps = sorted(a.ttft_s - b.ttft_s for a, b in zip(live[:6], sim[:6], strict=True) if a.ttft_s and b.ttft_s)
+    # The fixed HTTP-path latency, measured on idle probes (median of 12: one probe can be a scheduling hiccup).
+    gaps = sorted(a.ttft_s - b.ttft_s for a, b in zip(live[:12], sim[:12], strict=True) if a.ttft_s and b.ttft_s)
     overhead = gaps[len(gaps) // 2]
-    assert 0 <= overhead < 0.2  # a few wall milliseconds x 8
+    assert 0 <= overhead < 0.1  # a few wall milliseconds x 4
     sim_meta, sim = simulate(fleet, prepare(requests), "round-robin", base=base_config(), overhead_s=overhead)
-    live_summary = summarize(meta, live[6:])["overall"]
-    sim_summary = summarize(sim_meta, sim[6:])["overall"]
+    live_summary = summarize(meta, live[12:])["overall"]
+    sim_summary = summarize(sim_meta, sim[12:])["overall"]
     assert live_summary["ok"] == sim_summary["ok"] == 60
     assert sim_summary["slo_attainment"] == pytest.approx(live_summary["slo_attainment"], rel=0.10)
     assert sim_summary["ttft_s"]["p50"] == pytest.approx(live_summary["ttft_s"]["p50"], rel=0.10)

@@ -40,6 +40,7 @@ from ..emulator.engine import Sequence as EngineSequence
 from ..emulator.fleet import FleetSpec, InstanceSpec
 from ..emulator.profiles import get_profile
 from ..errors import ProxyError
+from ..estimates import LengthEstimates
 from ..plugins import load_policy
 from ..request import ProxyRequest, parse_request
 from ..scheduler import Scheduler
@@ -53,14 +54,15 @@ SHED_STATUSES = frozenset({429, 503})  # what the replayer records as "rejected"
 _ARRIVAL, _STEP, _POLL, _TICK, _TIMEOUT = range(5)
 
 
-def estimate(request: ProxyRequest, item: SimRequest, oracle: bool) -> None:
-    """Set the request's reply-length estimate: the one place a length predictor plugs in.
-
-    Live, :func:`~sloproxy.request.parse_request` leaves ``min(max_tokens, 256)``; the oracle knows
-    the workload's true length. Runs before classification, which derives deadlines from it.
-    """
+def estimate(request: ProxyRequest, item: SimRequest, oracle: bool, estimates: LengthEstimates) -> None:
+    """Set the request's reply-length estimate as the live proxy does (``LengthEstimates``: the
+    predictor when the policy reads predictions), or the workload's true length for the oracle.
+    Runs before classification, which derives deadlines from it."""
     if oracle:
         request.est_output_tokens = item.output_tokens
+        request.pred_p50 = request.pred_p90 = float(item.output_tokens)
+    else:
+        estimates.estimate(request)
 
 
 def engine_load(engine: Engine) -> BackendLoad:
@@ -215,6 +217,9 @@ class Simulation:
         self.instances = {spec.name: _Instance.build(spec) for spec in fleet.instances}
         self.pool = BackendPool(config.backends, config.health, config.load_polling, clock=self.clock)
         self.policy = load_policy(config.policy.name, config.policy.params)
+        # The same estimates as live (no online learning: a run must not change its own predictor).
+        uses = self.policy.uses_predictions
+        self.estimates = LengthEstimates(None) if oracle else LengthEstimates.from_config(config.predictor, uses)
         self.scheduler = Scheduler(self.policy, self.pool, config.scheduling, clock=self.clock)
         self.classifier = Classifier(config.slo_classes, config.default_class, config.tenants, config.models)
         self.clients = [_Client(item) for item in requests]
@@ -369,7 +374,7 @@ class Simulation:
         try:
             request = parse_request("chat", item.raw)
             request.received_at = now
-            estimate(request, item, self.oracle)
+            estimate(request, item, self.oracle, self.estimates)
             headers = {"x-slo-class": item.slo_class}
             if item.tenant is not None:
                 headers["x-tenant"] = item.tenant
