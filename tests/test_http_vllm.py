@@ -255,3 +255,24 @@ async def test_official_openai_client(fleet):
     with pytest.raises(openai.NotFoundError):
         await client.chat.completions.create(model="nope", messages=CHAT["messages"])
     await client.close()
+
+
+async def test_role_chunk_comes_with_the_first_token_not_on_acceptance(fleet):
+    """vLLM sends the role chunk on its first engine output (after prefill), so a proxy that sees it
+    knows the request really started; sent on acceptance it would look started while still queued."""
+    import time
+
+    prompt = "word " * 3000  # a long prefill: milliseconds of emulated time before the first token
+    body = {"model": "llama-3-8b", "messages": [{"role": "user", "content": prompt}], "stream": True}
+    body.update(max_tokens=3, ignore_eos=True)
+    arrivals: list[tuple[float, bytes]] = []
+    async with aiohttp.ClientSession() as session:
+        started = time.perf_counter()
+        async with session.post(fleet.url("vllm") + "/v1/chat/completions", json=body) as response:
+            async for line in response.content:
+                if line.startswith(b"data: {"):
+                    arrivals.append((time.perf_counter() - started, line))
+    role_at, role = arrivals[0]
+    first_token_at, first = arrivals[1]
+    assert b'"role":"assistant"' in role.replace(b" ", b"") and b'"content":""' in role.replace(b" ", b"")
+    assert b'"content":"' in first and first_token_at - role_at < 0.5 * first_token_at

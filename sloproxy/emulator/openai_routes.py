@@ -329,13 +329,17 @@ async def _stream(
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, **choice_extra}
 
     sent = 0
-    if chat and not dialect.role_on_every_chunk:
-        await response.write(frame([choice("", None, first=True)]))
+    # vLLM and SGLang send the role chunk on their first engine output (with the first token, after
+    # prefill), not on acceptance: a proxy must not read "accepted" as "first byte".
+    role_pending = chat and not dialect.role_on_every_chunk
     seq = generation.seq
     async for produced in generation.updates():
         if seq.finish_reason == "abort":
             break
         frames: list[bytes] = []
+        if role_pending and (produced > sent or seq.finished):
+            frames.append(frame([choice("", None, first=True)]))
+            role_pending = False
         for index in range(sent, produced):
             last = seq.finished and index == produced - 1
             finish = _finish(dialect, seq.finish_reason) if last and not dialect.separate_finish_chunk else None
