@@ -7,6 +7,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -83,9 +84,16 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from .demo import ReplaySettings
     from .demo import main as demo_main
 
-    return demo_main(speedup=args.speedup, requests=args.requests)
+    replay = ReplaySettings(
+        seconds=args.replay_seconds,
+        speedup=args.replay_speedup,
+        policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()),
+        out_dir=Path(args.out_dir),
+    )
+    return demo_main(speedup=args.speedup, requests=args.requests, replay=replay)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="start an emulated fleet and send it real traffic")
     demo.add_argument("--speedup", type=float, default=4.0)
     demo.add_argument("--requests", type=int, default=24)
+    demo.add_argument("--replay-seconds", type=float, default=120.0, help="trace seconds to replay (0: skip)")
+    demo.add_argument("--replay-speedup", type=float, default=10.0)
+    demo.add_argument("--policies", default="round-robin,least-load,edf", help="compared in the replay")
+    demo.add_argument("--out-dir", default="build/demo", help="run files, figure and HTML report")
     demo.set_defaults(func=_demo)
 
     from .evaluation.cli import register as register_evaluation

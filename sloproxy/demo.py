@@ -3,7 +3,8 @@
 Starts the fleet and one proxy replica (embedded state, nothing else to install), sends real
 traffic through the official ``openai`` client to the proxy, streaming and not, and prints
 what happened: per-request latencies (emulated seconds), which backend served what, and the
-proxy's own metrics.
+proxy's own metrics. Then it replays a few minutes of a real trace (Azure conversations) through
+the proxy once per policy and prints the SLO report side by side (see ``demo_replay.py``).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import random
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
 from .cli import run_async
+from .demo_replay import find_data_dir, replay_policies
 from .emulator.fleet import InstanceSpec
 from .processes import EmulatorProcess, ProxyProcess, free_port
 
@@ -76,7 +79,7 @@ async def _one(client, model: str, kind: str, stream: bool, speedup: float, rng:
     return Outcome(model, kind, stream, (ttft or e2e) * speedup, e2e * speedup, tokens, finish)
 
 
-async def _run(speedup: float, requests: int) -> int:
+async def _run(speedup: float, requests: int, replay: ReplaySettings) -> int:
     try:
         import openai  # noqa: F401 - checked here so the message comes before the fleet starts
     except ImportError:
@@ -93,7 +96,25 @@ async def _run(speedup: float, requests: int) -> int:
         backends = [{"name": s.name, "engine": s.engine, "url": fleet.url(s.name), "models": [s.model]} for s in specs]
         with ProxyProcess({"backends": backends, "policy": {"name": "round-robin"}}) as proxy:
             print(f"sloproxy serving on {proxy.url} (policy round-robin, embedded state)")
-            return await _traffic(proxy.url, specs, speedup, requests)
+            status = await _traffic(proxy.url, specs, speedup, requests)
+    if status != 0 or replay.seconds <= 0:
+        return status
+    data = find_data_dir()
+    if data is None:
+        print("\n(trace replay skipped: the shared traces were not found; set SLOPROXY_DATA to their directory)")
+        return status
+    await replay_policies(
+        specs, data, replay.out_dir, policies=replay.policies, seconds=replay.seconds, speedup=replay.speedup
+    )
+    return status
+
+
+@dataclass(frozen=True)
+class ReplaySettings:
+    seconds: float = 120.0  # of the Azure conversation trace; 0: skip the replay
+    speedup: float = 10.0
+    policies: tuple[str, ...] = ("round-robin", "least-load", "edf")
+    out_dir: Path = Path("build/demo")
 
 
 async def _traffic(proxy_url: str, specs: list[InstanceSpec], speedup: float, requests: int) -> int:
@@ -141,5 +162,5 @@ async def _traffic(proxy_url: str, specs: list[InstanceSpec], speedup: float, re
     return 0
 
 
-def main(speedup: float = 4.0, requests: int = 24) -> int:
-    return run_async(_run(speedup, requests))
+def main(speedup: float = 4.0, requests: int = 24, replay: ReplaySettings | None = None) -> int:
+    return run_async(_run(speedup, requests, replay or ReplaySettings()))
