@@ -25,7 +25,7 @@ import numpy as np
 from ..loop_lag import LoopLagMonitor
 from ..sse import SSEDecoder
 from .records import RequestRecord, RunMeta, default_slo_classes, tpot
-from .workload import WorkloadRequest
+from .workload import WorkloadRequest, client_body
 
 SHED_STATUSES = frozenset({429, 503})  # the proxy's answer when it sheds load
 ERROR_BODY_LIMIT = 64 * 1024
@@ -109,14 +109,6 @@ async def send_one(
     session: aiohttp.ClientSession, url: str, request: WorkloadRequest, *, speedup: float, timeout_s: float
 ) -> RequestRecord:
     """Stream one request and measure it; never raises (failures become the record's status)."""
-    body: dict[str, Any] = {
-        "model": request.model,
-        "messages": request.messages,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    if request.max_tokens is not None:
-        body["max_tokens"] = request.max_tokens
     headers = {"x-slo-class": request.slo_class, "content-type": "application/json"}
     if request.tenant is not None:
         headers["x-tenant"] = request.tenant
@@ -126,7 +118,7 @@ async def send_one(
     start = time.perf_counter()
     try:
         async with asyncio.timeout(timeout_s / speedup):
-            async with session.post(url, data=msgspec.json.encode(body), headers=headers) as response:
+            async with session.post(url, data=client_body(request), headers=headers) as response:
                 http_status = response.status
                 if response.status != 200:
                     raw = await response.content.read(ERROR_BODY_LIMIT)

@@ -14,13 +14,10 @@ import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import msgspec
 
 from ..emulator.fleet import FleetSpec
 from ..emulator.tokens import VOCAB_SIZE, block_hashes, render_chat, token_ids
-from .workload import WorkloadRequest
+from .workload import WorkloadRequest, client_body
 
 _NEWLINE_ID = zlib.crc32(b"\n") % VOCAB_SIZE
 
@@ -69,19 +66,6 @@ class PromptTokens:
                 cached = lines[chunk] = token_ids(chunk)
             out += cached
         return out
-
-
-def client_body(request: WorkloadRequest) -> bytes:
-    """The JSON body :mod:`.replay` sends for ``request`` (streamed, usage asked for)."""
-    body: dict[str, Any] = {
-        "model": request.model,
-        "messages": request.messages,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    if request.max_tokens is not None:
-        body["max_tokens"] = request.max_tokens
-    return msgspec.json.encode(body)
 
 
 def prepare(requests: Sequence[WorkloadRequest], block_sizes: Iterable[int] = (16,)) -> list[SimRequest]:

@@ -51,3 +51,17 @@ def read_workload(path: str | Path) -> list[WorkloadRequest]:
             except msgspec.DecodeError as exc:
                 raise ValueError(f"{path}:{number}: not a workload request ({exc})") from None
     return requests
+
+
+def client_body(request: WorkloadRequest) -> bytes:
+    """The JSON body a client sends for ``request`` (streamed, usage asked for): the replay sends it and
+    the simulator parses it, so both see the same request."""
+    body: dict[str, Any] = {
+        "model": request.model,
+        "messages": request.messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if request.max_tokens is not None:
+        body["max_tokens"] = request.max_tokens
+    return msgspec.json.encode(body)
