@@ -49,6 +49,7 @@ class BackendState(Protocol):
     budget: int  # admission budget: how many in flight the proxy allows (adapts to engine metrics)
     priority_scheduling: bool  # the engine runs by priority itself
     urgent_budget: int  # the budget for band-0 work: above ``budget`` where the engine preempts by priority
+    kv_reserved_tokens: int  # prompt + predicted p90 reply tokens of the proxy's in-flight requests on it
 
     @property
     def load(self) -> LoadView | None: ...

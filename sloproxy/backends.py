@@ -30,6 +30,7 @@ class Backend:
     consecutive_failures: int = 0
     consecutive_successes: int = 0
     in_flight: int = 0
+    kv_reserved_tokens: int = 0  # sum over in-flight requests of prompt + predicted p90 reply (KV admission)
     budget: int = 32  # dispatch budget (set and adapted by the scheduler)
     ceiling: int | None = None  # the engine's capacity as last observed (it queued beyond it)
     quiet_updates: int = 0

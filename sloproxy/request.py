@@ -107,6 +107,7 @@ class ProxyRequest:
     est_output_tokens: int = DEFAULT_OUTPUT_TOKENS  # what scheduling assumes: the predicted p50 when predicting
     pred_p50: float | None = None  # predicted reply length in tokens (None: no prediction was made)
     pred_p90: float | None = None
+    kv_reserved: int = 0  # tokens of KV this request is counted for on its backend while in flight
     prediction: Any = None  # the predictor's record of it (features), for online learning when the reply ends
     excluded: set[str] = field(default_factory=set)  # backends not to try again (retries)
     _prefix_hashes: list[int] | None = None  # computed on first use (only prefix-aware routing needs them)
@@ -154,6 +155,15 @@ class ProxyRequest:
             self.urgent_deadline = self.received_at + slo.ttft_s
         else:
             self.urgent_deadline = self.deadline
+
+
+def kv_footprint(request: ProxyRequest) -> int:
+    """KV tokens a request may come to hold: its prompt plus the predicted p90 reply (the p50 estimate
+    without a prediction), bounded by the client's limit. KV admission reserves this much."""
+    reply = request.pred_p90 if request.pred_p90 is not None else request.est_output_tokens
+    if request.max_tokens is not None:
+        reply = min(reply, request.max_tokens)
+    return request.est_prompt_tokens + int(reply)
 
 
 def _validation_message(exc: msgspec.ValidationError) -> tuple[str, str | None]:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from .backends import Backend, BackendPool
 from .errors import ProxyError
 from .policies.base import Ordering, Policy, Snapshot
-from .request import ProxyRequest
+from .request import ProxyRequest, kv_footprint
 from .scheduler_config import SchedulingConfig
 from .state import LocalState, SchedulerState
 
@@ -48,6 +48,8 @@ class Scheduler:
         self._running: dict[int, ProxyRequest] = {}
         self._timer: asyncio.Task | None = None
         self.counts: Counter[str] = Counter()  # shed / timed out / evicted, by reason
+        self._preemptions_seen: dict[str, int] = {}  # backend -> the engine's preemption counter last read
+        self._waiting_seen: dict[str, int] = {}  # backend -> engine-reported waiting at the last reading
         for backend in pool.backends:
             self._set_budget(backend, self.state.budget(backend.name, self.config.budget_initial))
             backend.in_flight = self.state.in_flight(backend.name)
@@ -114,6 +116,8 @@ class Scheduler:
         if self._running.pop(id(request), None) is None:
             return
         backend.in_flight = self.state.release(backend.name, request.id)
+        backend.kv_reserved_tokens -= request.kv_reserved
+        request.kv_reserved = 0
         used = tokens if tokens is not None else request.est_prompt_tokens
         self.state.add_tenant_tokens(request.tenant, used)
         queue = self.queues.get(request.model)
@@ -194,6 +198,8 @@ class Scheduler:
     def _dispatched(self, request: ProxyRequest, backend: Backend) -> Backend:
         tokens = request.est_prompt_tokens + request.est_output_tokens
         backend.in_flight = self.state.reserve(backend.name, request.id, tokens)
+        request.kv_reserved = kv_footprint(request)
+        backend.kv_reserved_tokens += request.kv_reserved
         self._running[id(request)] = request
         return backend
 
@@ -277,21 +283,36 @@ class Scheduler:
     def _on_load_update(self, backend: Backend) -> None:
         """Adapt the backend's budget to what the engine reports, then dispatch.
 
-        The budget aims at what the engine can run without queueing. When work waits inside the
-        engine (or its KV cache is nearly full), what it runs *is* its capacity right now: the
-        budget drops to that and remembers it as a ceiling. While the engine keeps up and the
-        budget is what limits dispatch, it grows up to the ceiling; after a quiet spell at the
-        ceiling it probes one above it (capacity changes with reply lengths).
+        The budget aims at what the engine can run without queueing. Work waiting inside the engine,
+        or a preemption since the last reading, means it is past its capacity right now: the budget
+        drops to the number it runs. The ceiling remembers that capacity but falls by at most one per
+        drop: while the engine keeps up and the budget is what limits dispatch, the budget grows back
+        to the ceiling, and after a quiet spell there probes one above it. On a KV-bound engine
+        capacity in requests moves with prompt and reply lengths; a ceiling set outright by the
+        latest drop held A10 budgets at 2-3 after one reading with long prompts (measured: edf lost
+        a fifth of its capacity to least-load). A full KV cache with nothing
+        waiting is an engine fully used, not overloaded, so KV usage alone never shrinks the budget.
         """
         load = backend.load
         config = self.config
         if load is not None:
             budget = backend.budget
-            if load.waiting > 0 or (load.kv_usage is not None and load.kv_usage > 0.9):
+            preempted = False
+            if load.preemptions is not None:
+                seen = self._preemptions_seen.get(backend.name, load.preemptions)
+                preempted = load.preemptions > seen
+                self._preemptions_seen[backend.name] = load.preemptions
+            # One reading with work waiting is often just a prefill the engine has not reached yet
+            # (chunked prefill admits a few thousand tokens per step): only waiting seen twice in a
+            # row, or with the KV cache nearly full, or a preemption says the engine is over capacity.
+            waited_before = self._waiting_seen.get(backend.name, 0) > 0
+            self._waiting_seen[backend.name] = load.waiting
+            kv_full = load.kv_usage is not None and load.kv_usage > 0.9
+            if (load.waiting > 0 and (waited_before or kv_full)) or preempted:
                 budget = max(config.budget_min, min(budget, load.running))
-                backend.ceiling = budget
+                backend.ceiling = max(budget, (backend.ceiling or budget) - 1)
                 backend.quiet_updates = 0
-            elif backend.in_flight >= 0.7 * budget:  # the budget, not the engine, is the limit
+            elif load.waiting == 0 and backend.in_flight >= 0.7 * budget:  # the budget, not the engine, limits
                 backend.quiet_updates += 1
                 ceiling = backend.ceiling or config.budget_max
                 if budget < ceiling:

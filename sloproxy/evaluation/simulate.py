@@ -10,8 +10,8 @@ and HTTP is replaced by direct calls that keep the live order of events:
   the instance accepts or refuses as the emulator's HTTP layer does (context length, TGI's
   concurrency limit -> 429, a full queue -> 503; 429/5xx are retried once elsewhere, as the
   forwarder does) -> engine -> first token -> finish -> ``scheduler.release(request, backend, tokens)``;
-* vLLM and SGLang streams open with a role chunk, so the proxy's first byte (``first_token``, the end
-  of evictability) comes when the engine accepts the request; TGI's comes with its first token;
+* the proxy's first byte (``first_token``, the end of evictability) comes with the first token on every
+  engine: vLLM and SGLang send their chat role chunk with their first engine output, not on acceptance;
 * load: every ``load_polling.interval_s`` each backend gets the reading its adapter would parse from
   the engine's ``/metrics`` at that instant (:func:`engine_load`), then the scheduler's update hook;
 * the scheduler's timer (``tick``) every ``scheduling.tick_s``; the client gives up (status
@@ -126,7 +126,6 @@ class _Instance:
     spec: InstanceSpec
     engine: Engine
     max_model_len: int
-    first_byte_at_submit: bool  # vLLM / SGLang chat streams open with a role chunk
     step_token: int = -1  # the order number of the step event that is current (older ones are stale)
 
     @classmethod
@@ -140,7 +139,7 @@ class _Instance:
             prefix_caching=spec.prefix_caching,
         )
         limit = min(spec.max_model_len or profile.model.max_position, profile.kv_capacity_tokens)
-        return cls(spec, engine, limit, spec.engine in ("vllm", "sglang"))
+        return cls(spec, engine, limit)
 
     def refusal(self, item: SimRequest) -> ProxyError | None:
         """The emulator's checks, in its order (``openai_routes``): capacity, then context length."""
@@ -319,8 +318,7 @@ class Simulation:
             client = attempt.client
             if client.first_at is None:
                 client.first_at = self.now
-                if not instance.first_byte_at_submit:
-                    self._first_byte(client.request)  # type: ignore[arg-type]
+                self._first_byte(client.request)  # type: ignore[arg-type]
             if seq.finished:
                 del attempts[id(seq)]
                 request = client.request
@@ -451,8 +449,6 @@ class Simulation:
                 attempt.future.set_exception(_Retryable(ProxyError(503, "evicted")))
 
         request.evict = evict
-        if instance.first_byte_at_submit:
-            self._first_byte(request)
         try:
             await attempt.future
         except BaseException:
