@@ -1,0 +1,135 @@
+"""EcoServe's ideas as far as a proxy reaches: reserve KV for each request's predicted reply up front
+(no preemption storms), keep similar predicted reply lengths together, serve big KV footprints first.
+
+EcoServe (arXiv 2411.06364) reserves KV for the predicted response length inside the engine and
+batches generation tasks of similar predicted length. From outside, the proxy admits a request to an
+instance only while the prompt + predicted p90 reply tokens of everything it has in flight there fit
+the instance's KV capacity (``kv_capacity_tokens`` from the engine's metrics: vLLM's cache_config_info
+blocks x block size, TGI's token budget, SGLang's max total tokens), cross-checked against the
+reported KV usage; routes requests of one length bucket to the instances already serving that
+bucket; and orders the queue by KV footprint with deadlines as the tie-break.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from sloproxy.request import kv_footprint
+
+from .base import Admission, BackendState, Policy, PolicySpec, Scorer, Snapshot
+from .orderings import HeapOrdering
+from .parts import BudgetAdmission, EvictForUrgent, LeastLoad
+from .presets import QueuedParams
+
+if TYPE_CHECKING:
+    from sloproxy.request import ProxyRequest
+
+
+class KVReserveAdmission(Admission):
+    """The budget admission, plus: the backend's reserved KV (in-flight prompt + p90 reply tokens) and
+    this request's must fit ``headroom`` x its KV capacity. A backend with nothing of ours in flight
+    always admits (a request larger than the cache must still go somewhere; the engine decides), and
+    one whose capacity was never reported is judged by the budget alone."""
+
+    def __init__(self, kv_limit: float = 0.95, reserve: float = 0.25, headroom: float = 1.0) -> None:
+        self.budget = BudgetAdmission(kv_limit, reserve)
+        self.headroom = headroom
+        self.capacity: dict[str, int] = {}  # last capacity each backend reported (it rarely changes)
+
+    def kv_capacity(self, backend: BackendState) -> int | None:
+        load = backend.load
+        if load is not None and load.kv_capacity_tokens:
+            self.capacity[backend.name] = load.kv_capacity_tokens
+        return self.capacity.get(backend.name)
+
+    def fits(self, request: ProxyRequest, backend: BackendState) -> bool:
+        capacity = self.kv_capacity(backend)
+        if capacity is None or backend.in_flight == 0:
+            return True
+        return backend.kv_reserved_tokens + kv_footprint(request) <= self.headroom * capacity
+
+    def admit(self, request: ProxyRequest, backend: BackendState, snapshot: Snapshot) -> bool:
+        return self.budget.admit(request, backend, snapshot) and self.fits(request, backend)
+
+    def admitted(
+        self, request: ProxyRequest, backends: Sequence[BackendState], snapshot: Snapshot
+    ) -> list[BackendState]:
+        return [b for b in self.budget.admitted(request, backends, snapshot) if self.fits(request, b)]
+
+
+def length_bucket(request: ProxyRequest, edges: Sequence[int] = (64, 256, 1024)) -> int:
+    """The predicted-reply-length bucket (p50): short, medium, long, very long by default."""
+    tokens = request.pred_p50 if request.pred_p50 is not None else request.est_output_tokens
+    for index, edge in enumerate(edges):
+        if tokens < edge:
+            return index
+    return len(edges)
+
+
+class LengthAffinity(Scorer):
+    """Prefer the backend whose recently routed requests share this request's length bucket, so
+    replies of similar length decode side by side and free their KV together (EcoServe's grouping of
+    generation tasks by predicted length). Score: the share of the last ``window`` requests routed to
+    the backend that were in the same bucket (0 for a backend with no history)."""
+
+    def __init__(self, edges: Sequence[int] = (64, 256, 1024), window: int = 8) -> None:
+        self.edges = tuple(edges)
+        self.window = window
+        self._recent: dict[str, deque[int]] = {}
+
+    def score(self, request: ProxyRequest, backend: BackendState, snapshot: Snapshot) -> float:
+        recent = self._recent.get(backend.name)
+        if not recent:
+            return 0.0
+        bucket = length_bucket(request, self.edges)
+        return sum(1 for b in recent if b == bucket) / len(recent)
+
+    def chosen(self, request: ProxyRequest, backend: BackendState) -> None:
+        recent = self._recent.setdefault(backend.name, deque(maxlen=self.window))
+        recent.append(length_bucket(request, self.edges))
+
+
+def footprint_first(slot_tokens: int = 1024) -> HeapOrdering:
+    """Band first; then the larger KV footprint (prompt + p90 reply, in ``slot_tokens`` slots, so that
+    near-equal sizes tie); then the earlier deadline. Big requests started first release their KV
+    (and their long decode) soonest; the deadline keeps equal sizes in urgency order."""
+
+    def key(request: ProxyRequest) -> tuple:
+        deadline = request.urgent_deadline if request.urgent_deadline is not None else math.inf
+        return (request.band, -(kv_footprint(request) // slot_tokens), deadline)
+
+    return HeapOrdering(key)
+
+
+class EcoServeParams(QueuedParams, forbid_unknown_fields=True):
+    kv_headroom: float = 1.0  # share of each backend's KV capacity the reservations may fill
+    length_edges: list[int] = msgspec.field(default_factory=lambda: [64, 256, 1024])  # bucket edges, tokens
+    length_affinity_weight: float = 0.3
+    slot_tokens: int = 1024  # footprint granularity of the ordering
+
+
+def build(params: EcoServeParams) -> Policy:
+    return Policy(
+        "ecoserve",
+        ordering=lambda: footprint_first(params.slot_tokens),
+        admission=KVReserveAdmission(params.kv_limit, params.reserve, params.kv_headroom),
+        scorers=[
+            (LeastLoad(), params.least_load_weight),
+            (LengthAffinity(params.length_edges), params.length_affinity_weight),
+        ],
+        fleet=EvictForUrgent(params.evict_margin_s) if params.evict else None,
+        uses_predictions=True,
+    )
+
+
+ECOSERVE = PolicySpec(
+    "ecoserve",
+    EcoServeParams,
+    build,
+    "KV reserved for prompt + predicted p90 reply per instance; length-bucket affinity; big footprints first.",
+)
