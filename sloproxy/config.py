@@ -32,7 +32,7 @@ class BackendConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class PolicyConfig(msgspec.Struct, forbid_unknown_fields=True):
-    name: str = "round-robin"
+    name: str = "slo"  # the combined preset: beat least-load in every capacity sweep (docs/policies.md)
     params: dict[str, Any] = msgspec.field(default_factory=dict)  # validated by the policy's own type
 
 
