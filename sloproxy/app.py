@@ -19,6 +19,7 @@ from .proxy_metrics import ProxyMetrics
 from .request import Kind, parse_request
 from .scheduler import Scheduler
 from .slo import Classifier
+from .tracing import Tracing
 
 log = logging.getLogger("sloproxy")
 
@@ -26,8 +27,13 @@ log = logging.getLogger("sloproxy")
 class Proxy:
     """Everything one proxy replica runs: backend pool, forwarder, metrics."""
 
-    def __init__(self, config: ProxyConfig) -> None:
+    def __init__(self, config: ProxyConfig, tracing: Tracing | None = None) -> None:
         self.config = config
+        # None unless an exporter is configured (tracing: or OTEL_TRACES_EXPORTER): the request path
+        # then does nothing for traces but an `is not None` check.
+        self.tracing = tracing if tracing is not None else Tracing.from_config(config.tracing)
+        if self.tracing is not None:
+            self.tracing.policy = config.policy.name
         self.pool = BackendPool(config.backends, config.health, config.load_polling)
         self.metrics = ProxyMetrics(self.pool)
         self.policy = load_policy(config.policy.name, config.policy.params)
@@ -50,6 +56,8 @@ class Proxy:
         await self.estimates.stop()
         await self.forwarder.stop()
         await self.pool.stop()
+        if self.tracing is not None:  # flushes buffered spans: blocking, so off the event loop
+            await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)
 
     # ----- routes -------------------------------------------------------------------------------
     async def chat(self, request: Request, response: Response) -> None:
@@ -60,14 +68,19 @@ class Proxy:
 
     async def _openai(self, http: Request, response: Response, kind: Kind) -> None:
         started = time.monotonic()
-        proxy_request = parse_request(kind, http.body, http.headers.get("x-request-id"))
-        if self.estimates.enabled:
-            self.estimates.estimate(proxy_request)  # before classify: deadlines depend on the estimate
-        proxy_request.classify(*self.classifier.classify(http.headers, proxy_request.model))
+        trace = self.tracing.begin(http.headers, kind, started) if self.tracing is not None else None
         metrics = self.metrics
         metrics.in_flight += 1
+        proxy_request = None
         outcome = "error"
+        error: BaseException | None = None
         try:
+            proxy_request = parse_request(kind, http.body, http.headers.get("x-request-id"))
+            proxy_request.received_at = started
+            proxy_request.trace = trace
+            if self.estimates.enabled:
+                self.estimates.estimate(proxy_request)  # before classify: deadlines depend on the estimate
+            proxy_request.classify(*self.classifier.classify(http.headers, proxy_request.model))
             await self.forwarder.forward(response, proxy_request)
             if proxy_request.disconnected:
                 outcome = "client_disconnected"
@@ -75,22 +88,23 @@ class Proxy:
             else:
                 outcome = "ok"
                 self.estimates.finished(proxy_request)
-        except ProxyError as error:
-            outcome = f"http_{error.status}"
+        except ProxyError as exc:
+            outcome, error = f"http_{exc.status}", exc
             raise
-        except (asyncio.CancelledError, ConnectionResetError):
-            outcome = "client_disconnected"
-            metrics.disconnects.labels(proxy_request.model).inc()
+        except (asyncio.CancelledError, ConnectionResetError) as exc:
+            outcome, error = "client_disconnected", exc
+            if proxy_request is not None:
+                metrics.disconnects.labels(proxy_request.model).inc()
+            raise
+        except Exception as exc:
+            error = exc
             raise
         finally:
             metrics.in_flight -= 1
-            metrics.finished(
-                proxy_request.model,
-                outcome,
-                time.monotonic() - started,
-                proxy_request.prompt_tokens,
-                proxy_request.completion_tokens,
-            )
+            ended = time.monotonic()
+            met = metrics.finished(proxy_request, outcome, error, ended)
+            if trace is not None:
+                trace.finish(proxy_request, outcome, error, met, ended)
 
     async def models(self, request: Request, response: Response) -> None:
         data = [{"id": model, "object": "model", "created": 0, "owned_by": "sloproxy"} for model in self.pool.models()]

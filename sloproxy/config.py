@@ -69,6 +69,18 @@ class PredictorConfig(msgspec.Struct, forbid_unknown_fields=True):
     store_capacity: int = 20000
 
 
+class TracingConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """OpenTelemetry traces. Every field left unset falls back to the standard ``OTEL_*`` variable
+    (``OTEL_TRACES_EXPORTER``, ``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_EXPORTER_OTLP_PROTOCOL``,
+    ``OTEL_SERVICE_NAME``, ``OTEL_TRACES_SAMPLER``); with neither, tracing is off. See docs/observability.md."""
+
+    exporter: Literal["otlp", "console", "none"] | None = None
+    endpoint: str | None = None  # OTLP base URL, as OTEL_EXPORTER_OTLP_ENDPOINT (http: /v1/traces is appended)
+    protocol: Literal["http/protobuf", "grpc"] | None = None
+    service_name: str | None = None
+    sample_ratio: float | None = None  # parent-based trace-id ratio; None: OTEL_TRACES_SAMPLER or always on
+
+
 class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True):
     backends: list[BackendConfig]
     listen: Listen = msgspec.field(default_factory=Listen)
@@ -82,6 +94,7 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True):
     tenants: list[TenantConfig] = msgspec.field(default_factory=list)
     models: dict[str, ModelDefaults] = msgspec.field(default_factory=dict)
     predictor: PredictorConfig = msgspec.field(default_factory=PredictorConfig)
+    tracing: TracingConfig = msgspec.field(default_factory=TracingConfig)
 
 
 class ConfigError(ValueError):

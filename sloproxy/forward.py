@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 
 from .adapters.base import EngineAdapter, StreamTranslator, UpstreamCall
@@ -91,7 +92,10 @@ class Forwarder:
         while failures <= self.limits.retries_before_first_byte:
             if last_error is not None and not self.scheduler.candidates(request):
                 break
+            request.queued_at = time.monotonic()
             backend = await self.scheduler.acquire(request)
+            request.dispatched_at = time.monotonic()
+            request.queue_wait_s += request.dispatched_at - request.queued_at
             request.backend = backend.name
             request.attempts += 1
             try:
@@ -99,6 +103,7 @@ class Forwarder:
             except _RetryableFailure as failure:
                 if request.evicted:  # the scheduler moved it: back to the queue, not a failure
                     request.evicted = False
+                    request.evictions += 1
                     continue
                 failures += 1
                 last_error = failure.error
@@ -117,6 +122,9 @@ class Forwarder:
         call = adapter.build(request)
         upstream: UpstreamResponse | None = None
         finished = False
+        trace = request.trace
+        if trace is not None:
+            trace.upstream_started(request, backend, call)
 
         def movable(response: UpstreamResponse) -> None:
             request.evict = response.close  # the scheduler may move it while nothing reached the client
@@ -152,6 +160,8 @@ class Forwarder:
                     request.disconnected = True
             finished = True
         finally:
+            if trace is not None:
+                trace.upstream_ended(request, backend, upstream and upstream.status, sys.exc_info()[1])
             if upstream is not None:
                 if finished:
                     upstream.release()

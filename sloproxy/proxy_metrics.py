@@ -1,20 +1,38 @@
-"""The proxy's own Prometheus metrics (prometheus-client: the de-facto Python exporter, and
-what Prometheus scrapes natively; OpenTelemetry carries traces)."""
+"""The proxy's own Prometheus metrics on ``/metrics``.
+
+prometheus-client rather than the OpenTelemetry Prometheus exporter: Prometheus is what scrapes the
+proxy, and prometheus-client renders its native text format directly, with custom collectors that read
+plain Python numbers at scrape time. The per-request path therefore only bumps ints and floats (one
+``bisect`` per histogram observation, no locks, no label lookups past a dict hit); the OTel metrics SDK
+would put its aggregation machinery on every request. OpenTelemetry carries traces (tracing.py).
+
+Every metric is listed in docs/observability.md.
+"""
 
 from __future__ import annotations
 
+import time
+from bisect import bisect_left
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from .backends import BackendPool
+from .errors import ProxyError
+from .request import ProxyRequest
+from .slo_outcome import rejected_in_queue, rejection_reason, slo_met, time_per_output_token, was_rejected
 
 if TYPE_CHECKING:
     from .estimates import LengthEstimates
     from .scheduler import Scheduler
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+QUEUE_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# true reply length / predicted p50: 1 is a perfect prediction
+PREDICTION_RATIO_BUCKETS = (0.125, 0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0, 8.0)
 
 
 class _BackendCollector:
@@ -107,26 +125,146 @@ class _PredictorCollector:
             yield family
 
 
+class _Histogram:
+    """A histogram as plain numbers (no lock: the event loop is its only writer and reader)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # first bound >= value: Prometheus' `le`
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out, total = [], 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += count
+            out.append(("+Inf" if bound == float("inf") else repr(bound), float(total)))
+        return out
+
+
+class _Series:
+    """Everything counted per (model, SLO class)."""
+
+    __slots__ = (
+        "e2e",
+        "evictions",
+        "outcomes",
+        "prediction_ratio",
+        "predictions",
+        "queue_wait",
+        "rejections",
+        "slo_evaluated",
+        "slo_met",
+        "tpot",
+        "ttft",
+        "within_p90",
+    )
+
+    def __init__(self) -> None:
+        self.outcomes: dict[str, int] = {}
+        self.rejections: dict[str, int] = {}
+        self.e2e = _Histogram(LATENCY_BUCKETS)
+        self.ttft = _Histogram(LATENCY_BUCKETS)
+        self.tpot = _Histogram(TPOT_BUCKETS)
+        self.queue_wait = _Histogram(QUEUE_BUCKETS)
+        self.prediction_ratio = _Histogram(PREDICTION_RATIO_BUCKETS)
+        self.slo_evaluated = 0
+        self.slo_met = 0
+        self.evictions = 0
+        self.predictions = 0
+        self.within_p90 = 0
+
+
+class _RequestCollector:
+    """Renders the per-class series at scrape time."""
+
+    def __init__(self, metrics: ProxyMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator:
+        labels = ["model", "slo_class"]
+        requests = CounterMetricFamily(
+            "sloproxy_requests", "Requests by model, SLO class and outcome.", labels=[*labels, "outcome"]
+        )
+        rejections = CounterMetricFamily(
+            "sloproxy_rejections", "Requests the proxy refused, by reason.", labels=[*labels, "reason"]
+        )
+        evaluated = CounterMetricFamily(
+            "sloproxy_slo_evaluated",
+            "Requests judged against their SLO class (attainment's denominator).",
+            labels=labels,
+        )
+        met = CounterMetricFamily("sloproxy_slo_met", "Requests that met their SLO class.", labels=labels)
+        evictions = CounterMetricFamily(
+            "sloproxy_evictions", "Times the scheduler moved a request to another backend.", labels=labels
+        )
+        histograms = {
+            "e2e": HistogramMetricFamily(
+                "sloproxy_request_duration_seconds", "Arrival to last byte, in the proxy.", labels=labels
+            ),
+            "ttft": HistogramMetricFamily(
+                "sloproxy_time_to_first_token_seconds",
+                "Arrival to the first streamed content byte sent (queueing included).",
+                labels=labels,
+            ),
+            "tpot": HistogramMetricFamily(
+                "sloproxy_time_per_output_token_seconds",
+                "Mean time per output token after the first, per streamed request.",
+                labels=labels,
+            ),
+            "queue_wait": HistogramMetricFamily(
+                "sloproxy_queue_wait_seconds", "Waiting for dispatch, all attempts.", labels=labels
+            ),
+            "prediction_ratio": HistogramMetricFamily(
+                "sloproxy_predictor_error_ratio",
+                "True reply length over the predicted p50 (1 is exact), for replies not cut by max_tokens.",
+                labels=labels,
+            ),
+        }
+        p90 = CounterMetricFamily(
+            "sloproxy_predictor_within_p90", "Predicted replies no longer than their predicted p90.", labels=labels
+        )
+        predicted = CounterMetricFamily(
+            "sloproxy_predictor_evaluated", "Predicted replies with a known true length.", labels=labels
+        )
+        for (model, slo_class), series in sorted(self.metrics.series.items()):
+            key = [model, slo_class]
+            for outcome, count in sorted(series.outcomes.items()):
+                requests.add_metric([*key, outcome], count)
+            for reason, count in sorted(series.rejections.items()):
+                rejections.add_metric([*key, reason], count)
+            evaluated.add_metric(key, series.slo_evaluated)
+            met.add_metric(key, series.slo_met)
+            evictions.add_metric(key, series.evictions)
+            predicted.add_metric(key, series.predictions)
+            p90.add_metric(key, series.within_p90)
+            for attribute, family in list(histograms.items()):
+                histogram: _Histogram = getattr(series, attribute)
+                family.add_metric(key, histogram.buckets(), histogram.sum)
+        if not self.metrics.predicting:  # the predictor is off: no predictor series at all
+            histograms.pop("prediction_ratio")
+            yield from (requests, rejections, evaluated, met, evictions, *histograms.values())
+        else:
+            yield from (requests, rejections, evaluated, met, evictions, *histograms.values(), predicted, p90)
+        upstream = HistogramMetricFamily(
+            "sloproxy_upstream_time_to_first_token_seconds",
+            "Upstream call to its first streamed event: the engine's TTFT as the proxy sees it.",
+            labels=["model"],
+        )
+        for model, histogram in sorted(self.metrics.upstream_ttft.items()):
+            upstream.add_metric([model], histogram.buckets(), histogram.sum)
+        yield upstream
+
+
 class ProxyMetrics:
     def __init__(self, pool: BackendPool) -> None:
+        self.pool = pool
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "sloproxy_requests", "Requests by model and outcome.", ["model", "outcome"], registry=self.registry
-        )
-        self.latency = Histogram(
-            "sloproxy_request_duration_seconds",
-            "End-to-end time in the proxy.",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.ttft = Histogram(
-            "sloproxy_time_to_first_token_seconds",
-            "Time to the first streamed content byte.",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
         self.retries = Counter(
             "sloproxy_upstream_retries",
             "Requests retried on another backend before their first byte.",
@@ -146,40 +284,89 @@ class ProxyMetrics:
         Gauge("sloproxy_in_flight_requests", "Requests being served.", registry=self.registry).set_function(
             lambda: self.in_flight
         )
+        self.series: dict[tuple[str, str], _Series] = {}
+        self.upstream_ttft: dict[str, _Histogram] = {}
+        self.predicting = False
+        self._tokens: dict[str, tuple] = {}
+        self.registry.register(_RequestCollector(self))
         self.registry.register(_BackendCollector(pool))
-        self._finished: dict[tuple[str, str], tuple] = {}
-        self._ttft: dict[str, Histogram] = {}
 
     def first_byte(self, model: str, seconds: float) -> None:
-        child = self._ttft.get(model)
-        if child is None:
-            child = self._ttft[model] = self.ttft.labels(model)
-        child.observe(seconds)
+        """The upstream call's first streamed event (from its start)."""
+        histogram = self.upstream_ttft.get(model)
+        if histogram is None:
+            histogram = self.upstream_ttft[model] = _Histogram(LATENCY_BUCKETS)
+        histogram.observe(seconds)
 
     def attach_predictor(self, estimates: LengthEstimates) -> None:
         if estimates.enabled:
+            self.predicting = True
             self.registry.register(_PredictorCollector(estimates))
 
     def attach(self, scheduler: Scheduler) -> None:
         """Expose the scheduler's queues, budgets and events too."""
         self.registry.register(_SchedulerCollector(scheduler))
 
-    def finished(self, model: str, outcome: str, seconds: float, prompt: int | None, completion: int | None) -> None:
-        """Record one finished request (label lookups cached: this runs for every request)."""
-        children = self._finished.get((model, outcome))
-        if children is None:
-            children = self._finished[(model, outcome)] = (
-                self.requests.labels(model, outcome),
-                self.latency.labels(model),
-                self.tokens.labels(model, "prompt"),
-                self.tokens.labels(model, "completion"),
-            )
-        requests, latency, prompt_tokens, completion_tokens = children
-        requests.inc()
-        latency.observe(seconds)
-        if prompt is not None:
-            prompt_tokens.inc(prompt)
-            completion_tokens.inc(completion or 0)
+    def _series(self, model: str, slo_class: str) -> _Series:
+        if model not in self.pool.by_model:
+            model = "other"  # client-chosen names must not mint label values
+        series = self.series.get((model, slo_class))
+        if series is None:
+            series = self.series[(model, slo_class)] = _Series()
+        return series
+
+    def finished(
+        self, request: ProxyRequest | None, outcome: str, error: BaseException | None, ended: float | None = None
+    ) -> bool | None:
+        """Record one finished request; returns whether it met its SLO (None: not judged)."""
+        ended = time.monotonic() if ended is None else ended
+        if request is None:  # refused before it could be parsed
+            series = self._series("other", "none")
+            series.outcomes[outcome] = series.outcomes.get(outcome, 0) + 1
+            if isinstance(error, ProxyError):
+                reason = rejection_reason(error)
+                series.rejections[reason] = series.rejections.get(reason, 0) + 1
+            return None
+        series = self._series(request.model, request.slo.name if request.slo is not None else "none")
+        series.outcomes[outcome] = series.outcomes.get(outcome, 0) + 1
+        series.e2e.observe(ended - request.received_at)
+        if request.queued_at is not None:
+            wait = request.queue_wait_s + (ended - request.queued_at if rejected_in_queue(request) else 0.0)
+            series.queue_wait.observe(wait)
+        if request.first_token_at is not None:
+            series.ttft.observe(request.first_token_at - request.received_at)
+            tpot = time_per_output_token(request, ended)
+            if tpot is not None:
+                series.tpot.observe(tpot)
+        if isinstance(error, ProxyError) and was_rejected(request):
+            reason = rejection_reason(error)
+            series.rejections[reason] = series.rejections.get(reason, 0) + 1
+        if request.evictions:
+            series.evictions += request.evictions
+        met = slo_met(request, outcome, ended)
+        if met is not None:
+            series.slo_evaluated += 1
+            series.slo_met += met
+        tokens = request.completion_tokens
+        if request.prompt_tokens is not None:
+            children = self._tokens.get(request.model)
+            if children is None:
+                children = self._tokens[request.model] = (
+                    self.tokens.labels(request.model, "prompt"),
+                    self.tokens.labels(request.model, "completion"),
+                )
+            children[0].inc(request.prompt_tokens)
+            children[1].inc(tokens or 0)
+        if (
+            request.pred_p50 is not None
+            and tokens is not None
+            and outcome == "ok"
+            and (request.max_tokens is None or tokens < request.max_tokens)
+        ):
+            series.predictions += 1
+            series.prediction_ratio.observe(tokens / max(request.pred_p50, 1.0))
+            series.within_p90 += tokens <= (request.pred_p90 or request.pred_p50)
+        return met
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -115,6 +115,12 @@ class ProxyRequest:
     first_token_at: float | None = None  # monotonic; set on the first streamed content
     evict: Callable[[], None] | None = None  # set while on a backend: aborts the upstream call
     evicted: bool = False
+    evictions: int = 0  # times the scheduler moved it to another backend
+    # Observability (forward.py stamps these around ``scheduler.acquire``; monotonic seconds).
+    queued_at: float | None = None  # the last acquire began
+    dispatched_at: float | None = None  # the last acquire returned a backend
+    queue_wait_s: float = 0.0  # summed over attempts
+    trace: Any = None  # a tracing.RequestTrace while tracing is on, else None
 
     def decoded_body(self) -> dict[str, Any]:
         """The client's JSON body as a dict, decoded on first use (pass-through engines never need it)."""
