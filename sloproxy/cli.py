@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=int, default=24)
     demo.add_argument("--replay-seconds", type=float, default=120.0, help="trace seconds to replay (0: skip)")
     demo.add_argument("--replay-speedup", type=float, default=10.0)
-    demo.add_argument("--policies", default="round-robin,least-load,edf", help="compared in the replay")
+    demo.add_argument("--policies", default="round-robin,least-load,slo", help="compared in the replay")
     demo.add_argument("--out-dir", default="build/demo", help="run files, figure and HTML report")
     demo.set_defaults(func=_demo)
 

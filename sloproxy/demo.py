@@ -113,7 +113,7 @@ async def _run(speedup: float, requests: int, replay: ReplaySettings) -> int:
 class ReplaySettings:
     seconds: float = 120.0  # of the Azure conversation trace; 0: skip the replay
     speedup: float = 10.0
-    policies: tuple[str, ...] = ("round-robin", "least-load", "edf")
+    policies: tuple[str, ...] = ("round-robin", "least-load", "slo")
     out_dir: Path = Path("build/demo")
 
 
