@@ -182,3 +182,27 @@ def test_rejection_reasons_are_bounded():
     assert rejection_reason(ProxyError(400, "bad")) == "invalid_request"
     assert rejection_reason(ProxyError(503, "none")) == "no_backend"
     assert rejection_reason(ProxyError(418, "teapot")) == "http_418"
+
+
+def test_deploy_files_use_metrics_the_proxy_exports():
+    import json
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    dashboard = json.loads((deploy / "grafana" / "sloproxy-dashboard.json").read_text())
+    for name in ("prometheus/prometheus.yml", "prometheus/sloproxy_rules.yml", "otel-collector/otel-collector.yaml"):
+        assert yaml.safe_load((deploy / name).read_text())
+    proxy = Proxy(
+        parse_config({"backends": [{"name": "b", "engine": "vllm", "url": "http://127.0.0.1:9", "models": ["m"]}]})
+    )
+    proxy.metrics.predicting = True
+    exported = {family.name for family in text_string_to_metric_families(proxy.metrics.render().decode())}
+    exported |= {"sloproxy_scheduler_events"}  # only once the scheduler counted an event
+    used = set(re.findall(r"sloproxy_[a-z0-9_]+", json.dumps(dashboard)))
+    assert len(used) > 15
+    for name in used:
+        base = re.sub(r"_(bucket|total|count|sum)$", "", name)
+        assert base in exported, name
