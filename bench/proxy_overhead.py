@@ -209,6 +209,11 @@ def main() -> int:
     parser.add_argument("--litellm", help="path to a litellm executable (optional)")
     parser.add_argument("--policy", default="round-robin", help="sloproxy's scheduling policy")
     parser.add_argument("--ttfc-only", action="store_true", help="measure only time to first chunk (quick)")
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="also run sloproxy with tracing on (OTLP/HTTP to a sink that drops spans), side by side with off",
+    )
     args = parser.parse_args()
     for tool in ("wrk", "nginx", "taskset"):
         if shutil.which(tool) is None:
@@ -238,7 +243,17 @@ def main() -> int:
     try:
         for port in (fast_port, slow_port):
             wait_http(f"http://127.0.0.1:{port}/health")
-        for label, backend_port in (("sloproxy", fast_port), ("sloproxy-slow", slow_port)):
+        variants = [("sloproxy", None)]
+        if args.tracing:
+            sink_port = free_port()
+            procs.append(pinned(1, [sys.executable, str(HERE / "fast_backend.py"), "--port", str(sink_port)]))
+            wait_http(f"http://127.0.0.1:{sink_port}/health")
+            variants.append(("sl+trace", sink_port))
+        proxies = [
+            (f"{v}{suffix}", b, sink) for v, sink in variants for suffix, b in (("", fast_port), ("-slow", slow_port))
+        ]
+        for label, backend_port, sink in proxies:
+            target = label.removesuffix("-slow")
             port = free_port()
             config = workdir / f"{label}.yaml"
             config.write_text(
@@ -257,18 +272,22 @@ def main() -> int:
                     }
                 )
             )
+            env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+            if sink is not None:  # every span exported over OTLP/HTTP (the sink answers 200 to any POST)
+                env |= {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink}"}
             procs.append(
                 pinned(
                     0,
                     [sys.executable, "-m", "sloproxy.cli", "serve", "--config", str(config)],
                     stdout=subprocess.DEVNULL,
+                    env=env,
                 )
             )
             wait_http(f"http://127.0.0.1:{port}/health")
-            targets.setdefault("sloproxy", ("", ""))
-            fast, slow = targets["sloproxy"]
-            targets["sloproxy"] = (
-                (f"http://127.0.0.1:{port}", slow) if label == "sloproxy" else (fast, f"http://127.0.0.1:{port}")
+            targets.setdefault(target, ("", ""))
+            fast, slow = targets[target]
+            targets[target] = (
+                (f"http://127.0.0.1:{port}", slow) if label == target else (fast, f"http://127.0.0.1:{port}")
             )
         nginx_ports = (free_port(), free_port())
         for index, (port, backend_port) in enumerate(zip(nginx_ports, (fast_port, slow_port), strict=True)):
