@@ -210,6 +210,9 @@ def main() -> int:
     parser.add_argument("--policy", default="round-robin", help="sloproxy's scheduling policy")
     parser.add_argument("--ttfc-only", action="store_true", help="measure only time to first chunk (quick)")
     parser.add_argument(
+        "--extra", default="{}", help='JSON merged into sloproxy\'s config, e.g. {"predictor": {"mode": "off"}}'
+    )
+    parser.add_argument(
         "--tracing",
         action="store_true",
         help="also run sloproxy with tracing on (OTLP/HTTP to a sink that drops spans), side by side with off",
@@ -269,6 +272,7 @@ def main() -> int:
                             }
                         ],
                         "policy": {"name": args.policy},
+                        **json.loads(args.extra),
                     }
                 )
             )
