@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from sloproxy.request import kv_footprint
 
-from .base import Admission, BackendState, Policy, PolicySpec, Scorer, Snapshot
+from .base import Admission, BackendState, Ordering, Policy, PolicySpec, Scorer, Snapshot
 from .orderings import HeapOrdering
 from .parts import BudgetAdmission, EvictForUrgent, LeastLoad
 from .presets import QueuedParams
@@ -113,10 +113,12 @@ class EcoServeParams(QueuedParams, forbid_unknown_fields=True):
     slot_tokens: int = 1024  # footprint granularity of the ordering
 
 
-def build(params: EcoServeParams) -> Policy:
+def kv_reserving(name: str, ordering: Callable[[], Ordering], params: Any) -> Policy:
+    """KV-reservation admission, least-load routing with length affinity, eviction for urgent work:
+    the parts ecoserve and slo share (``params`` has their common fields); only the order differs."""
     return Policy(
-        "ecoserve",
-        ordering=lambda: footprint_first(params.slot_tokens),
+        name,
+        ordering=ordering,
         admission=KVReserveAdmission(params.kv_limit, params.reserve, params.kv_headroom),
         scorers=[
             (LeastLoad(), params.least_load_weight),
@@ -125,6 +127,10 @@ def build(params: EcoServeParams) -> Policy:
         fleet=EvictForUrgent(params.evict_margin_s) if params.evict else None,
         uses_predictions=True,
     )
+
+
+def build(params: EcoServeParams) -> Policy:
+    return kv_reserving("ecoserve", lambda: footprint_first(params.slot_tokens), params)
 
 
 ECOSERVE = PolicySpec(

@@ -12,9 +12,8 @@ from __future__ import annotations
 import msgspec
 
 from .base import Policy, PolicySpec
-from .ecoserve import KVReserveAdmission, LengthAffinity
+from .ecoserve import kv_reserving
 from .orderings import edf
-from .parts import EvictForUrgent, LeastLoad
 from .presets import QueuedParams
 
 
@@ -25,17 +24,7 @@ class SLOParams(QueuedParams, forbid_unknown_fields=True):
 
 
 def build(params: SLOParams) -> Policy:
-    return Policy(
-        "slo",
-        ordering=edf,
-        admission=KVReserveAdmission(params.kv_limit, params.reserve, params.kv_headroom),
-        scorers=[
-            (LeastLoad(), params.least_load_weight),
-            (LengthAffinity(params.length_edges), params.length_affinity_weight),
-        ],
-        fleet=EvictForUrgent(params.evict_margin_s) if params.evict else None,
-        uses_predictions=True,
-    )
+    return kv_reserving("slo", edf, params)
 
 
 SLO = PolicySpec(
