@@ -174,6 +174,11 @@ class RequestTrace:
     # ----- live hooks (forward.py) ------------------------------------------------------------------
     def upstream_started(self, request: ProxyRequest, backend: Backend, call: UpstreamCall) -> None:
         """Before the engine call: start its CLIENT span and put its context in the call's headers."""
+        server = self._server_span()
+        if not server.is_recording():  # sampled out: pass the (unsampled) context on, build nothing else
+            call.headers = dict(call.headers)
+            propagate.inject(call.headers, context=trace_api.set_span_in_context(server))
+            return
         self._queue_span(request, backend)
         span = self._attempt = self._child(
             f"{OPERATION[request.kind]} {request.model}", time.monotonic(), SpanKind.CLIENT
@@ -247,6 +252,8 @@ class RequestTrace:
         ended: float,
     ) -> None:
         """Write the request's attributes and end its spans (after the reply has gone)."""
+        if not self._server_span().is_recording():  # sampled out: no attributes to compute
+            return
         rejected = isinstance(error, ProxyError) and was_rejected(request)
         if rejected and request is not None and rejected_in_queue(request):  # its queue span says why
             self._queue_span(request, None, error, ended)  # type: ignore[arg-type]

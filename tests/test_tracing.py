@@ -332,3 +332,23 @@ async def test_otlp_http_export_arrives_intact(fleet, monkeypatch):
     assert attributes["sloproxy.slo.met"].bool_value is True
     assert attributes["sloproxy.stream"].bool_value is False
     assert server.end_time_unix_nano > server.start_time_unix_nano > 0
+
+
+async def test_sampled_out_request_exports_nothing_but_passes_its_context_on(fleet):
+    """A request the sampler drops costs no spans or attributes, yet the engine still gets the trace
+    context (with the sampled flag off), so its own tracing agrees with the proxy's decision."""
+    exporter = InMemorySpanExporter()
+    tracing = Tracing.with_processors([SimpleSpanProcessor(exporter)], TracingConfig(sample_ratio=0.0))
+    received: list[dict[str, str]] = []
+    unsampled = f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-00"
+    async with failing_engine(received) as flaky_url:
+        config = {"backends": [backend("flaky", flaky_url), backend("good", fleet.url("good"))]}
+        async with proxy_in_loop(config, tracing) as (_, url), aiohttp.ClientSession() as session:
+            for _ in range(2):
+                headers = {"traceparent": unsampled}
+                async with session.post(url + "/v1/chat/completions", json=STREAM_BODY, headers=headers) as response:
+                    assert response.status == 200
+                    await response.read()
+    assert exporter.get_finished_spans() == ()
+    assert received and all(r["traceparent"].split("-")[1] == CLIENT_TRACE_ID for r in received)
+    assert all(r["traceparent"].endswith("-00") for r in received)
