@@ -212,6 +212,7 @@ def main() -> int:
     parser.add_argument(
         "--extra", default="{}", help='JSON merged into sloproxy\'s config, e.g. {"predictor": {"mode": "off"}}'
     )
+    parser.add_argument("--sample", type=float, default=1.0, help="with --tracing: the share of requests traced")
     parser.add_argument(
         "--tracing",
         action="store_true",
@@ -279,6 +280,7 @@ def main() -> int:
             env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
             if sink is not None:  # every span exported over OTLP/HTTP (the sink answers 200 to any POST)
                 env |= {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink}"}
+                env |= {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": str(args.sample)}
             procs.append(
                 pinned(
                     0,
