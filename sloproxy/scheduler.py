@@ -90,14 +90,8 @@ class Scheduler:
             backend = self.policy.route(request, candidates, self.snapshot())
             assert backend is not None
             return self._dispatched(request, backend)  # type: ignore[arg-type]
-        queue = self.queues.get(request.model)
-        if not queue and not self.hopeless(request, self.clock()):
-            # Nothing of this model waits: if a backend admits it now, the queue would hand it straight
-            # out; skip the round trip through it (the common case below saturation, on the hot path).
-            backend = self._dispatch_now(request)
-            if backend is not None:
-                return backend
         self._admit_to_queue(request)
+        queue = self.queues.get(request.model)
         if queue is None:
             queue = self.queues[request.model] = self.policy.ordering()
         waiter: asyncio.Future[Backend] = asyncio.get_running_loop().create_future()
@@ -165,7 +159,14 @@ class Scheduler:
             request = queue.peek()
             if request is None:
                 return
-            with_room = self._with_room(request, serving)
+            # A backend at its budget takes nothing (that is what a budget is); with a long queue that
+            # is most of the fleet, so only the few with room go through admission and routing.
+            if request.band == 0:
+                with_room = [b for b in serving if b.in_flight < b.urgent_budget and b.healthy]
+            else:
+                with_room = [b for b in serving if b.in_flight < b.budget and b.healthy]
+            if request.excluded:
+                with_room = [b for b in with_room if b.name not in request.excluded]
             admitting = policy.admitting(request, with_room, snapshot) if with_room else with_room
             if not admitting:
                 if not any(b.healthy and b.name not in request.excluded for b in serving):  # nothing serves it now
@@ -185,31 +186,6 @@ class Scheduler:
             if waiter is None or waiter.done():
                 continue
             waiter.set_result(self._dispatched(request, backend))  # type: ignore[arg-type]
-
-    @staticmethod
-    def _with_room(request: ProxyRequest, serving: Iterable[Backend]) -> list[Backend]:
-        """A backend at its budget takes nothing (that is what a budget is); with a long queue that is
-        most of the fleet, so only the few with room go through admission and routing."""
-        if request.band == 0:
-            with_room = [b for b in serving if b.in_flight < b.urgent_budget and b.healthy]
-        else:
-            with_room = [b for b in serving if b.in_flight < b.budget and b.healthy]
-        if request.excluded:
-            with_room = [b for b in with_room if b.name not in request.excluded]
-        return with_room
-
-    def _dispatch_now(self, request: ProxyRequest) -> Backend | None:
-        """The backend ``request`` goes to at once, as :meth:`dispatch` would pick it at the head of an
-        empty queue; None if none admits it now (it queues)."""
-        with_room = self._with_room(request, self.pool.by_model.get(request.model, ()))
-        if not with_room:
-            return None
-        snapshot = self.snapshot()
-        admitting = self.policy.admitting(request, with_room, snapshot)
-        if not admitting:
-            return None
-        backend = self.policy.route(request, admitting, snapshot)
-        return None if backend is None else self._dispatched(request, backend)  # type: ignore[arg-type]
 
     def dispatch_for(self, backend: Backend) -> None:
         for model in backend.models:
