@@ -53,7 +53,9 @@ async def interactive_attainment(policy: str, params: dict | None = None) -> tup
             "backends": [{"name": n, "engine": "vllm", "url": fleet.url(n), "models": ["m"]} for n in ("a", "b")],
             "policy": {"name": policy, "params": params or {}},
             "load_polling": {"interval_s": 0.05},
-            "scheduling": {"shed_tpot_s": 0.02 / SPEEDUP},
+            # Every duration the proxy acts on runs K times faster, as the engines do (timer included:
+            # at 50 ms wall it decided evictions only every 0.5 emulated seconds).
+            "scheduling": {"shed_tpot_s": 0.02 / SPEEDUP, "tick_s": 0.05 / SPEEDUP},
             # The proxy runs in real time: the default classes' targets, divided by the speedup.
             "slo_classes": [
                 {"name": "interactive", "ttft_s": 1.5 / SPEEDUP, "tpot_s": 0.10 / SPEEDUP, "band": 0},
