@@ -47,6 +47,24 @@ PRESETS = ["edf", "ecoserve", "seallm", "uellm", "qlm", "slo"]
 SCALES = [0.25, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25]
 
 
+def workload(name: str, rate_scale: float = 1.0) -> list:
+    """The named workload of WORKLOADS (this bench and policy_live.py replay the same requests)."""
+    spec = WORKLOADS[name]
+    return build_workload(
+        BuildOptions(
+            trace=str(DATA / "traces" / spec["trace"]),
+            lengths_dir=str(DATA / "lengths"),
+            models=parse_models(MODELS),
+            start_s=spec["start_s"],
+            duration_s=spec["duration_s"],
+            max_context=4096,
+            max_tokens_caps=(1024, 2048),
+            seed=spec["seed"],
+            rate_scale=rate_scale,
+        )
+    )
+
+
 def policies() -> str:
     return ",".join(["round-robin", "least-load", *PRESETS, *(f"{p}+oracle" for p in PRESETS)])
 
@@ -65,18 +83,7 @@ def main() -> None:
     for name, spec in WORKLOADS.items():
         if args.only and name != args.only:
             continue
-        requests = build_workload(
-            BuildOptions(
-                trace=str(DATA / "traces" / spec["trace"]),
-                lengths_dir=str(DATA / "lengths"),
-                models=parse_models(MODELS),
-                start_s=spec["start_s"],
-                duration_s=spec["duration_s"],
-                max_context=4096,
-                max_tokens_caps=(1024, 2048),
-                seed=spec["seed"],
-            )
-        )
+        requests = workload(name)
         started = time.perf_counter()
         result = sweep(
             fleet,

@@ -15,11 +15,11 @@ import tempfile
 from pathlib import Path
 
 import msgspec
-from policy_capacity import DATA, INSTANCES, MODELS, OUT, WORKLOADS
+from policy_capacity import INSTANCES, OUT, WORKLOADS
+from policy_capacity import workload as build_named_workload
 
 from sloproxy.emulator.fleet import FleetSpec, InstanceSpec
 from sloproxy.evaluation.agreement import base_config, scaled_config
-from sloproxy.evaluation.build import BuildOptions, build_workload, parse_models
 from sloproxy.evaluation.replay import replay_run
 from sloproxy.evaluation.report import summarize
 from sloproxy.evaluation.simprep import prepare
@@ -35,20 +35,7 @@ def main() -> None:
     parser.add_argument("--speedup", type=float, default=8.0)
     parser.add_argument("--policies", default="round-robin,least-load,edf,slo")
     args = parser.parse_args()
-    spec = WORKLOADS[args.workload]
-    requests = build_workload(
-        BuildOptions(
-            trace=str(DATA / "traces" / spec["trace"]),
-            lengths_dir=str(DATA / "lengths"),
-            models=parse_models(MODELS),
-            start_s=spec["start_s"],
-            duration_s=spec["duration_s"],
-            max_context=4096,
-            max_tokens_caps=(1024, 2048),
-            seed=spec["seed"],
-            rate_scale=args.scale,
-        )
-    )
+    requests = build_named_workload(args.workload, args.scale)
     fleet = FleetSpec(instances=[InstanceSpec(port=0, **s) for s in INSTANCES])
     prepared = prepare(requests)
     rows = {}
