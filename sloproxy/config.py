@@ -81,6 +81,19 @@ class TracingConfig(msgspec.Struct, forbid_unknown_fields=True):
     sample_ratio: float | None = None  # parent-based trace-id ratio; None: OTEL_TRACES_SAMPLER or always on
 
 
+class StateConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """Where the scheduler's shared state lives. ``embedded``: in this process (one replica, nothing
+    to install). ``redis``: several replicas share budgets, queue depths, tenant counters and the
+    predictor model through Redis (docs/architecture.md, "Several replicas")."""
+
+    backend: Literal["embedded", "redis"] = "embedded"
+    url: str | None = None  # redis://[:password@]host:port/db (required with backend: redis)
+    namespace: str = "sloproxy"  # key prefix: several fleets can share one Redis
+    replica_id: str | None = None  # None: hostname-pid-random (unique per process)
+    lease_s: float = 3.0  # a replica silent this long is dead: its reservations expire
+    sync_interval_s: float = 0.05  # how often a replica exchanges its numbers with Redis
+
+
 class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True):
     backends: list[BackendConfig]
     listen: Listen = msgspec.field(default_factory=Listen)
@@ -95,6 +108,7 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True):
     models: dict[str, ModelDefaults] = msgspec.field(default_factory=dict)
     predictor: PredictorConfig = msgspec.field(default_factory=PredictorConfig)
     tracing: TracingConfig = msgspec.field(default_factory=TracingConfig)
+    state: StateConfig = msgspec.field(default_factory=StateConfig)
 
 
 class ConfigError(ValueError):
@@ -132,6 +146,12 @@ def _check(config: ProxyConfig, source: str) -> None:
             raise ConfigError(f"{source}: {where}.url must start with http:// or https://")
         if not backend.models:
             raise ConfigError(f"{source}: {where}.models must list at least one model")
+    state = config.state
+    if state.backend == "redis":
+        if not state.url or not state.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"{source}: `$.state.url` needs a redis://, rediss:// or unix:// URL (backend: redis)")
+        if state.lease_s <= 0 or not 0 < state.sync_interval_s < state.lease_s / 3:
+            raise ConfigError(f"{source}: `$.state.sync_interval_s` must be positive and under a third of `lease_s`")
     if config.limits.max_body_bytes < 1024:
         raise ConfigError(f"{source}: `$.limits.max_body_bytes` must be at least 1024")
     classes = {c.name for c in (config.slo_classes or DEFAULT_CLASSES)}
