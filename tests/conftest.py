@@ -10,6 +10,7 @@ import pytest
 
 from sloproxy.emulator.lengths import prompt_key
 from sloproxy.processes import EmulatorProcess
+from tests.redis_server import RedisServer, running_redis
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -53,3 +54,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorProcess]
     lengths.write_text(json.dumps({"prompt_hash": prompt_key(LONG_PROMPT), "output_tokens": LONG_REPLY_TOKENS}) + "\n")
     with EmulatorProcess(FIDELITY_FLEET, speedup=20.0, extra={"lengths": str(lengths)}) as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    """A private redis-server for the module (tests/redis_server.py); fails if none is installed."""
+    yield from running_redis()
