@@ -43,6 +43,8 @@ class Proxy:
         self.forwarder = Forwarder(self.pool, self.scheduler, config.limits, self.metrics)
         self.estimates = LengthEstimates.from_config(config.predictor, self.policy.uses_predictions)
         self.metrics.attach_predictor(self.estimates)
+        if self.estimates.enabled:
+            self.scheduler.predict = self.estimates.predict  # the scheduler runs it off the first-chunk path
 
     async def start(self) -> None:
         await self.pool.start()
@@ -79,7 +81,7 @@ class Proxy:
             proxy_request.received_at = started
             proxy_request.trace = trace
             if self.estimates.enabled:
-                self.estimates.estimate(proxy_request)  # before classify: deadlines depend on the estimate
+                self.estimates.prior(proxy_request)  # before classify: deadlines depend on the estimate
             proxy_request.classify(*self.classifier.classify(http.headers, proxy_request.model))
             await self.forwarder.forward(response, proxy_request)
             if proxy_request.disconnected:

@@ -1,5 +1,16 @@
-"""Reply-length estimates on the request path: the predictor's p50/p90 for every request, and
-what each finished request teaches the online learner.
+"""Reply-length estimates on the request path, and what each finished request teaches the
+online learner.
+
+Every request is predicted from its prompt (features, two boosted-tree heads: ~0.1 ms of CPU),
+but not on its first-chunk path:
+
+* on arrival, :meth:`LengthEstimates.prior` sets a table lookup: the model's median and p90
+  reply (exact when ``ignore_eos`` fixes the length). A request whose model has nothing waiting
+  is admitted and routed with it at once: there is no queue for its order to matter in.
+* the scheduler calls :meth:`predict` for a request that must wait, before it joins the queue
+  (order, KV admission and shedding read the prediction; its cost hides in the wait), and for a
+  request placed on arrival once its engine work is under way (its KV reservation is then
+  corrected to the prediction).
 
 One object does it for the live proxy and the simulator alike, so a policy sees the same
 estimates in both. Without a predictor the estimate stays the request's own guess
@@ -57,6 +68,32 @@ class LengthEstimates:
         if self.learner is not None:
             await self.learner.stop()
 
+    def prior(self, request: ProxyRequest) -> None:
+        """On arrival: the model's median and p90 reply (capped by the client's limit), or the exact
+        length when ``ignore_eos`` fixes it. A lookup, so a request placed at once pays no model."""
+        if self.learner is None:
+            return
+        if request.ignore_eos and request.max_tokens is not None:  # its length is known: no model needed
+            request.pred_p50 = request.pred_p90 = float(request.max_tokens)
+            request.est_output_tokens = request.max_tokens
+            request.estimate_source = "exact"
+            return
+        p50, p90 = self.learner.predictor.prior(request.model)
+        limit = request.max_tokens
+        if limit is not None and limit > 0:
+            p50, p90 = min(p50, float(limit)), min(p90, float(limit))
+        request.pred_p50, request.pred_p90 = p50, p90
+        request.est_output_tokens = max(1, round(p50))
+        request.estimate_source = "prior"
+
+    def predict(self, request: ProxyRequest) -> None:
+        """Predict from the prompt unless done (or the length is known); the deadline moves with it."""
+        if self.learner is None or request.prediction is not None or request.estimate_source == "exact":
+            return
+        self.estimate(request)
+        if request.slo is not None:
+            request.classify(request.tenant, request.slo)
+
     def estimate(self, request: ProxyRequest) -> None:
         """Predict ``request``'s reply length; scheduling then assumes the median (p50)."""
         if self.learner is None:
@@ -64,6 +101,7 @@ class LengthEstimates:
         if request.ignore_eos and request.max_tokens is not None:  # its length is known: no model needed
             request.pred_p50 = request.pred_p90 = float(request.max_tokens)
             request.est_output_tokens = request.max_tokens
+            request.estimate_source = "exact"
             return
         prediction = self.learner.predict_request(
             request.prompt,
@@ -75,6 +113,7 @@ class LengthEstimates:
         request.prediction = prediction
         request.pred_p50, request.pred_p90 = prediction.p50, prediction.p90
         request.est_output_tokens = max(1, round(prediction.p50))
+        request.estimate_source = "model"
 
     def finished(self, request: ProxyRequest) -> None:
         """A reply ended: its true length (from the engine's usage) is a training sample, unless the

@@ -128,6 +128,8 @@ class Forwarder:
 
         def movable(response: UpstreamResponse) -> None:
             request.evict = response.close  # the scheduler may move it while nothing reached the client
+            if not request.stream:  # the reply is being generated; a stream waits for its first chunk
+                self.scheduler.under_way(request, backend)
 
         try:
             try:
@@ -203,7 +205,7 @@ class Forwarder:
                         response.start(200, "text/event-stream", SSE_HEADERS)
                         request.first_byte_sent = True
                         await _client_write(response, out)  # the head leaves with the first chunk
-                        self.scheduler.first_token(request)
+                        self.scheduler.first_token(request, backend)
                         self.metrics.first_byte(request.model, time.monotonic() - started)
                     else:
                         await _client_write(response, out)

@@ -358,7 +358,8 @@ class ProxyMetrics:
             children[0].inc(request.prompt_tokens)
             children[1].inc(tokens or 0)
         if (
-            request.pred_p50 is not None
+            request.estimate_source == "model"  # a prediction from the prompt (not a prior or a known length)
+            and request.pred_p50 is not None
             and tokens is not None
             and outcome == "ok"
             and (request.max_tokens is None or tokens < request.max_tokens)

@@ -107,6 +107,7 @@ class ProxyRequest:
     est_output_tokens: int = DEFAULT_OUTPUT_TOKENS  # what scheduling assumes: the predicted p50 when predicting
     pred_p50: float | None = None  # predicted reply length in tokens (None: no prediction was made)
     pred_p90: float | None = None
+    estimate_source: str = "default"  # default (own guess) | prior (model's median) | model | exact | oracle
     kv_reserved: int = 0  # tokens of KV this request is counted for on its backend while in flight
     prediction: Any = None  # the predictor's record of it (features), for online learning when the reply ends
     excluded: set[str] = field(default_factory=set)  # backends not to try again (retries)

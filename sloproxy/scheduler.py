@@ -7,6 +7,16 @@ full, deadline can no longer be met, queue timeout for sheddable work), 503 when
 serve it. Every acquire is paired with :meth:`release`, which frees the budget and
 dispatches again. Dispatch runs on events: arrival, completion, metrics update, and a timer
 that also expires hopeless work.
+
+A request whose model has nothing waiting is placed on arrival by the same admission and routing
+the queue would apply to it at its head (it would be the head): no future, no queue round trip.
+Only a request that must wait joins the queue. ``max_queue`` bounds the requests waiting, so with
+``max_queue: 0`` the proxy dispatches what it can place at once and refuses the rest.
+
+``predict`` (the full reply-length prediction, ~0.1 ms) runs off the first-chunk path: for a
+request that must wait, before it joins the queue (the order, admission and shedding read it; its
+cost hides in the wait); for a request placed on arrival with the model's prior, once its engine
+work is under way (:meth:`under_way`), and its KV reservation then follows the prediction.
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ class Scheduler:
         self.counts: Counter[str] = Counter()  # shed / timed out / evicted, by reason
         self._preemptions_seen: dict[str, int] = {}  # backend -> the engine's preemption counter last read
         self._waiting_seen: dict[str, int] = {}  # backend -> engine-reported waiting at the last reading
+        self.predict: Callable[[ProxyRequest], None] | None = None  # the full prediction (see the module doc)
         for backend in pool.backends:
             self._set_budget(backend, self.state.budget(backend.name, self.config.budget_initial))
             backend.in_flight = self.state.in_flight(backend.name)
@@ -90,8 +101,14 @@ class Scheduler:
             backend = self.policy.route(request, candidates, self.snapshot())
             assert backend is not None
             return self._dispatched(request, backend)  # type: ignore[arg-type]
-        self._admit_to_queue(request)
         queue = self.queues.get(request.model)
+        if not queue:  # nothing waiting for the model: it would be the queue's head, so place it now
+            backend = self._place(request, self.pool.by_model[request.model], self.snapshot())
+            if backend is not None:
+                return self._dispatched(request, backend)
+        if self.predict is not None:
+            self.predict(request)
+        self._admit_to_queue(request)
         if queue is None:
             queue = self.queues[request.model] = self.policy.ordering()
         waiter: asyncio.Future[Backend] = asyncio.get_running_loop().create_future()
@@ -126,9 +143,21 @@ class Scheduler:
         if self.policy.queued:
             self.dispatch_for(backend)
 
-    def first_token(self, request: ProxyRequest) -> None:
+    def first_token(self, request: ProxyRequest, backend: Backend) -> None:
         """Event: the request's first content reached its client (it can no longer be moved)."""
         request.first_token_at = self.clock()
+        self.under_way(request, backend)
+
+    def under_way(self, request: ProxyRequest, backend: Backend) -> None:
+        """Event: the engine works on ``request`` and its client waits on the engine, not on us. A
+        request placed on arrival with its model's prior is predicted now; its reservation follows."""
+        if self.predict is None or request.estimate_source != "prior" or id(request) not in self._running:
+            return
+        self.predict(request)
+        kv = kv_footprint(request)
+        backend.kv_reserved_tokens += kv - request.kv_reserved
+        request.kv_reserved = kv
+        self.state.reserve(backend.name, request.id, request.est_prompt_tokens + request.est_output_tokens)
 
     def _admit_to_queue(self, request: ProxyRequest) -> None:
         waiting = sum(len(q) for q in self.queues.values())
@@ -152,23 +181,14 @@ class Scheduler:
         queue = self.queues.get(model)
         if not queue:
             return
-        policy = self.policy
         snapshot = self.snapshot()
         serving = self.pool.by_model.get(model, ())
         while True:
             request = queue.peek()
             if request is None:
                 return
-            # A backend at its budget takes nothing (that is what a budget is); with a long queue that
-            # is most of the fleet, so only the few with room go through admission and routing.
-            if request.band == 0:
-                with_room = [b for b in serving if b.in_flight < b.urgent_budget and b.healthy]
-            else:
-                with_room = [b for b in serving if b.in_flight < b.budget and b.healthy]
-            if request.excluded:
-                with_room = [b for b in with_room if b.name not in request.excluded]
-            admitting = policy.admitting(request, with_room, snapshot) if with_room else with_room
-            if not admitting:
+            backend = self._place(request, serving, snapshot)
+            if backend is None:
                 if not any(b.healthy and b.name not in request.excluded for b in serving):  # nothing serves it now
                     queue.pop()
                     self._fail(
@@ -177,15 +197,30 @@ class Scheduler:
                     )
                     continue
                 return  # head-of-line: the policy's order is the order of service
-            backend = policy.route(request, admitting, snapshot)
-            if backend is None:
-                return
             queue.pop()
             self._left_queue(request)
             waiter = self._waiters.get(id(request))
             if waiter is None or waiter.done():
                 continue
             waiter.set_result(self._dispatched(request, backend))  # type: ignore[arg-type]
+
+    def _place(self, request: ProxyRequest, serving: Iterable[Backend], snapshot: Snapshot) -> Backend | None:
+        """The backend the policy gives ``request`` now, or None if no backend with room admits it."""
+        # A backend at its budget takes nothing (that is what a budget is); with a long queue that
+        # is most of the fleet, so only the few with room go through admission and routing.
+        if request.band == 0:
+            with_room = [b for b in serving if b.in_flight < b.urgent_budget and b.healthy]
+        else:
+            with_room = [b for b in serving if b.in_flight < b.budget and b.healthy]
+        if request.excluded:
+            with_room = [b for b in with_room if b.name not in request.excluded]
+        if not with_room:
+            return None
+        policy = self.policy
+        admitting = policy.admitting(request, with_room, snapshot)
+        if not admitting:
+            return None
+        return policy.route(request, admitting, snapshot)  # type: ignore[return-value]
 
     def dispatch_for(self, backend: Backend) -> None:
         for model in backend.models:

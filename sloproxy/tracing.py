@@ -309,6 +309,7 @@ def _decision_attributes(request: ProxyRequest, policy: str) -> dict[str, Any]:
         "sloproxy.tenant": request.tenant,
         "sloproxy.band": request.band,
         "sloproxy.estimated_output_tokens": request.est_output_tokens,
+        "sloproxy.estimate_source": request.estimate_source,
     }
     if request.slo is not None:
         attributes["sloproxy.slo_class"] = request.slo.name

@@ -48,6 +48,30 @@ def test_estimate_respects_the_limit_and_ignore_eos(estimates):
     assert forced.pred_p50 == forced.pred_p90 == 700 and forced.est_output_tokens == 700
 
 
+def test_arrival_sets_the_models_prior_and_waiting_sets_the_prompts_prediction(estimates):
+    from sloproxy.slo import DEFAULT_CLASSES
+
+    interactive = DEFAULT_CLASSES[0]
+    essay = parse_request("chat", chat("Write a 1000-word essay on the history of Rome, with sections."))
+    yes_no = parse_request("chat", chat("Is 7 a prime number? Answer yes or no."))
+    for request in (essay, yes_no):
+        estimates.prior(request)
+        request.classify("t", interactive)
+        assert request.estimate_source == "prior" and request.prediction is None
+    assert (essay.pred_p50, essay.pred_p90) == (yes_no.pred_p50, yes_no.pred_p90)  # the model's, not the prompt's
+    assert 1 <= essay.pred_p50 <= essay.pred_p90
+    prior_deadline = essay.deadline
+    for request in (essay, yes_no):
+        estimates.predict(request)  # what the scheduler runs (before the queue, or once under way)
+        assert request.estimate_source == "model" and request.prediction is not None
+    assert essay.pred_p50 > 2 * yes_no.pred_p50
+    assert essay.deadline == pytest.approx(essay.received_at + interactive.budget_s(essay.est_output_tokens))
+    assert essay.deadline != prior_deadline  # the deadline moved with the estimate
+    capped = parse_request("chat", chat("Write a long story.", max_tokens=3))
+    estimates.prior(capped)
+    assert capped.pred_p90 <= 3
+
+
 def test_without_a_predictor_the_request_keeps_its_own_guess():
     request = parse_request("chat", chat("hi"))
     LengthEstimates(None).estimate(request)

@@ -137,7 +137,13 @@ def test_evictions_and_predictor_error_are_counted():
     request.evictions = 2
     request.pred_p50, request.pred_p90 = 10.0, 30.0
     request.prompt_tokens, request.completion_tokens = 5, 20
+    prior = parse_request("chat", b'{"model": "m", "messages": [{"role": "user", "content": "y"}]}')
+    prior.classify("default", INTERACTIVE)
+    prior.pred_p50, prior.pred_p90, prior.estimate_source = 100.0, 300.0, "prior"  # not a prediction: not scored
+    prior.prompt_tokens, prior.completion_tokens = 5, 20
+    request.estimate_source = "model"
     assert metrics.finished(request, "ok", None, request.received_at + 0.5) is True
+    metrics.finished(prior, "ok", None, prior.received_at + 0.5)
     samples = scrape(metrics.render().decode())
     key = {"model": "m", "slo_class": "interactive"}
     assert value(samples, "sloproxy_evictions_total", **key) == 2

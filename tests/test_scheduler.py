@@ -92,6 +92,35 @@ async def test_queue_bounds_and_release_order():
     assert s.state.queue_depths() == {}
 
 
+async def test_a_request_that_can_be_placed_never_waits_and_max_queue_bounds_only_waiters():
+    s = scheduler(budget=2, max_queue=0)
+    waited: list[str] = []
+    s.predict = lambda r: waited.append(r.id)
+    first, second, third = request(), request(), request()
+    backends = [await s.acquire(first), await s.acquire(second)]  # room: placed on arrival, no queue
+    assert waited == [] and not s.queues.get("m")
+    assert backends[0].in_flight == 2
+    with pytest.raises(ProxyError) as full:  # no room: it would have to wait, and nothing may wait
+        await s.acquire(third)
+    assert full.value.status == 429 and full.value.code == "queue_full"
+    assert waited == [third.id]  # predicted: the one request that had to wait (before being refused)
+    s.release(first, backends[0])
+    assert (await s.acquire(request())).in_flight == 2  # the freed slot is taken on arrival
+
+
+async def test_with_a_queue_an_arrival_waits_its_turn_even_if_a_slot_is_free():
+    s = scheduler(budget=1)
+    first = request()
+    backend = await s.acquire(first)
+    queued = asyncio.ensure_future(s.acquire(request()))
+    await asyncio.sleep(0)
+    s.release(first, backend)  # dispatches the waiter synchronously: the slot never looks free
+    later = asyncio.ensure_future(s.acquire(request()))
+    await asyncio.sleep(0)
+    assert queued.done() and not later.done()  # the arrival found a queue: it joined it
+    assert len(s.queues["m"]) == 1
+
+
 async def test_timeouts_and_shedding():
     s = scheduler(budget=1, queue_timeout_s=0.05, tick_s=0.01)
     s.start()
@@ -170,7 +199,28 @@ def test_priority_scheduling_backends_take_urgent_work_past_the_budget_instead_o
 async def test_first_token_event_is_recorded():
     s = scheduler()
     r = request()
-    await s.acquire(r)
+    backend = await s.acquire(r)
     assert r.first_token_at is None
-    s.first_token(r)
+    s.first_token(r, backend)
     assert r.first_token_at is not None and r.first_token_at >= r.received_at
+
+
+async def test_a_request_placed_with_the_prior_is_predicted_under_way_and_its_reservation_follows():
+    s = scheduler(policy="slo", budget=4)
+    predicted: list[str] = []
+
+    def predict(r):
+        predicted.append(r.id)
+        r.pred_p50, r.pred_p90, r.est_output_tokens, r.estimate_source = 10.0, 20.0, 10, "model"
+
+    s.predict = predict
+    r = request()
+    r.pred_p50, r.pred_p90, r.est_output_tokens, r.estimate_source = 300.0, 900.0, 300, "prior"
+    backend = await s.acquire(r)
+    assert predicted == [] and backend.kv_reserved_tokens == r.est_prompt_tokens + 900  # placed with the prior
+    s.under_way(r, backend)
+    assert predicted == [r.id] and backend.kv_reserved_tokens == r.est_prompt_tokens + 20 == r.kv_reserved
+    s.first_token(r, backend)  # already predicted: nothing more
+    assert predicted == [r.id]
+    s.release(r, backend)
+    assert backend.kv_reserved_tokens == 0 and backend.in_flight == 0

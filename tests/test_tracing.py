@@ -155,7 +155,8 @@ async def test_rejected_request_has_a_failed_queue_span(fleet):
     config = {
         "backends": [backend("good", fleet.url("good"))],
         "policy": {"name": "fcfs"},
-        "scheduling": {"max_queue": 0},  # every request finds the queue full
+        # The only backend's budget is 0 (and may not grow): the request must wait, and nothing may wait.
+        "scheduling": {"max_queue": 0, "budget_initial": 0, "budget_min": 0, "budget_max": 0},
     }
     async with (
         proxy_in_loop(config, tracing) as (_, url),

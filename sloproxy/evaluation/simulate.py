@@ -55,14 +55,15 @@ _ARRIVAL, _STEP, _POLL, _TICK, _TIMEOUT = range(5)
 
 
 def estimate(request: ProxyRequest, item: SimRequest, oracle: bool, estimates: LengthEstimates) -> None:
-    """Set the request's reply-length estimate as the live proxy does (``LengthEstimates``: the
-    predictor when the policy reads predictions), or the workload's true length for the oracle.
+    """Set the request's arrival estimate as the live proxy does (``LengthEstimates.prior``; the
+    scheduler calls ``predict`` later), or the true length for the oracle.
     Runs before classification, which derives deadlines from it."""
     if oracle:
         request.est_output_tokens = item.output_tokens
         request.pred_p50 = request.pred_p90 = float(item.output_tokens)
+        request.estimate_source = "oracle"
     else:
-        estimates.estimate(request)
+        estimates.prior(request)
 
 
 def engine_load(engine: Engine) -> BackendLoad:
@@ -220,6 +221,9 @@ class Simulation:
         uses = self.policy.uses_predictions
         self.estimates = LengthEstimates(None) if oracle else LengthEstimates.from_config(config.predictor, uses)
         self.scheduler = Scheduler(self.policy, self.pool, config.scheduling, clock=self.clock)
+        if self.estimates.enabled:
+            self.scheduler.predict = self.estimates.predict  # as live: off the first-chunk path
+        self._backends = {b.name: b for b in self.pool.backends}
         self.classifier = Classifier(config.slo_classes, config.default_class, config.tenants, config.models)
         self.clients = [_Client(item) for item in requests]
         self.retries = config.limits.retries_before_first_byte
@@ -318,7 +322,7 @@ class Simulation:
             client = attempt.client
             if client.first_at is None:
                 client.first_at = self.now
-                self._first_byte(client.request)  # type: ignore[arg-type]
+                self._first_byte(client.request, attempt.instance)  # type: ignore[arg-type]
             if seq.finished:
                 del attempts[id(seq)]
                 request = client.request
@@ -327,9 +331,9 @@ class Simulation:
                 client.finish_at = self.now
                 attempt.future.set_result(None)
 
-    def _first_byte(self, request: ProxyRequest) -> None:
+    def _first_byte(self, request: ProxyRequest, instance: _Instance) -> None:
         request.first_byte_sent = True
-        self.scheduler.first_token(request)
+        self.scheduler.first_token(request, self._backends[instance.spec.name])
 
     def _check_engine(self, engine: Engine) -> None:
         kv = engine.kv

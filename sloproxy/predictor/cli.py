@@ -80,7 +80,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--out", required=True, help="artifact directory to write")
     train.add_argument("--holdout", type=float, default=0.0, help="fraction of prompts held out (0: train on all)")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--rounds", type=int, default=300, help="boosting rounds per quantile head")
+    train.add_argument("--rounds", type=int, default=100, help="boosting rounds per quantile head")
     train.add_argument("--threads", type=int, default=2)
     train.add_argument("--json", action="store_true", help="one-line JSON summary")
     train.set_defaults(func=_train)

@@ -44,6 +44,7 @@ class LengthPredictor:
         self._p50 = FastBooster(bundle.p50, N_COLUMNS, self._row)
         self._p90 = FastBooster(bundle.p90, N_COLUMNS, self._row)
         self._stats_cache: dict[str, list[float]] = {}
+        self._prior_cache: dict[str, tuple[float, float]] = {}
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> LengthPredictor:
@@ -58,6 +59,17 @@ class LengthPredictor:
             if len(self._stats_cache) < 4096:  # bounded: client-chosen model names are unbounded
                 self._stats_cache[model] = stats
         return stats
+
+    def prior(self, model: str) -> tuple[float, float]:
+        """The model's median and p90 reply in tokens over the training data (the global prior for a
+        model never seen): the estimate before, or instead of, reading the prompt."""
+        cached = self._prior_cache.get(model)
+        if cached is None:
+            entry = lookup(self.bundle.stats, self.bundle.prior, model)
+            cached = (max(1.0, float(entry["median"])), max(1.0, float(entry["p90"])))
+            if len(self._prior_cache) < 4096:  # bounded: client-chosen model names are unbounded
+                self._prior_cache[model] = cached
+        return cached
 
     def row(self, f: PromptFeatures) -> list[float]:
         """The LightGBM input row of already computed features (text score, cues, params, model stats)."""

@@ -31,7 +31,7 @@ class TrainConfig:
     seed: int = 0
     ridge_alpha: float = 1.0
     folds: int = 5
-    rounds: int = 300
+    rounds: int = 100  # held out: 100 ranks as well as 300 (tau 0.477 vs 0.471) at a third of the serving cost
     learning_rate: float = 0.05
     num_leaves: int = 31
     min_data_in_leaf: int = 100
