@@ -44,7 +44,7 @@ class Proxy:
         self.estimates = LengthEstimates.from_config(config.predictor, self.policy.uses_predictions)
         self.metrics.attach_predictor(self.estimates)
         if self.estimates.enabled:
-            self.scheduler.predict = self.estimates.predict  # the scheduler runs it off the first-chunk path
+            self.scheduler.predict_many = self.estimates.predict_many  # run off the first-chunk path, batched
 
     async def start(self) -> None:
         await self.pool.start()

@@ -13,10 +13,12 @@ the queue would apply to it at its head (it would be the head): no future, no qu
 Only a request that must wait joins the queue. ``max_queue`` bounds the requests waiting, so with
 ``max_queue: 0`` the proxy dispatches what it can place at once and refuses the rest.
 
-``predict`` (the full reply-length prediction, ~0.1 ms) runs off the first-chunk path: for a
-request that must wait, before it joins the queue (the order, admission and shedding read it; its
-cost hides in the wait); for a request placed on arrival with the model's prior, once its engine
-work is under way (:meth:`under_way`), and its KV reservation then follows the prediction.
+``predict_many`` (the full reply-length prediction) runs off the first-chunk path, batched: the
+requests that need one are collected and predicted together on the loop's next turn (one pass of
+the model for all of them; a lone cold prediction costs several times a batched one). A request that
+must wait is predicted before it joins the queue (its order, admission and shedding read it; the
+cost hides in the wait). A request placed on arrival with its model's prior is predicted once its
+engine work is under way (:meth:`under_way`); its KV reservation then follows the prediction.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from .backends import Backend, BackendPool
 from .errors import ProxyError
@@ -60,7 +62,9 @@ class Scheduler:
         self.counts: Counter[str] = Counter()  # shed / timed out / evicted, by reason
         self._preemptions_seen: dict[str, int] = {}  # backend -> the engine's preemption counter last read
         self._waiting_seen: dict[str, int] = {}  # backend -> engine-reported waiting at the last reading
-        self.predict: Callable[[ProxyRequest], None] | None = None  # the full prediction (see the module doc)
+        self.predict_many: Callable[[Sequence[ProxyRequest]], None] | None = None  # see the module doc
+        self._to_predict: list[tuple[ProxyRequest, Backend | None]] = []  # (request, its backend if placed)
+        self._predicted: asyncio.Future[None] | None = None  # resolves when the pending batch has run
         for backend in pool.backends:
             self._set_budget(backend, self.state.budget(backend.name, self.config.budget_initial))
             backend.in_flight = self.state.in_flight(backend.name)
@@ -106,8 +110,10 @@ class Scheduler:
             backend = self._place(request, self.pool.by_model[request.model], self.snapshot())
             if backend is not None:
                 return self._dispatched(request, backend)
-        if self.predict is not None:
-            self.predict(request)
+        if self.predict_many is not None and request.estimate_source == "prior":
+            self._check_room(request)  # refuse before paying for a prediction
+            await self._predict_soon(request, None)
+            queue = self.queues.get(request.model)  # others may have created it meanwhile
         self._admit_to_queue(request)
         if queue is None:
             queue = self.queues[request.model] = self.policy.ordering()
@@ -151,21 +157,47 @@ class Scheduler:
     def under_way(self, request: ProxyRequest, backend: Backend) -> None:
         """Event: the engine works on ``request`` and its client waits on the engine, not on us. A
         request placed on arrival with its model's prior is predicted now; its reservation follows."""
-        if self.predict is None or request.estimate_source != "prior" or id(request) not in self._running:
+        if self.predict_many is None or request.estimate_source != "prior" or id(request) not in self._running:
             return
-        self.predict(request)
-        kv = kv_footprint(request)
-        backend.kv_reserved_tokens += kv - request.kv_reserved
-        request.kv_reserved = kv
-        self.state.reserve(backend.name, request.id, request.est_prompt_tokens + request.est_output_tokens)
+        self._predict_soon(request, backend)
 
-    def _admit_to_queue(self, request: ProxyRequest) -> None:
+    def _predict_soon(self, request: ProxyRequest, backend: Backend | None) -> asyncio.Future[None]:
+        """Add ``request`` to the batch predicted on the loop's next turn; the future says when."""
+        self._to_predict.append((request, backend))
+        if self._predicted is None:
+            loop = asyncio.get_running_loop()
+            self._predicted = loop.create_future()
+            loop.call_soon(self._predict_batch)
+        return self._predicted
+
+    def _predict_batch(self) -> None:
+        batch, self._to_predict = self._to_predict, []
+        done, self._predicted = self._predicted, None
+        try:
+            assert self.predict_many is not None
+            self.predict_many([request for request, _ in batch])
+        except Exception:  # a predictor failure must not fail requests: they keep their priors
+            log.exception("length prediction failed for %d requests; they keep their models' priors", len(batch))
+        for request, backend in batch:
+            if backend is not None and id(request) in self._running:  # placed: its reservation follows
+                kv = kv_footprint(request)
+                backend.kv_reserved_tokens += kv - request.kv_reserved
+                request.kv_reserved = kv
+                tokens = request.est_prompt_tokens + request.est_output_tokens
+                self.state.reserve(backend.name, request.id, tokens)
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    def _check_room(self, request: ProxyRequest) -> None:
         waiting = sum(len(q) for q in self.queues.values())
         if waiting >= self.config.max_queue or self._queued_bytes + len(request.raw) > self.config.max_queue_bytes:
             self.counts["queue_full"] += 1
             raise ProxyError(
                 429, "The proxy queue is full; retry later.", code="queue_full", headers=self._retry_after()
             )
+
+    def _admit_to_queue(self, request: ProxyRequest) -> None:
+        self._check_room(request)
         if self.hopeless(request, self.clock()):
             self.counts["deadline_exceeded"] += 1
             raise ProxyError(

@@ -33,7 +33,7 @@ def test_estimate_sets_p50_p90_and_the_scheduling_estimate(estimates):
     essay = parse_request("chat", chat("Write a 1000-word essay on the history of Rome, with sections."))
     yes_no = parse_request("chat", chat("Is 7 a prime number? Answer yes or no."))
     for request in (essay, yes_no):
-        estimates.estimate(request)
+        estimates.predict(request)
         assert request.pred_p50 is not None and 1 <= request.pred_p50 <= request.pred_p90
         assert request.est_output_tokens == max(1, round(request.pred_p50))
     assert essay.pred_p50 > 2 * yes_no.pred_p50  # the prompt's wording moves the estimate
@@ -41,10 +41,10 @@ def test_estimate_sets_p50_p90_and_the_scheduling_estimate(estimates):
 
 def test_estimate_respects_the_limit_and_ignore_eos(estimates):
     capped = parse_request("chat", chat("Write a long story about dragons.", max_tokens=5))
-    estimates.estimate(capped)
+    estimates.predict(capped)
     assert capped.pred_p90 <= 5 and capped.est_output_tokens <= 5
     forced = parse_request("chat", chat("hi", max_tokens=700, ignore_eos=True))
-    estimates.estimate(forced)
+    estimates.predict(forced)
     assert forced.pred_p50 == forced.pred_p90 == 700 and forced.est_output_tokens == 700
 
 
@@ -74,7 +74,7 @@ def test_arrival_sets_the_models_prior_and_waiting_sets_the_prompts_prediction(e
 
 def test_without_a_predictor_the_request_keeps_its_own_guess():
     request = parse_request("chat", chat("hi"))
-    LengthEstimates(None).estimate(request)
+    LengthEstimates(None).predict(request)
     assert request.pred_p50 is None and request.est_output_tokens == DEFAULT_OUTPUT_TOKENS
 
 
@@ -85,7 +85,7 @@ def test_finished_replies_become_samples_unless_cut_or_abandoned():
     cut = parse_request("chat", chat("Explain TCP slow start.", max_tokens=50))
     gone = parse_request("chat", chat("Explain TCP slow start."))
     for request, tokens in ((finished, 120), (cut, 50), (gone, 30)):
-        learner_estimates.estimate(request)
+        learner_estimates.predict(request)
         request.completion_tokens = tokens
     gone.disconnected = True
     for request in (finished, cut, gone):

@@ -95,17 +95,45 @@ async def test_queue_bounds_and_release_order():
 async def test_a_request_that_can_be_placed_never_waits_and_max_queue_bounds_only_waiters():
     s = scheduler(budget=2, max_queue=0)
     waited: list[str] = []
-    s.predict = lambda r: waited.append(r.id)
+    s.predict_many = lambda batch: waited.extend(r.id for r in batch)
     first, second, third = request(), request(), request()
+    for r in (first, second, third):
+        r.estimate_source = "prior"
     backends = [await s.acquire(first), await s.acquire(second)]  # room: placed on arrival, no queue
     assert waited == [] and not s.queues.get("m")
     assert backends[0].in_flight == 2
     with pytest.raises(ProxyError) as full:  # no room: it would have to wait, and nothing may wait
         await s.acquire(third)
     assert full.value.status == 429 and full.value.code == "queue_full"
-    assert waited == [third.id]  # predicted: the one request that had to wait (before being refused)
+    assert waited == []  # refused before its prediction was paid for
     s.release(first, backends[0])
     assert (await s.acquire(request())).in_flight == 2  # the freed slot is taken on arrival
+
+
+async def test_requests_that_must_wait_are_predicted_together_before_they_join_the_queue():
+    s = scheduler(budget=1)
+    batches: list[list[str]] = []
+    s.predict_many = lambda batch: batches.append([r.id for r in batch])
+    first = request()
+    first.estimate_source = "prior"
+    backend = await s.acquire(first)
+    waiters = []
+    for _ in range(3):
+        r = request()
+        r.estimate_source = "prior"
+        waiters.append(r)
+    tasks = [asyncio.ensure_future(s.acquire(r)) for r in waiters]
+    await asyncio.sleep(0)
+    assert not s.queues.get("m")  # not in the queue until predicted
+    for _ in range(3):  # the batch runs; the waiters resume
+        await asyncio.sleep(0)
+    assert batches == [[r.id for r in waiters]] and len(s.queues["m"]) == 3  # one batch, then queued
+    s.release(first, backend)
+    await asyncio.sleep(0)
+    assert [t.done() for t in tasks] == [True, False, False]
+    for t in tasks[1:]:
+        t.cancel()
+    await asyncio.gather(*tasks[1:], return_exceptions=True)
 
 
 async def test_with_a_queue_an_arrival_waits_its_turn_even_if_a_slot_is_free():
@@ -209,18 +237,22 @@ async def test_a_request_placed_with_the_prior_is_predicted_under_way_and_its_re
     s = scheduler(policy="slo", budget=4)
     predicted: list[str] = []
 
-    def predict(r):
-        predicted.append(r.id)
-        r.pred_p50, r.pred_p90, r.est_output_tokens, r.estimate_source = 10.0, 20.0, 10, "model"
+    def predict_many(batch):
+        for r in batch:
+            predicted.append(r.id)
+            r.pred_p50, r.pred_p90, r.est_output_tokens, r.estimate_source = 10.0, 20.0, 10, "model"
 
-    s.predict = predict
+    s.predict_many = predict_many
     r = request()
     r.pred_p50, r.pred_p90, r.est_output_tokens, r.estimate_source = 300.0, 900.0, 300, "prior"
     backend = await s.acquire(r)
     assert predicted == [] and backend.kv_reserved_tokens == r.est_prompt_tokens + 900  # placed with the prior
     s.under_way(r, backend)
+    assert predicted == []  # batched: on the loop's next turn
+    await asyncio.sleep(0)
     assert predicted == [r.id] and backend.kv_reserved_tokens == r.est_prompt_tokens + 20 == r.kv_reserved
     s.first_token(r, backend)  # already predicted: nothing more
+    await asyncio.sleep(0)
     assert predicted == [r.id]
     s.release(r, backend)
     assert backend.kv_reserved_tokens == 0 and backend.in_flight == 0

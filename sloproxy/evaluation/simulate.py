@@ -222,7 +222,7 @@ class Simulation:
         self.estimates = LengthEstimates(None) if oracle else LengthEstimates.from_config(config.predictor, uses)
         self.scheduler = Scheduler(self.policy, self.pool, config.scheduling, clock=self.clock)
         if self.estimates.enabled:
-            self.scheduler.predict = self.estimates.predict  # as live: off the first-chunk path
+            self.scheduler.predict_many = self.estimates.predict_many  # as live: off the first-chunk path
         self._backends = {b.name: b for b in self.pool.backends}
         self.classifier = Classifier(config.slo_classes, config.default_class, config.tenants, config.models)
         self.clients = [_Client(item) for item in requests]

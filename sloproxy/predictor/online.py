@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -25,7 +26,7 @@ import numpy as np
 
 from .columns import N_COLUMNS
 from .retrain import load_boosters, retrain_job, write_payload
-from .serving import LengthPredictor, Prediction
+from .serving import LengthPredictor, PredictCall, Prediction
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,10 @@ class OnlineLearner:
     def predict_request(self, *args: Any, **kwargs: Any) -> Prediction:
         """Same as ``LengthPredictor.predict_request`` on whichever predictor is current."""
         return self.predictor.predict_request(*args, **kwargs)
+
+    def predict_many(self, calls: Sequence[PredictCall]) -> list[Prediction]:
+        """Same as ``LengthPredictor.predict_many`` on whichever predictor is current."""
+        return self.predictor.predict_many(calls)
 
     def record(self, prediction: Prediction, completion_tokens: int | None) -> None:
         """A request finished with ``completion_tokens`` (from the engine's usage); O(1)."""
