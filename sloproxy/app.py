@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -19,7 +20,11 @@ from .proxy_metrics import ProxyMetrics
 from .request import Kind, parse_request
 from .scheduler import Scheduler
 from .slo import Classifier
+from .state import SharedState
 from .tracing import Tracing
+
+if TYPE_CHECKING:
+    from .state.redis_state import RedisCoordinator
 
 log = logging.getLogger("sloproxy")
 
@@ -37,8 +42,17 @@ class Proxy:
         self.pool = BackendPool(config.backends, config.health, config.load_polling)
         self.metrics = ProxyMetrics(self.pool)
         self.policy = load_policy(config.policy.name, config.policy.params)
-        self.scheduler = Scheduler(self.policy, self.pool, config.scheduling)
+        self.coordinator: RedisCoordinator | None = None
+        state = None
+        if config.state.backend == "redis":  # several replicas: admission by shares (state/redis_state.py)
+            from .state.redis_state import RedisCoordinator
+
+            self.coordinator = RedisCoordinator(config.state, [b.name for b in self.pool.backends])
+            state = SharedState(self.coordinator)
+        self.scheduler = Scheduler(self.policy, self.pool, config.scheduling, state=state)
         self.metrics.attach(self.scheduler)
+        if self.coordinator is not None:
+            self.metrics.attach_state(self.coordinator)
         self.classifier = Classifier(config.slo_classes, config.default_class, config.tenants, config.models)
         self.forwarder = Forwarder(self.pool, self.scheduler, config.limits, self.metrics)
         self.estimates = LengthEstimates.from_config(config.predictor, self.policy.uses_predictions)
@@ -48,6 +62,9 @@ class Proxy:
 
     async def start(self) -> None:
         await self.pool.start()
+        if self.coordinator is not None:
+            await self.coordinator.start()  # Redis down: degraded, not an error (the log says so)
+            self.scheduler.shares_changed()
         self.scheduler.start()
         self.estimates.start()
         if not self.pool.ready:
@@ -57,6 +74,8 @@ class Proxy:
         await self.scheduler.stop()
         await self.estimates.stop()
         await self.forwarder.stop()
+        if self.coordinator is not None:
+            await self.coordinator.stop()  # after the last request: its capacity returns to the fleet now
         await self.pool.stop()
         if self.tracing is not None:  # flushes buffered spans: blocking, so off the event loop
             await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)

@@ -29,9 +29,18 @@ class Backend:
     healthy: bool = True  # optimistic until the first probe says otherwise
     consecutive_failures: int = 0
     consecutive_successes: int = 0
+    # Load as the policies see it: the whole fleet's proxies (with several replicas: this one's own
+    # plus the others' as of the last state sync; with one, just this one's).
     in_flight: int = 0
     kv_reserved_tokens: int = 0  # sum over in-flight requests of prompt + predicted p90 reply (KV admission)
     budget: int = 32  # dispatch budget (set and adapted by the scheduler)
+    # This replica's part: what it has in flight, and what it may have (its share of the budget).
+    mine: int = 0
+    kv_mine: int = 0
+    cap: int = 32
+    urgent_cap: int = 32
+    remote_in_flight: int = 0
+    remote_kv_tokens: int = 0
     ceiling: int | None = None  # the engine's capacity as last observed (it queued beyond it)
     quiet_updates: int = 0
     load: BackendLoad | None = None

@@ -27,6 +27,7 @@ from .slo_outcome import rejected_in_queue, rejection_reason, slo_met, time_per_
 if TYPE_CHECKING:
     from .estimates import LengthEstimates
     from .scheduler import Scheduler
+    from .state.redis_state import RedisCoordinator
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
@@ -88,14 +89,20 @@ class _SchedulerCollector:
         budget = GaugeMetricFamily(
             "sloproxy_backend_budget_requests", "Dispatch budget per backend.", labels=["backend"]
         )
+        cap = GaugeMetricFamily(
+            "sloproxy_backend_cap_requests",
+            "Requests this replica may have on the backend: its budget, or with several replicas its share.",
+            labels=["backend"],
+        )
         for backend in self.scheduler.pool.backends:
             budget.add_metric([backend.name], backend.budget)
+            cap.add_metric([backend.name], backend.cap)
         outcomes = CounterMetricFamily(
             "sloproxy_scheduler_events", "Requests shed, timed out or evicted.", labels=["event"]
         )
         for event, count in sorted(self.scheduler.counts.items()):
             outcomes.add_metric([event], count)
-        yield from (depth, budget, outcomes)
+        yield from (depth, budget, cap, outcomes)
 
 
 class _PredictorCollector:
@@ -121,6 +128,31 @@ class _PredictorCollector:
                 family = CounterMetricFamily(name[: -len("_total")], f"Predictor {key[:-6]} count.")
             else:
                 family = GaugeMetricFamily(name, self.HELP.get(key, f"Predictor {key}."))
+            family.add_metric([], value)
+            yield family
+
+
+class _StateCollector:
+    """Shared state in Redis (several replicas): syncs, failures, degraded mode, live replicas."""
+
+    HELP = {
+        "syncs": ("counter", "State syncs with Redis that succeeded."),
+        "sync_failures": ("counter", "State syncs that failed or timed out (degraded meanwhile)."),
+        "round_trips": ("counter", "Redis round trips made by the state sync."),
+        "last_sync_ms": ("gauge", "Duration of the last successful state sync, milliseconds."),
+        "degraded": ("gauge", "1 while Redis is unreachable: dispatching within the last known shares."),
+        "live_replicas": ("gauge", "Proxy replicas alive in the fleet at the last sync."),
+        "epoch_frozen": ("gauge", "1 while shares may not grow after Redis lost its data (one lease)."),
+    }
+
+    def __init__(self, coordinator: RedisCoordinator) -> None:
+        self.coordinator = coordinator
+
+    def collect(self):
+        for key, value in sorted(self.coordinator.metrics().items()):
+            kind, text = self.HELP.get(key, ("gauge", f"State {key}."))
+            family_type = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            family = family_type(f"sloproxy_state_{key}", text)
             family.add_metric([], value)
             yield family
 
@@ -302,6 +334,9 @@ class ProxyMetrics:
         if estimates.enabled:
             self.predicting = True
             self.registry.register(_PredictorCollector(estimates))
+
+    def attach_state(self, coordinator: RedisCoordinator) -> None:
+        self.registry.register(_StateCollector(coordinator))
 
     def attach(self, scheduler: Scheduler) -> None:
         """Expose the scheduler's queues, budgets and events too."""

@@ -29,13 +29,17 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from .backends import Backend, BackendPool
 from .errors import ProxyError
 from .policies.base import Ordering, Policy, Snapshot
 from .request import ProxyRequest, kv_footprint
 from .scheduler_config import SchedulingConfig
-from .state import LocalState, SchedulerState
+from .state import LocalState, SchedulerState, SharedState
+
+if TYPE_CHECKING:
+    from .state.redis_state import RedisCoordinator
 
 log = logging.getLogger("sloproxy.scheduler")
 
@@ -54,6 +58,8 @@ class Scheduler:
         self.pool = pool
         self.config = config or SchedulingConfig()
         self.state = state or LocalState()
+        # With several replicas, this one dispatches within its share of each budget (state/redis_state.py).
+        self.shared: RedisCoordinator | None = state.coordinator if isinstance(state, SharedState) else None
         self.queues: dict[str, Ordering] = {}
         self._waiters: dict[int, asyncio.Future[Backend]] = {}  # id(request) -> dispatch future
         self._queued_bytes = 0
@@ -67,8 +73,11 @@ class Scheduler:
         self._predicted: asyncio.Future[None] | None = None  # resolves when the pending batch has run
         for backend in pool.backends:
             self._set_budget(backend, self.state.budget(backend.name, self.config.budget_initial))
-            backend.in_flight = self.state.in_flight(backend.name)
+            backend.mine = backend.in_flight = self.state.in_flight(backend.name)
         pool.on_load_update = self._on_load_update
+        if self.shared is not None:
+            self.shared.before_sync = self._report_to_fleet
+            self.shared.after_sync = self.shared.on_change = self.shares_changed
 
     # ----- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -110,6 +119,8 @@ class Scheduler:
             backend = self._place(request, self.pool.by_model[request.model], self.snapshot())
             if backend is not None:
                 return self._dispatched(request, backend)
+        if self.shared is not None:  # another sync may move share here from idle replicas
+            self.shared.request_sync()
         if self.predict_many is not None and request.estimate_source == "prior":
             self._check_room(request)  # refuse before paying for a prediction
             await self._predict_soon(request, None)
@@ -138,7 +149,9 @@ class Scheduler:
         """The request is done with ``backend`` (finished, failed or abandoned)."""
         if self._running.pop(id(request), None) is None:
             return
-        backend.in_flight = self.state.release(backend.name, request.id)
+        backend.mine = self.state.release(backend.name, request.id)
+        backend.in_flight = backend.mine + backend.remote_in_flight
+        backend.kv_mine -= request.kv_reserved
         backend.kv_reserved_tokens -= request.kv_reserved
         request.kv_reserved = 0
         used = tokens if tokens is not None else request.est_prompt_tokens
@@ -181,6 +194,7 @@ class Scheduler:
         for request, backend in batch:
             if backend is not None and id(request) in self._running:  # placed: its reservation follows
                 kv = kv_footprint(request)
+                backend.kv_mine += kv - request.kv_reserved
                 backend.kv_reserved_tokens += kv - request.kv_reserved
                 request.kv_reserved = kv
                 tokens = request.est_prompt_tokens + request.est_output_tokens
@@ -241,9 +255,9 @@ class Scheduler:
         # A backend at its budget takes nothing (that is what a budget is); with a long queue that
         # is most of the fleet, so only the few with room go through admission and routing.
         if request.band == 0:
-            with_room = [b for b in serving if b.in_flight < b.urgent_budget and b.healthy]
+            with_room = [b for b in serving if b.mine < b.urgent_cap and b.healthy]
         else:
-            with_room = [b for b in serving if b.in_flight < b.budget and b.healthy]
+            with_room = [b for b in serving if b.mine < b.cap and b.healthy]
         if request.excluded:
             with_room = [b for b in with_room if b.name not in request.excluded]
         if not with_room:
@@ -264,8 +278,10 @@ class Scheduler:
 
     def _dispatched(self, request: ProxyRequest, backend: Backend) -> Backend:
         tokens = request.est_prompt_tokens + request.est_output_tokens
-        backend.in_flight = self.state.reserve(backend.name, request.id, tokens)
+        backend.mine = self.state.reserve(backend.name, request.id, tokens)
+        backend.in_flight = backend.mine + backend.remote_in_flight
         request.kv_reserved = kv_footprint(request)
+        backend.kv_mine += request.kv_reserved
         backend.kv_reserved_tokens += request.kv_reserved
         self._running[id(request)] = request
         return backend
@@ -389,14 +405,49 @@ class Scheduler:
                     backend.quiet_updates = 0
             if budget != backend.budget:
                 self._set_budget(backend, budget)
-                self.state.set_budget(backend.name, budget)
         if self.policy.queued:
             self.dispatch_for(backend)
 
-    @staticmethod
-    def _set_budget(backend: Backend, budget: int) -> None:
+    def _set_budget(self, backend: Backend, budget: int) -> None:
         backend.budget = budget
         backend.urgent_budget = budget + max(1, budget // 4) if backend.priority_scheduling else budget
+        self.state.set_budget(backend.name, budget)
+        self._set_caps(backend)
+
+    def _set_caps(self, backend: Backend) -> None:
+        """What this replica may hold on ``backend``: its budget, or with several replicas its share
+        of it (urgent work's margin over the budget split in the same proportion)."""
+        shared = self.shared
+        if shared is None:
+            backend.cap, backend.urgent_cap = backend.budget, backend.urgent_budget
+            return
+        cap = max(0, min(backend.budget, shared.share(backend.name)))
+        margin = backend.urgent_budget - backend.budget
+        backend.cap = cap
+        backend.urgent_cap = cap + (margin * cap // backend.budget if backend.budget > 0 else 0)
+
+    # ----- several replicas ---------------------------------------------------------------------------
+    def _report_to_fleet(self) -> None:
+        """Before a state sync: this replica's load, and its demand (in flight + waiting) per backend."""
+        assert self.shared is not None
+        waiting = {model: len(queue) for model, queue in self.queues.items()}
+        for b in self.pool.backends:
+            demand = b.mine + sum(waiting.get(model, 0) for model in b.models)
+            self.shared.update_local(b.name, b.mine, b.kv_mine, demand)
+
+    def shares_changed(self) -> None:
+        """After a state sync: the fleet's load as the policies see it, this replica's caps; dispatch."""
+        shared = self.shared
+        if shared is None:
+            return
+        for b in self.pool.backends:
+            b.remote_in_flight = shared.remote_in_flight(b.name)
+            b.remote_kv_tokens = shared.remote_kv_tokens(b.name)
+            b.in_flight = b.mine + b.remote_in_flight
+            b.kv_reserved_tokens = b.kv_mine + b.remote_kv_tokens
+            self._set_caps(b)
+        if self.policy.queued:
+            self.dispatch_all()
 
     def waiting(self) -> Iterable[ProxyRequest]:
         for queue in self.queues.values():

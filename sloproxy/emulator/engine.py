@@ -177,6 +177,9 @@ class Engine:
         seq.state = SeqState.WAITING
         self.waiting.push(seq)
         self.stats.waiting_changed(len(self.waiting))
+        inside = len(self.waiting) + len(self.running)
+        if inside > self.stats.peak_in_engine:
+            self.stats.peak_in_engine = inside
 
     def abort(self, seq: Sequence, now: float) -> None:
         """Client went away: free its KV now and count it as ``finished_reason="abort"``."""

@@ -97,6 +97,7 @@ async def emulator_state(request: web.Request) -> web.Response:
             "kv_blocks_used": engine.kv.used,
             "kv_usage": engine.kv.usage,
             "preemptions": engine.stats.preemptions,
+            "peak_in_engine": engine.stats.peak_in_engine,
             "finished": dict(engine.stats.finished),
             "generation_tokens": engine.stats.generation_tokens,
             "sleeping": engine.sleeping,

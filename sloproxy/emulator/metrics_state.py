@@ -126,6 +126,7 @@ class EngineStats:
         self.prefix_hit_tokens = 0
         self.prefix_query_tokens = 0
         self.num_waiting = 0
+        self.peak_in_engine = 0  # most requests inside at once (running + waiting): test checks of budgets
         self.ttft = Histogram(TTFT_BUCKETS)
         self.itl = Histogram(ITL_BUCKETS)
         self.e2e = Histogram(LATENCY_BUCKETS)

@@ -2,5 +2,6 @@
 
 from .base import SchedulerState
 from .local import LocalState
+from .shared import SharedState
 
-__all__ = ["LocalState", "SchedulerState"]
+__all__ = ["LocalState", "SchedulerState", "SharedState"]

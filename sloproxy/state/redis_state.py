@@ -115,6 +115,8 @@ class RedisCoordinator:
         self.replica_id = config.replica_id or default_replica_id()
         self.degraded = True  # until a first successful sync
         self.on_change: Callable[[], None] | None = None
+        self.before_sync: Callable[[], None] | None = None  # push fresh local numbers (update_local) now
+        self.after_sync: Callable[[], None] | None = None  # a sync succeeded: shares and remote numbers are new
         self._clock = clock
         self._backends = {name: _Backend() for name in backends}
         prefix = "{" + config.namespace + "}:"
@@ -330,6 +332,8 @@ class RedisCoordinator:
         ]
 
     async def _sync(self) -> bool:
+        if self.before_sync is not None:
+            self.before_sync()
         backends = {
             name: [b.in_flight, b.kv_tokens, b.demand, -1 if b.budget is None else b.budget, self.share(name)]
             for name, b in self._backends.items()
@@ -359,6 +363,11 @@ class RedisCoordinator:
         if reply.get("j") and not queues_sent:
             self._queues_dirty = True  # Redis did not know this replica: it lost our queue depths
         self._succeeded()
+        if self.after_sync is not None:
+            try:
+                self.after_sync()
+            except Exception:
+                log.exception("state: after_sync callback failed")
         return True
 
     def _apply(self, reply: dict[str, Any], watched: list[str]) -> None:
