@@ -17,12 +17,10 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +33,7 @@ import yaml
 
 from sloproxy.config import ConfigError, load_config, parse_config
 from sloproxy.processes import free_port
+from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -539,17 +538,6 @@ def test_emulated_engines_run_the_same_commands_in_compose_and_kubernetes():
 # ----------------------------------------------------------------------- the entrypoint, outside Docker
 
 
-def local_redis_url() -> str | None:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            if sock.recv(16).startswith(b"+PONG"):
-                return "redis://127.0.0.1:6379/0"
-    except OSError:
-        pass
-    return None
-
-
 def wait_for(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -571,7 +559,7 @@ def dockerfile_healthcheck() -> list[str]:
     return json.loads(healthcheck[healthcheck.index("CMD") + 3 :].strip())
 
 
-def test_entrypoint_serves_the_emulated_compose_config(tmp_path: Path):
+def test_entrypoint_serves_the_emulated_compose_config(tmp_path: Path, redis_server: RedisServer):
     """compose.emulated.yaml's commands, run through deploy/entrypoint.sh on free local ports."""
     from openai import OpenAI
 
@@ -612,12 +600,7 @@ def test_entrypoint_serves_the_emulated_compose_config(tmp_path: Path):
             backend["url"] = f"http://127.0.0.1:{local_port[(url.hostname, url.port)]}"
         port = free_port()
         raw["listen"] = {"host": "127.0.0.1", "port": port}
-        redis_url = local_redis_url()
-        if redis_url:  # this machine's Redis, under a namespace of its own
-            raw["state"].update(url=redis_url, namespace=f"sloproxy-test-deploy-{uuid.uuid4().hex[:8]}")
-        else:
-            print("no Redis on 127.0.0.1:6379: the proxy runs with embedded state")
-            raw["state"] = {"backend": "embedded"}
+        raw["state"].update(url=redis_server.url)  # a private redis-server stands in for the compose one
         config_copy = tmp_path / "sloproxy.yaml"
         config_copy.write_text(yaml.safe_dump(raw))
         env = {**base_env, **environment(proxy_service), "SLOPROXY_CONFIG": str(config_copy)}
