@@ -57,6 +57,9 @@ class Proxy:
         self.forwarder = Forwarder(self.pool, self.scheduler, config.limits, self.metrics)
         self.estimates = LengthEstimates.from_config(config.predictor, self.policy.uses_predictions)
         self.metrics.attach_predictor(self.estimates)
+        if self.coordinator is not None and self.estimates.learner is not None:  # one model for the fleet
+            self.estimates.learner.exchange = self.coordinator
+            self.estimates.learner.replica = self.coordinator.replica_id
         if self.estimates.enabled:
             self.scheduler.predict_many = self.estimates.predict_many  # run off the first-chunk path, batched
 

@@ -102,3 +102,36 @@ async def test_refuses_a_worse_model(data) -> None:
     assert m["rejected_total"] == 1 and m["swaps_total"] == 0 and m["model_generation"] == 0
     assert m["live_samples"] == len(traffic) and 0.0 <= m["live_p90_coverage"] <= 1.0
     await learner.stop()
+
+
+async def test_replicas_serve_the_model_their_trainer_published(data, redis_server) -> None:
+    """Several replicas (state in Redis): the lease holder retrains and publishes; the others adopt it."""
+    from sloproxy.config import StateConfig
+    from sloproxy.predictor.online import TRAINER_ROLE
+    from sloproxy.state.redis_state import RedisCoordinator
+
+    bundle, traffic = data
+    config = StateConfig(backend="redis", url=redis_server.url, namespace="online-test", lease_s=2.0)
+    skewed = dataclasses.replace(bundle, offset50=bundle.offset50 + 1.5, offset90=bundle.offset90 + 1.5)
+    trainer, follower = _learner(skewed), _learner(skewed)
+    coordinators = [RedisCoordinator(config, []) for _ in range(2)]
+    for learner, coordinator in zip((trainer, follower), coordinators, strict=True):
+        learner.exchange, learner.replica = coordinator, coordinator.replica_id
+    try:
+        assert await coordinators[0].try_lead(TRAINER_ROLE) and not await coordinators[1].try_lead(TRAINER_ROLE)
+        assert await follower.adopt_shared() is False  # nothing published yet: it keeps its own model
+        _feed(trainer, traffic)
+        assert (await trainer.retrain_now())["accepted"]
+        assert trainer.version is not None
+        assert await follower.adopt_shared() is True
+        assert follower.version == trainer.version and follower.metrics()["adopted_total"] == 1
+        ours, theirs = follower.predictor.bundle, trainer.predictor.bundle
+        assert (ours.offset50, ours.offset90) == (theirs.offset50, theirs.offset90)
+        prompt = "Write a poem about the sea."
+        assert follower.predictor.predict(prompt, traffic[0][1]) == trainer.predictor.predict(prompt, traffic[0][1])
+        assert await follower.adopt_shared() is False  # already serving it
+    finally:
+        for learner in (trainer, follower):
+            await learner.stop()
+        for coordinator in coordinators:
+            await coordinator.stop()

@@ -36,7 +36,9 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     replay = commands.add_parser("replay", help="replay a workload open loop against an OpenAI-compatible URL")
     replay.add_argument("--workload", required=True)
-    replay.add_argument("--target", required=True, help="base URL, e.g. http://127.0.0.1:8000")
+    replay.add_argument(
+        "--target", required=True, help="base URL, e.g. http://127.0.0.1:8000 (several, comma-separated: alternated)"
+    )
     replay.add_argument("--out", required=True, help="run JSONL to write")
     replay.add_argument("--speedup", type=float, default=1.0, help="the emulated fleet's speedup K")
     replay.add_argument("--label", help="run label in reports (default: the output file's stem)")

@@ -210,6 +210,9 @@ async def replay(
 ) -> list[RequestRecord]:
     """Send ``requests`` open loop to ``target``; one record per request sent, in workload order.
 
+    ``target`` may list several base URLs, comma-separated (proxy replicas behind no balancer):
+    requests alternate between them in workload order.
+
     ``stats``, when given, receives the replayer's own health: ``send_lag_s`` (actual send minus
     schedule, wall seconds) and ``loop_lag_ms`` (event-loop timer lateness) percentiles.
     ``label`` only names the run in the progress line.
@@ -219,10 +222,12 @@ async def replay(
     if timeout_s <= 0:
         raise ValueError("--timeout must be positive")
     chosen = select(requests, limit=limit, max_duration_s=max_duration_s)
-    url = chat_url(target)
+    urls = [chat_url(t.strip()) for t in target.split(",") if t.strip()]
+    if not urls:
+        raise ValueError("--target needs a base URL")
     bar = Progress(len(chosen), progress)
     if progress:
-        sys.stderr.write(f"{label}: {len(chosen)} requests to {url} at speedup {speedup:g}\n")
+        sys.stderr.write(f"{label}: {len(chosen)} requests to {', '.join(urls)} at speedup {speedup:g}\n")
     monitor = LoopLagMonitor()
     monitor.start()
     loop = asyncio.get_running_loop()
@@ -232,7 +237,7 @@ async def replay(
     try:
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
-            async def fire(request: WorkloadRequest, due: float) -> RequestRecord:
+            async def fire(request: WorkloadRequest, due: float, url: str) -> RequestRecord:
                 send_lags.append(max(loop.time() - due, 0.0))
                 bar.sending()
                 record = await send_one(session, url, request, speedup=speedup, timeout_s=timeout_s)
@@ -241,12 +246,12 @@ async def replay(
 
             tasks: list[asyncio.Task[RequestRecord]] = []
             start = loop.time() + 0.05
-            for request in chosen:
+            for index, request in enumerate(chosen):
                 due = start + request.arrival_s / speedup
                 delay = due - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(fire(request, due)))
+                tasks.append(asyncio.create_task(fire(request, due, urls[index % len(urls)])))
             records = list(await asyncio.gather(*tasks))
     finally:
         await monitor.stop()

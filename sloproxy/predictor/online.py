@@ -20,8 +20,10 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
+import lightgbm as lgb
+import msgspec
 import numpy as np
 
 from .columns import N_COLUMNS
@@ -110,6 +112,20 @@ def _start_pool() -> ProcessPoolExecutor:
     return pool
 
 
+TRAINER_ROLE = "predictor-trainer"
+
+
+class ModelExchange(Protocol):
+    """How replicas share one model (``RedisCoordinator`` is one): a leader lease for the trainer,
+    and versioned model files the others fetch."""
+
+    async def try_lead(self, role: str) -> bool: ...
+
+    async def publish_predictor(self, version: str, files: dict[str, bytes]) -> None: ...
+
+    async def fetch_predictor(self, known_version: str | None) -> tuple[str, dict[str, bytes]] | None: ...
+
+
 class OnlineLearner:
     """Holds the current predictor, records outcomes and replaces the predictor when a retrain wins.
 
@@ -145,8 +161,13 @@ class OnlineLearner:
         self._last_retrain = time.monotonic()
         self._task: asyncio.Task | None = None
         self._running: asyncio.Task | None = None
-        self.counters = {"retrains": 0, "swaps": 0, "rejected": 0, "failed": 0, "generation": 0}
+        self.counters = {"retrains": 0, "swaps": 0, "rejected": 0, "failed": 0, "generation": 0, "adopted": 0}
         self.last_result: dict[str, Any] = {}
+        # Several replicas: only the lease holder retrains; it publishes what it adopts, the others
+        # fetch and serve that version (their own samples stay local: they are not trained on).
+        self.exchange: ModelExchange | None = None
+        self.replica = ""
+        self.version: str | None = None  # the shared version this replica serves (None: its own)
 
     # -- request path -------------------------------------------------------------------------
     def predict_request(self, *args: Any, **kwargs: Any) -> Prediction:
@@ -202,6 +223,10 @@ class OnlineLearner:
     async def _loop(self, check_every_s: float) -> None:
         while True:
             await asyncio.sleep(check_every_s)
+            if self.exchange is not None and not await self.exchange.try_lead(TRAINER_ROLE):
+                with contextlib.suppress(Exception):
+                    await self.adopt_shared()
+                continue
             if self.due():
                 self._running = asyncio.get_running_loop().create_task(self.retrain_now())
                 with contextlib.suppress(Exception):
@@ -240,11 +265,55 @@ class OnlineLearner:
                 self.live.reset()
                 self.counters["swaps"] += 1
                 self.counters["generation"] += 1
+                if self.exchange is not None:
+                    await self._publish(candidate)
             else:
                 self.counters["rejected"] += 1
             return self.last_result
         finally:
             shutil.rmtree(workdir, ignore_errors=True)  # a few unlinks; synchronous so cancellation cannot leak it
+
+    async def _publish(self, predictor: LengthPredictor) -> None:
+        """Share an adopted model: its heads as LightGBM text and its offsets, under a new version."""
+        assert self.exchange is not None
+        bundle = predictor.bundle
+        files = await asyncio.to_thread(
+            lambda: {
+                "p50": bundle.p50.model_to_string().encode(),
+                "p90": bundle.p90.model_to_string().encode(),
+                "offsets": msgspec.json.encode({"offset50": bundle.offset50, "offset90": bundle.offset90}),
+            }
+        )
+        version = f"{self.replica or 'replica'}-{self.counters['generation']}-{int(time.time())}"
+        try:
+            await self.exchange.publish_predictor(version, files)
+            self.version = version
+        except Exception:  # the next adopted model is published again; followers keep theirs meanwhile
+            log.exception("publishing predictor version %s failed", version)
+
+    async def adopt_shared(self) -> bool:
+        """Serve the version the trainer published, if newer than the one served; True if swapped."""
+        assert self.exchange is not None
+        fetched = await self.exchange.fetch_predictor(self.version)
+        if fetched is None:
+            return False
+        version, files = fetched
+        old = self.predictor
+        offsets = msgspec.json.decode(files["offsets"])
+
+        def build() -> LengthPredictor:
+            p50 = lgb.Booster(model_str=files["p50"].decode())
+            p90 = lgb.Booster(model_str=files["p90"].decode())
+            meta = {**old.bundle.meta, "shared_version": version}
+            bundle = replace(old.bundle, p50=p50, p90=p90, meta=meta, **offsets)
+            return LengthPredictor(bundle, source=f"{old.source} (shared {version})")
+
+        self.predictor = await asyncio.to_thread(build)
+        self.version = version
+        self.live.reset()
+        self.counters["adopted"] += 1
+        log.info("predictor: serving shared version %s", version)
+        return True
 
     def _options(self) -> dict[str, Any]:
         return {"holdback": self.holdback, "rounds": self.rounds, "min_improvement": self.min_improvement}
