@@ -14,6 +14,7 @@ times longer in emulated time than in a real deployment. Prints each run's repor
 peak of requests inside against the budget; writes ``bench/out/replicas.json``.
 
     .venv/bin/python bench/replicas.py [--seconds 120] [--speedup 10] [--replicas 3] [--rate-scale 1.0]
+                                       [--sync-interval 0.05]
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ async def one_run(label: str, replicas: int, shared: bool, workload: list, workl
         )
         if shared:
             redis = stack.enter_context(RedisServer())
-            config["state"] = {"backend": "redis", "url": redis.url, "lease_s": 1.0, "sync_interval_s": 0.05}
+            sync = args.sync_interval
+            state = {"backend": "redis", "url": redis.url, "lease_s": max(1.0, 4 * sync), "sync_interval_s": sync}
+            config["state"] = state
         proxies = [stack.enter_context(ProxyProcess(dict(config))) for _ in range(replicas)]
         if shared:
             await asyncio.sleep(1.5)  # a new fleet on an empty Redis holds dispatch for one lease
@@ -88,6 +91,9 @@ async def main() -> int:
     parser.add_argument("--speedup", type=float, default=10.0)
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--rate-scale", type=float, default=1.0)
+    parser.add_argument(
+        "--sync-interval", type=float, default=0.05, help="state sync interval, real seconds (0.05: the default)"
+    )
     args = parser.parse_args()
     data = find_data_dir()
     if data is None:
