@@ -11,7 +11,8 @@ that also expires hopeless work.
 A request whose model has nothing waiting is placed on arrival by the same admission and routing
 the queue would apply to it at its head (it would be the head): no future, no queue round trip.
 Only a request that must wait joins the queue. ``max_queue`` bounds the requests waiting, so with
-``max_queue: 0`` the proxy dispatches what it can place at once and refuses the rest.
+``max_queue: 0`` the proxy dispatches what it can place at once and refuses the rest; shedding of
+hopeless work, likewise, applies to requests that would wait (one placed at once is never shed).
 
 ``predict_many`` (the full reply-length prediction) runs off the first-chunk path, batched: the
 requests that need one are collected and predicted together on the loop's next turn (one pass of
