@@ -18,11 +18,7 @@ from types import TracebackType
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from sloproxy.processes import free_port
 
 
 def redis_server_binary() -> str:
