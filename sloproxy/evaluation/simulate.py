@@ -56,7 +56,7 @@ _ARRIVAL, _STEP, _POLL, _TICK, _TIMEOUT = range(5)
 
 def estimate(request: ProxyRequest, item: SimRequest, oracle: bool, estimates: LengthEstimates) -> None:
     """Set the request's arrival estimate as the live proxy does (``LengthEstimates.prior``; the
-    scheduler calls ``predict`` later), or the true length for the oracle.
+    scheduler runs ``predict_many`` later), or the true length for the oracle.
     Runs before classification, which derives deadlines from it."""
     if oracle:
         request.est_output_tokens = item.output_tokens
