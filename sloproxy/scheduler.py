@@ -78,7 +78,8 @@ class Scheduler:
         pool.on_load_update = self._on_load_update
         if self.shared is not None:
             self.shared.before_sync = self._report_to_fleet
-            self.shared.after_sync = self.shared.on_change = self.shares_changed
+            # Past the first attempt (Proxy.start refreshes after it), shares move only on a successful sync.
+            self.shared.after_sync = self.shares_changed
 
     # ----- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -152,9 +153,7 @@ class Scheduler:
             return
         backend.mine = self.state.release(backend.name, request.id)
         backend.in_flight = backend.mine + backend.remote_in_flight
-        backend.kv_mine -= request.kv_reserved
-        backend.kv_reserved_tokens -= request.kv_reserved
-        request.kv_reserved = 0
+        self._reserve_kv(backend, request, 0)
         used = tokens if tokens is not None else request.est_prompt_tokens
         self.state.add_tenant_tokens(request.tenant, used)
         queue = self.queues.get(request.model)
@@ -194,10 +193,7 @@ class Scheduler:
             log.exception("length prediction failed for %d requests; they keep their models' priors", len(batch))
         for request, backend in batch:
             if backend is not None and id(request) in self._running:  # placed: its reservation follows
-                kv = kv_footprint(request)
-                backend.kv_mine += kv - request.kv_reserved
-                backend.kv_reserved_tokens += kv - request.kv_reserved
-                request.kv_reserved = kv
+                self._reserve_kv(backend, request, kv_footprint(request))
                 tokens = request.est_prompt_tokens + request.est_output_tokens
                 self.state.reserve(backend.name, request.id, tokens)
         if done is not None and not done.done():
@@ -281,11 +277,17 @@ class Scheduler:
         tokens = request.est_prompt_tokens + request.est_output_tokens
         backend.mine = self.state.reserve(backend.name, request.id, tokens)
         backend.in_flight = backend.mine + backend.remote_in_flight
-        request.kv_reserved = kv_footprint(request)
-        backend.kv_mine += request.kv_reserved
-        backend.kv_reserved_tokens += request.kv_reserved
+        self._reserve_kv(backend, request, kv_footprint(request))
         self._running[id(request)] = request
         return backend
+
+    @staticmethod
+    def _reserve_kv(backend: Backend, request: ProxyRequest, tokens: int) -> None:
+        """``request`` now holds ``tokens`` of KV on ``backend`` (0: none): this replica's view and the fleet's."""
+        delta = tokens - request.kv_reserved
+        backend.kv_mine += delta
+        backend.kv_reserved_tokens += delta
+        request.kv_reserved = tokens
 
     @staticmethod
     def _class_name(request: ProxyRequest) -> str:
