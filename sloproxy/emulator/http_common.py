@@ -10,6 +10,7 @@ import msgspec
 from aiohttp import web
 
 from ..loop_lag import LoopLagMonitor
+from .faults import GENERATION_PATHS, set_fault
 from .instance import Instance
 
 T = TypeVar("T")
@@ -31,6 +32,9 @@ class ApiError(Exception):
 @web.middleware
 async def api_error_middleware(request: web.Request, handler: Callable) -> web.StreamResponse:
     try:
+        fault = request.app[INSTANCE_KEY].fault
+        if fault is not None and request.path in GENERATION_PATHS:  # injected (faults.py); None normally
+            return await fault.apply(request, handler)
         return await handler(request)
     except ApiError as error:
         return json_response(error.body, status=error.status, headers=error.headers)
@@ -131,4 +135,5 @@ def new_app(instance: Instance) -> web.Application:
     app.router.add_get("/_emulator/state", emulator_state)
     app.router.add_post("/_emulator/health", emulator_health)
     app.router.add_get("/_emulator/loop_lag", emulator_loop_lag)
+    app.router.add_post("/_emulator/fault", lambda request: set_fault(request, instance))
     return app

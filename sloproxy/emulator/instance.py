@@ -15,11 +15,15 @@ import itertools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .engine import Engine, Sequence
 from .lengths import LengthTable, prompt_key, reply_length
 from .profiles import Profile
 from .tokens import block_hashes, piece_for, token_ids
+
+if TYPE_CHECKING:
+    from .faults import Fault
 
 
 @dataclass(slots=True)
@@ -86,6 +90,7 @@ class Instance:
         self.speedup = config.speedup
         self.lora_adapters: dict[str, str] = {}  # name -> path
         self.healthy = True
+        self.fault: Fault | None = None  # injected misbehaviour (faults.py); None on the normal path
         self.started_at = time.time()
         self._t0 = 0.0
         self._wake = asyncio.Event()
@@ -109,6 +114,8 @@ class Instance:
         self._task = asyncio.create_task(self._drive(), name=f"engine-{self.config.name}")
 
     async def stop(self) -> None:
+        if self.fault is not None:
+            self.fault.stop()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
