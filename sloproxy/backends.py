@@ -26,7 +26,11 @@ log = logging.getLogger("sloproxy.backends")
 class Backend:
     config: BackendConfig
     adapter: EngineAdapter
+    # ``healthy`` is what routing reads (policies, queues, retries): the health checks pass and no
+    # operator drains it. ``update_routable`` keeps it so; set the parts, never ``healthy`` itself.
     healthy: bool = True  # optimistic until the first probe says otherwise
+    probe_healthy: bool = True  # the active health checks pass
+    draining: bool = False  # admin: no new requests; those in flight finish
     consecutive_failures: int = 0
     consecutive_successes: int = 0
     # Load as the policies see it: the whole fleet's proxies (with several replicas: this one's own
@@ -65,19 +69,23 @@ class Backend:
     def load_is_stale(self) -> bool:
         return self.load_read_at is None or self.clock() - self.load_read_at > self.stale_after_s
 
+    def update_routable(self) -> None:
+        self.healthy = self.probe_healthy and not self.draining
+
     def record_probe(self, ok: bool, health: HealthConfig) -> None:
         if ok:
             self.consecutive_failures = 0
             self.consecutive_successes += 1
-            if not self.healthy and self.consecutive_successes >= health.healthy_after:
-                self.healthy = True
+            if not self.probe_healthy and self.consecutive_successes >= health.healthy_after:
+                self.probe_healthy = True
                 log.warning("backend %s is healthy again", self.name)
         else:
             self.consecutive_successes = 0
             self.consecutive_failures += 1
-            if self.healthy and self.consecutive_failures >= health.unhealthy_after:
-                self.healthy = False
+            if self.probe_healthy and self.consecutive_failures >= health.unhealthy_after:
+                self.probe_healthy = False
                 log.warning("backend %s marked unhealthy after %d failed checks", self.name, self.consecutive_failures)
+        self.update_routable()
 
 
 class BackendPool:
@@ -121,6 +129,15 @@ class BackendPool:
     @property
     def ready(self) -> bool:
         return any(b.healthy for b in self.backends)
+
+    def set_draining(self, name: str, draining: bool) -> Backend | None:
+        """Drain (or bring back) the backend called ``name``; None if there is none."""
+        for backend in self.backends:
+            if backend.name == name:
+                backend.draining = draining
+                backend.update_routable()
+                return backend
+        return None
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
