@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from . import openapi
 from .backends import BackendPool
 from .config import ProxyConfig
 from .errors import ProxyError
@@ -99,7 +100,7 @@ class Proxy:
         outcome = "error"
         error: BaseException | None = None
         try:
-            proxy_request = parse_request(kind, http.body, http.headers.get("x-request-id"))
+            proxy_request = parse_request(kind, http.body, http.headers.get("x-request-id"), self.config.limits)
             proxy_request.received_at = started
             proxy_request.trace = trace
             if self.estimates.enabled:
@@ -148,11 +149,12 @@ class Proxy:
 
 def build_server(proxy: Proxy) -> HTTPServer:
     """The proxy's routes on the lean HTTP server (see http_server.py for why not aiohttp's)."""
-    server = HTTPServer(max_body_bytes=proxy.config.limits.max_body_bytes)
+    server = HTTPServer.from_limits(proxy.config.limits)
     server.route("POST", "/v1/chat/completions", proxy.chat)
     server.route("POST", "/v1/completions", proxy.completions)
     server.route("GET", "/v1/models", proxy.models)
     server.route("GET", "/health", proxy.health)
     server.route("GET", "/ready", proxy.ready)
     server.route("GET", "/metrics", proxy.prometheus)
+    server.route("GET", "/openapi.json", openapi.route(proxy.config.limits))
     return server

@@ -9,11 +9,14 @@ routes, so the server stays small. What it does:
 
 * keep-alive and pipelining (answered in order; reading pauses while requests pile up);
 * request bodies by length or chunked, with a size limit (413 before reading a declared
-  oversize body), ``Expect: 100-continue``, a limit on the request head (431);
-* a deadline for receiving a request once it started (408, against slow clients) and an
-  idle timeout for keep-alive connections, both checked by one sweeper task (no per-request
-  timers);
+  oversize body), ``Expect: 100-continue``, limits on the request head's size and on its
+  number of header lines (431);
+* a deadline for receiving a request once it started (408, against slow clients), an idle
+  timeout for keep-alive connections (bytes that start no request do not count as activity)
+  and a send timeout for clients that stop reading their reply, all checked by one sweeper
+  task (no per-request timers);
 * flow control: a handler's write waits while the client's socket buffer is full;
+* response headers never carry control characters (no header injection from echoed values);
 * a client that disconnects cancels its handler (the proxy then aborts the upstream call);
 * every failure leaves as an OpenAI-format error; HTTP/1.0 clients get close-delimited streams.
 """
@@ -24,20 +27,26 @@ import asyncio
 import collections
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import TYPE_CHECKING
 
 import httptools
 
 from .errors import ProxyError, error_body
+
+if TYPE_CHECKING:
+    from .config import Limits
 
 log = logging.getLogger("sloproxy.http")
 
 JSON = "application/json"
 MAX_HEAD_BYTES = 64 * 1024
 MAX_PIPELINED = 8  # requests parsed ahead of the one being answered before reading pauses
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")  # CR, LF, NUL...: would end or split a header line
 
 
 class Headers(dict[str, str]):
@@ -74,12 +83,21 @@ def _reason(status: int) -> bytes:
         return b"Unknown"
 
 
+def _header_line(name: str, value: str) -> bytes:
+    """One header line, safe whatever the value holds: a value may echo client input, so control
+    characters (CR, LF: header injection, response splitting) are dropped and non-Latin-1 replaced."""
+    line = f"{name}: {value}"
+    if _CONTROL.search(line) is not None:
+        line = _CONTROL.sub("", line)
+    return line.encode("latin-1", "replace") + b"\r\n"
+
+
 def _head(status: int, content_type: str | None, headers: Mapping[str, str] | None, framing: bytes) -> bytes:
     parts = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
     if content_type is not None:
-        parts.append(b"Content-Type: %s\r\n" % content_type.encode("latin-1"))
+        parts.append(_header_line("Content-Type", content_type))
     if headers:
-        parts.extend(f"{name}: {value}\r\n".encode("latin-1") for name, value in headers.items())
+        parts.extend(_header_line(name, value) for name, value in headers.items())
     parts.append(framing)
     return b"".join(parts)
 
@@ -164,8 +182,9 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.keep_alive = True  # of the request being answered
         self.closed = False
-        self.last_active = time.monotonic()
+        self.last_active = time.monotonic()  # connection made or last reply sent (idle timeout)
         self.receiving_since: float | None = None  # a request started arriving and is not complete
+        self.stalled_since: float | None = None  # the client stopped reading: our writes are paused
         self._reading_head = True
         self._head_bytes = 0
         self._url = b""
@@ -187,7 +206,6 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._stop_parsing:
             return
-        self.last_active = time.monotonic()
         if self._reading_head:
             self._head_bytes += len(data)
         try:
@@ -214,10 +232,12 @@ class _Connection(asyncio.Protocol):
             self._task.cancel()  # the client is gone: its handler stops (and aborts upstream)
 
     def pause_writing(self) -> None:
+        self.stalled_since = time.monotonic()
         if self._drain is None or self._drain.done():
             self._drain = asyncio.get_running_loop().create_future()
 
     def resume_writing(self) -> None:
+        self.stalled_since = None
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
         self._drain = None
@@ -239,6 +259,9 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._reading_head = False
         self._head_bytes = 0
+        if len(self._raw_headers) > self.server.max_headers:
+            self._reject(431, f"The request has more than {self.server.max_headers} header lines.")
+            return
         headers = self._headers = Headers()
         for name, value in self._raw_headers:
             key = name.decode("latin-1").lower()
@@ -337,6 +360,11 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()  # flushes what is buffered first
 
+    def abort(self) -> None:
+        """Drop the connection now, discarding unsent data (``close`` would wait to flush it)."""
+        if self.transport is not None:
+            self.transport.abort()
+
     def _linger_close(self) -> None:
         """Close after a refusal without resetting: stop writing, let the client finish sending (what
         it sends is discarded) so it reads the error instead of a connection reset, then close."""
@@ -363,15 +391,30 @@ class HTTPServer:
         max_body_bytes: int,
         receive_timeout_s: float = 30.0,
         keepalive_timeout_s: float = 75.0,
+        send_timeout_s: float = 60.0,
+        max_headers: int = 100,
     ) -> None:
         self.max_body_bytes = max_body_bytes
         self.receive_timeout_s = receive_timeout_s
         self.keepalive_timeout_s = keepalive_timeout_s
+        self.send_timeout_s = send_timeout_s
+        self.max_headers = max_headers
         self.routes: dict[str, dict[str, Handler]] = {}
         self.connections: set[_Connection] = set()
         self.stopping = False
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task | None = None
+
+    @classmethod
+    def from_limits(cls, limits: Limits) -> HTTPServer:
+        """A server enforcing the configured client-side limits (``limits:`` in the proxy config)."""
+        return cls(
+            max_body_bytes=limits.max_body_bytes,
+            receive_timeout_s=limits.receive_timeout_s,
+            keepalive_timeout_s=limits.keepalive_timeout_s,
+            send_timeout_s=limits.send_timeout_s,
+            max_headers=limits.max_headers,
+        )
 
     def route(self, method: str, path: str, handler: Handler) -> None:
         self.routes.setdefault(path, {})[method] = handler
@@ -449,13 +492,17 @@ class HTTPServer:
                 conn._task.cancel()
 
     async def _sweep(self) -> None:
-        """Once a second: time out requests that arrive too slowly and keep-alive connections left idle."""
+        """Once a second: time out requests that arrive too slowly, keep-alive connections left idle,
+        and clients that stopped reading their reply (their handler is cancelled: upstream aborts)."""
         while True:
             await asyncio.sleep(1.0)
             now = time.monotonic()
             for conn in list(self.connections):
                 since = conn.receiving_since
+                stalled = conn.stalled_since
                 if since is not None and now - since > self.receive_timeout_s:
                     conn._reject(408, f"The request did not arrive within {self.receive_timeout_s:g} s.")
+                elif stalled is not None and now - stalled > self.send_timeout_s:
+                    conn.abort()
                 elif conn.idle and now - conn.last_active > self.keepalive_timeout_s:
                     conn.close()

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import msgspec
 
+from .body_limits import chat_siblings, nesting_exceeds, prompt_chars
+from .config import Limits
 from .errors import ProxyError
 from .slo import SLOClass
 
@@ -58,7 +60,7 @@ class _ChatFields(msgspec.Struct):
 
 class _CompletionFields(msgspec.Struct):
     model: str
-    prompt: str | list[Any]
+    prompt: str | list[str | int | list[int]]  # text, texts, token ids, or lists of token ids
     stream: bool = False
     stream_options: _StreamOptions | None = None
     max_tokens: int | None = None
@@ -181,8 +183,14 @@ def _validation_message(exc: msgspec.ValidationError) -> tuple[str, str | None]:
     return text, param
 
 
-def parse_request(kind: Kind, raw: bytes, request_id: str | None = None) -> ProxyRequest:
-    """Decode and validate a client body; raises :class:`ProxyError` (400) on bad input."""
+DEFAULT_LIMITS = Limits()
+
+
+def parse_request(
+    kind: Kind, raw: bytes, request_id: str | None = None, limits: Limits = DEFAULT_LIMITS
+) -> ProxyRequest:
+    """Decode and validate a client body; raises :class:`ProxyError` (400) on bad input, including
+    input over ``limits`` (nesting, prompt size, ``n``, reply tokens) so none of it costs more later."""
     try:
         fields = _DECODERS[kind].decode(raw)
     except msgspec.ValidationError as exc:  # well-formed JSON of the wrong shape
@@ -194,14 +202,33 @@ def parse_request(kind: Kind, raw: bytes, request_id: str | None = None) -> Prox
         raise ProxyError(400, f"Invalid JSON body: {exc}") from None
     except UnicodeDecodeError:
         raise ProxyError(400, "The request body is not valid UTF-8.") from None
+    except RecursionError:  # ~1,000 levels: msgspec stops at Python's recursion limit
+        raise _too_deep(limits) from None
+    if not raw.isascii():  # msgspec skips unknown fields without checking their UTF-8; adapters decode them
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProxyError(400, "The request body is not valid UTF-8.") from None
     if kind == "chat" and not fields.messages:
         raise ProxyError(400, "`messages` must contain at least one message.", param="messages")
     for name in ("max_tokens", "max_completion_tokens"):
         value = getattr(fields, name, None)
         if value is not None and value < 1:
             raise ProxyError(400, f"`{name}` must be at least 1, got {value}.", param=name)
+        if value is not None and value > limits.max_tokens:
+            raise ProxyError(400, f"`{name}` must be at most {limits.max_tokens}, got {value}.", param=name)
     if fields.n < 1:
         raise ProxyError(400, f"`n` must be at least 1, got {fields.n}.", param="n")
+    if fields.n > limits.max_n:
+        raise ProxyError(400, f"`n` must be at most {limits.max_n}, got {fields.n}.", param="n")
+    prompt = fields.messages if kind == "chat" else fields.prompt
+    if nesting_exceeds(raw, limits.max_json_depth, chat_siblings(prompt) if kind == "chat" else 0):
+        raise _too_deep(limits)
+    # A body no larger than the limit cannot hold a longer prompt: measured only past it, O(messages).
+    if len(raw) > limits.max_prompt_chars and (size := prompt_chars(prompt)) > limits.max_prompt_chars:
+        param = "messages" if kind == "chat" else "prompt"
+        message = f"The prompt has {size} characters; the limit is {limits.max_prompt_chars}."
+        raise ProxyError(400, message, param=param)
     options = fields.stream_options
     limit = getattr(fields, "max_completion_tokens", None) or fields.max_tokens
     return ProxyRequest(
@@ -212,7 +239,7 @@ def parse_request(kind: Kind, raw: bytes, request_id: str | None = None) -> Prox
         stream=fields.stream,
         include_usage=bool(options and options.include_usage),
         raw=raw,
-        prompt=fields.messages if kind == "chat" else fields.prompt,
+        prompt=prompt,
         max_tokens=limit,
         temperature=fields.temperature,
         ignore_eos=fields.ignore_eos,
@@ -222,6 +249,10 @@ def parse_request(kind: Kind, raw: bytes, request_id: str | None = None) -> Prox
         est_prompt_tokens=len(raw) // 4,  # ~4 bytes per token; the engine's usage corrects it later
         est_output_tokens=min(limit, DEFAULT_OUTPUT_TOKENS) if limit else DEFAULT_OUTPUT_TOKENS,
     )
+
+
+def _too_deep(limits: Limits) -> ProxyError:
+    return ProxyError(400, f"The request body nests arrays and objects more than {limits.max_json_depth} levels deep.")
 
 
 PREFIX_BLOCK_CHARS = 256
