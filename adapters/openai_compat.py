@@ -37,11 +37,23 @@ class _UsageChunk(msgspec.Struct):
 _usage_chunk_decoder = msgspec.json.Decoder(_UsageChunk)
 
 
+class _AnyObject(msgspec.Struct):
+    """Any JSON object (fields skipped, syntax still checked)."""
+
+
+_object_decoder = msgspec.json.Decoder(_AnyObject)
+
+
 class PassThroughStream(StreamTranslator):
+    checked = False  # the first event was parsed
+
     def unchanged(self, events: bytes) -> bool:
-        """Token chunks pass as they are; only usage, errors and the end need a look (C-speed scans)."""
+        """Token chunks pass as they are; only usage, errors and the end need a look (C-speed scans).
+        The first event is always parsed: a backend that answers 200 with something other than an
+        OpenAI stream then fails before the client sees a byte, and the request can go elsewhere."""
         return (
-            events.startswith(b"data: ")
+            self.checked
+            and events.startswith(b"data: ")
             and b'"usage"' not in events
             and b"[DONE]" not in events
             and b'"error"' not in events
@@ -54,6 +66,9 @@ class PassThroughStream(StreamTranslator):
         if payload.startswith(b'{"error"') or payload.startswith(b'{"object":"error"'):
             error = OpenAICompatibleAdapter.error_from(500, payload)
             return self.error(error.status, error.message)
+        if not self.checked:
+            _object_decoder.decode(payload)  # raises on garbage: the forwarder answers 502 or retries
+            self.checked = True
         if b'"usage"' in payload:
             chunk = _usage_chunk_decoder.decode(payload)
             if chunk.usage is not None:

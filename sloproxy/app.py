@@ -16,6 +16,7 @@ from .errors import ProxyError
 from .estimates import LengthEstimates
 from .forward import Forwarder
 from .http_server import HTTPServer, Request, Response
+from .outlier import OutlierDetector
 from .plugins import load_policy
 from .proxy_metrics import ProxyMetrics
 from .request import Kind, parse_request
@@ -55,7 +56,11 @@ class Proxy:
         if self.coordinator is not None:
             self.metrics.attach_state(self.coordinator)
         self.classifier = Classifier(config.slo_classes, config.default_class, config.tenants, config.models)
-        self.forwarder = Forwarder(self.pool, self.scheduler, config.limits, self.metrics)
+        # Circuit breaking: backends whose requests keep failing are ejected for a while (outlier.py).
+        self.outlier = OutlierDetector(config.outlier, self.pool) if config.outlier.enabled else None
+        if self.outlier is not None:
+            self.metrics.attach_outlier(self.outlier)
+        self.forwarder = Forwarder(self.pool, self.scheduler, config.limits, self.metrics, self.outlier)
         self.estimates = LengthEstimates.from_config(config.predictor, self.policy.uses_predictions)
         self.metrics.attach_predictor(self.estimates)
         if self.coordinator is not None and self.estimates.learner is not None:  # one model for the fleet
@@ -78,6 +83,8 @@ class Proxy:
         await self.scheduler.stop()
         await self.estimates.stop()
         await self.forwarder.stop()
+        if self.outlier is not None:
+            self.outlier.stop()
         if self.coordinator is not None:
             await self.coordinator.stop()  # after the last request: its capacity returns to the fleet now
         await self.pool.stop()

@@ -12,12 +12,16 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import aiohttp
 
 from .adapters.base import BackendLoad, EngineAdapter
 from .config import BackendConfig, HealthConfig, LoadPolling
 from .plugins import load_adapter_class
+
+if TYPE_CHECKING:
+    from .outlier import Breaker
 
 log = logging.getLogger("sloproxy.backends")
 
@@ -31,6 +35,10 @@ class Backend:
     healthy: bool = True  # optimistic until the first probe says otherwise
     probe_healthy: bool = True  # the active health checks pass
     draining: bool = False  # admin: no new requests; those in flight finish
+    # The circuit breaker (outlier.py) sends no new requests: ejected for failing them, or half open
+    # with its trials all out. Apart from health checks: a backend can pass /health and fail requests.
+    ejected: bool = False
+    breaker: Breaker | None = None  # None: outlier detection off (and in the simulator)
     consecutive_failures: int = 0
     consecutive_successes: int = 0
     # Load as the policies see it: the whole fleet's proxies (with several replicas: this one's own
@@ -70,7 +78,7 @@ class Backend:
         return self.load_read_at is None or self.clock() - self.load_read_at > self.stale_after_s
 
     def update_routable(self) -> None:
-        self.healthy = self.probe_healthy and not self.draining
+        self.healthy = self.probe_healthy and not self.draining and not self.ejected
 
     def record_probe(self, ok: bool, health: HealthConfig) -> None:
         if ok:
@@ -125,6 +133,12 @@ class BackendPool:
             return [b for b in serving if b.healthy]
         excluded = set(map(id, exclude))
         return [b for b in serving if b.healthy and id(b) not in excluded]
+
+    def refresh(self) -> None:
+        """Recompute every backend's ``healthy`` (what routing reads) from its parts; for callers
+        that changed several."""
+        for backend in self.backends:
+            backend.update_routable()
 
     @property
     def ready(self) -> bool:

@@ -42,6 +42,10 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
     max_body_bytes: int = 4 * 1024 * 1024  # larger bodies: 413 (before reading them when the length is declared)
     connect_timeout_s: float = 2.0
     read_timeout_s: float = 300.0  # an upstream silent this long (before headers or mid-stream) has failed
+    # A stream whose engine sends nothing this long before its first event has failed (retried elsewhere).
+    # Shorter than read_timeout_s: a hung engine must not hold a client for minutes; but a queued engine
+    # legitimately takes long to its first token under load, so not too short (docs/architecture.md).
+    first_byte_timeout_s: float = 60.0
     retries_before_first_byte: int = 1
     receive_timeout_s: float = 30.0  # a request must arrive whole this long after its first byte (408: slowloris)
     keepalive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after this long
@@ -58,6 +62,20 @@ class HealthConfig(msgspec.Struct, forbid_unknown_fields=True):
     timeout_s: float = 1.0
     unhealthy_after: int = 2  # consecutive failures
     healthy_after: int = 1  # consecutive successes
+
+
+class OutlierConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """Circuit breaking by passive outlier ejection (outlier.py): a backend whose requests fail
+    ``consecutive_failures`` times in a row takes no new requests for an ejection time that doubles on
+    each repeat, from ``base_ejection_s`` up to ``max_ejection_s``; then ``half_open_requests`` trials
+    decide. At most ``max_ejected_fraction`` of a model's backends are ejected, and never its last one."""
+
+    enabled: bool = True
+    consecutive_failures: int = 5
+    base_ejection_s: float = 10.0
+    max_ejection_s: float = 300.0
+    max_ejected_fraction: float = 0.5
+    half_open_requests: int = 2  # trial requests at once while the breaker is half open
 
 
 class LoadPolling(msgspec.Struct, forbid_unknown_fields=True):
@@ -111,6 +129,7 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True):
     limits: Limits = msgspec.field(default_factory=Limits)
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     load_polling: LoadPolling = msgspec.field(default_factory=LoadPolling)
+    outlier: OutlierConfig = msgspec.field(default_factory=OutlierConfig)
     scheduling: SchedulingConfig = msgspec.field(default_factory=SchedulingConfig)
     slo_classes: list[SLOClass] = msgspec.field(default_factory=list)  # empty: interactive + batch
     default_class: str | None = None
@@ -163,6 +182,7 @@ def _check(config: ProxyConfig, source: str) -> None:
         if state.lease_s <= 0 or not 0 < state.sync_interval_s < state.lease_s / 3:
             raise ConfigError(f"{source}: `$.state.sync_interval_s` must be positive and under a third of `lease_s`")
     _check_limits(config.limits, source)
+    _check_resilience(config, source)
     classes = {c.name for c in (config.slo_classes or DEFAULT_CLASSES)}
     references = [("`$.default_class`", config.default_class)]
     references += [(f"`$.tenants[{i}].default_class`", t.default_class) for i, t in enumerate(config.tenants)]
@@ -189,3 +209,20 @@ def _check_limits(limits: Limits, source: str) -> None:
         raise ConfigError(f"{source}: `$.limits.max_json_depth` must be at most 512")
     if limits.retries_before_first_byte < 0:
         raise ConfigError(f"{source}: `$.limits.retries_before_first_byte` must not be negative")
+
+
+def _check_resilience(config: ProxyConfig, source: str) -> None:
+    """The first-byte timeout and the outlier breaker: values that would never fire or never let go."""
+    if not config.limits.first_byte_timeout_s > 0:
+        raise ConfigError(f"{source}: `$.limits.first_byte_timeout_s` must be positive")
+    outlier = config.outlier
+    if outlier.consecutive_failures < 1:
+        raise ConfigError(f"{source}: `$.outlier.consecutive_failures` must be at least 1")
+    if outlier.half_open_requests < 1:
+        raise ConfigError(f"{source}: `$.outlier.half_open_requests` must be at least 1")
+    if not outlier.base_ejection_s > 0:
+        raise ConfigError(f"{source}: `$.outlier.base_ejection_s` must be positive")
+    if not outlier.max_ejection_s >= outlier.base_ejection_s:
+        raise ConfigError(f"{source}: `$.outlier.max_ejection_s` must be at least `base_ejection_s`")
+    if not 0.0 <= outlier.max_ejected_fraction <= 1.0:
+        raise ConfigError(f"{source}: `$.outlier.max_ejected_fraction` must be between 0 and 1")

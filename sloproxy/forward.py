@@ -1,10 +1,12 @@
 """Forwarding: pick a backend, call it, relay the reply or stream, retry, abort, map errors.
 
 Retries happen only before the client has received a byte: a connection failure, a
-retryable status (429, 5xx) or a stream that dies before its first event moves the request
-to another backend serving the model (once by default). After bytes were sent, a failure
-becomes an OpenAI error frame followed by ``[DONE]``. A client that goes away closes the
-upstream connection at once (and SGLang gets an explicit ``/abort_request``).
+retryable status (429, 5xx), a reply the adapter cannot read, a stream that dies before its first
+event or sends nothing for ``first_byte_timeout_s`` moves the request to another backend serving
+the model (once by default). After bytes were sent, a failure becomes an OpenAI error frame
+followed by ``[DONE]``. A client that goes away closes the upstream connection at once (and SGLang
+gets an explicit ``/abort_request``). Every attempt's outcome goes to the outlier detector
+(outlier.py), which ejects backends that keep failing.
 """
 
 from __future__ import annotations
@@ -19,23 +21,26 @@ from .backends import Backend, BackendPool
 from .config import Limits
 from .errors import ProxyError, error_frame
 from .http_server import JSON, Response
+from .outlier import OutlierDetector
 from .proxy_metrics import ProxyMetrics
 from .request import ProxyRequest
 from .scheduler import Scheduler
 from .sse import SSEDecoder
-from .upstream import UpstreamError, UpstreamPool, UpstreamResponse
+from .upstream import UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 
 log = logging.getLogger("sloproxy.forward")
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+ADMISSION_STATUSES = frozenset({429, 503})  # the engine is full, not broken: no mark against it
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class _RetryableFailure(Exception):
     """The attempt failed before the client saw a byte; another backend may serve it."""
 
-    def __init__(self, error: ProxyError) -> None:
+    def __init__(self, error: ProxyError, backend_failed: bool | None = False) -> None:
         super().__init__(error.message)
         self.error = error
+        self.backend_failed = backend_failed  # for the breaker: False = the backend's fault, None = not
 
 
 class _ClientGone(Exception):
@@ -66,11 +71,19 @@ async def _client_end(response: Response) -> None:
 
 
 class Forwarder:
-    def __init__(self, pool: BackendPool, scheduler: Scheduler, limits: Limits, metrics: ProxyMetrics) -> None:
+    def __init__(
+        self,
+        pool: BackendPool,
+        scheduler: Scheduler,
+        limits: Limits,
+        metrics: ProxyMetrics,
+        outlier: OutlierDetector | None = None,
+    ) -> None:
         self.pool = pool
         self.scheduler = scheduler
         self.limits = limits
         self.metrics = metrics
+        self.outlier = outlier
         self._upstreams: dict[str, UpstreamPool] = {
             backend.name: UpstreamPool(
                 backend.url, connect_timeout=limits.connect_timeout_s, read_timeout=limits.read_timeout_s
@@ -98,13 +111,17 @@ class Forwarder:
             request.queue_wait_s += request.dispatched_at - request.queued_at
             request.backend = backend.name
             request.attempts += 1
+            served: bool | None = None  # the attempt's verdict on the backend (outlier.py)
+            reason = ""
             try:
-                return await self._attempt(response, request, backend)
+                served = await self._attempt(response, request, backend)
+                return
             except _RetryableFailure as failure:
                 if request.evicted:  # the scheduler moved it: back to the queue, not a failure
                     request.evicted = False
                     request.evictions += 1
                     continue
+                served, reason = failure.backend_failed, failure.error.message
                 failures += 1
                 last_error = failure.error
                 request.excluded.add(backend.name)
@@ -112,12 +129,20 @@ class Forwarder:
                 log.info(
                     "request %s failed on %s before its first byte: %s", request.id, backend.name, failure.error.message
                 )
+            except ProxyError as error:  # the engine refused the request itself (4xx), or an odd 5xx
+                served = None if error.status < 500 else False
+                reason = error.message
+                raise
             finally:
+                if self.outlier is not None:
+                    self.outlier.record(backend, id(request), served, reason)
                 request.evict = None
                 self.scheduler.release(request, backend, request.tokens_used)
         raise last_error or ProxyError(503, f"No backend could serve model `{request.model}`.")
 
-    async def _attempt(self, response: Response, request: ProxyRequest, backend: Backend) -> None:
+    async def _attempt(self, response: Response, request: ProxyRequest, backend: Backend) -> bool | None:
+        """One try on ``backend``. Returns whether the backend served it (None: the client left
+        first); raises :class:`_RetryableFailure` while another backend may still serve it."""
         adapter = backend.adapter
         call = adapter.build(request)
         upstream: UpstreamResponse | None = None
@@ -131,36 +156,47 @@ class Forwarder:
             if not request.stream:  # the reply is being generated; a stream waits for its first chunk
                 self.scheduler.under_way(request, backend)
 
+        # A stream must show its first event within first_byte_timeout_s; a non-streamed reply's
+        # headers come only when it is complete, so it is bounded by read_timeout_s alone.
+        timeout = self.limits.first_byte_timeout_s if request.stream else None
+        served: bool | None = True
         try:
             try:
                 upstream = await self._upstreams[backend.name].request(
-                    "POST", call.path, call.body, call.headers, on_sent=movable
+                    "POST", call.path, call.body, call.headers, timeout, on_sent=movable
                 )
             except UpstreamError as exc:
                 if request.evicted:  # closed by the scheduler before the engine answered
                     self._abort_in_engine(adapter, backend, request)
-                    raise _RetryableFailure(ProxyError(503, "evicted")) from None
+                    raise _RetryableFailure(ProxyError(503, "evicted"), None) from None
+                if isinstance(exc, UpstreamTimeout):
+                    error = ProxyError(504, f"Backend {backend.name} did not answer ({exc}).")
+                    raise _RetryableFailure(error) from None
                 raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} is unreachable ({exc}).")) from None
             if upstream.status != 200:
                 body = await self._read(upstream, backend)
                 error = adapter.translate_error(upstream.status, body)
                 finished = True
                 if upstream.status in RETRYABLE_STATUSES:
-                    raise _RetryableFailure(error)
+                    raise _RetryableFailure(error, None if upstream.status in ADMISSION_STATUSES else False)
                 raise error
             if request.stream:
                 try:
-                    await self._relay_stream(response, request, adapter, upstream, backend)
+                    served = await self._relay_stream(response, request, adapter, upstream, backend)
                 except _ClientGone:
                     request.disconnected = True
-                    return
+                    return None
             else:
                 body = await self._read(upstream, backend)
+                finished = True  # read whole: the connection may serve again whatever the body says
+                reply = self._translate_reply(adapter, request, body, backend)
                 try:
-                    response.send(200, adapter.translate_reply(request, body), JSON)
+                    response.send(200, reply, JSON)
                 except ConnectionResetError:
                     request.disconnected = True
+                    served = None
             finished = True
+            return served
         finally:
             if trace is not None:
                 trace.upstream_ended(request, backend, upstream and upstream.status, sys.exc_info()[1])
@@ -175,7 +211,19 @@ class Forwarder:
         try:
             return await upstream.read()
         except UpstreamError as exc:
-            raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} failed mid-reply ({exc}).")) from None
+            status = 504 if isinstance(exc, UpstreamTimeout) else 502
+            raise _RetryableFailure(ProxyError(status, f"Backend {backend.name} failed mid-reply ({exc}).")) from None
+
+    @staticmethod
+    def _translate_reply(adapter: EngineAdapter, request: ProxyRequest, body: bytes, backend: Backend) -> bytes:
+        """The client's body; a reply the adapter cannot read is the backend's failure, and since
+        nothing reached the client yet, another backend may serve the request."""
+        try:
+            return adapter.translate_reply(request, body)
+        except Exception as exc:  # garbage from the engine must never become the proxy's own 500
+            log.warning("unreadable reply from %s: %r", backend.name, exc)
+            error = ProxyError(502, f"Backend {backend.name} sent a reply the proxy could not read.")
+            raise _RetryableFailure(error) from None
 
     async def _relay_stream(
         self,
@@ -184,7 +232,9 @@ class Forwarder:
         adapter: EngineAdapter,
         upstream: UpstreamResponse,
         backend: Backend,
-    ) -> None:
+    ) -> bool:
+        """Relay the engine's stream; returns False if it failed after the client got bytes
+        (the client then has an error frame), True if it ended properly."""
         decoder = SSEDecoder()
         translator: StreamTranslator = adapter.stream_translator(request)
         started = time.monotonic()
@@ -200,10 +250,12 @@ class Forwarder:
                         failure = translator.failure
                         if failure is not None:  # an error before anything was sent: answer with its status
                             if failure.status in RETRYABLE_STATUSES or failure.status >= 500:
-                                raise _RetryableFailure(failure)
+                                blame = None if failure.status in ADMISSION_STATUSES else False
+                                raise _RetryableFailure(failure, blame)
                             raise failure
                         response.start(200, "text/event-stream", SSE_HEADERS)
                         request.first_byte_sent = True
+                        upstream.timeout = self.limits.read_timeout_s  # the first event came: streaming pace now
                         await _client_write(response, out)  # the head leaves with the first chunk
                         self.scheduler.first_token(request, backend)
                         self.metrics.first_byte(request.model, time.monotonic() - started)
@@ -212,11 +264,14 @@ class Forwarder:
                 if translator.done:
                     break
         except UpstreamError as exc:
+            status = 504 if isinstance(exc, UpstreamTimeout) else 502
             if not response.started:
-                raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} failed mid-stream ({exc}).")) from None
-            await _client_write(response, error_frame(502, f"The backend failed mid-stream ({exc})."))
+                error = ProxyError(status, f"Backend {backend.name} failed mid-stream ({exc}).")
+                raise _RetryableFailure(error) from None
+            await _client_write(response, error_frame(status, f"The backend failed mid-stream ({exc})."))
             await _client_end(response)
-            return
+            return False
+        ok = translator.done and not translator.failed
         if not translator.done:
             if not response.started:
                 raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} closed the stream early."))
@@ -224,6 +279,7 @@ class Forwarder:
         if not response.started:  # a stream with nothing in it at all
             raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} sent an empty stream."))
         await _client_end(response)
+        return ok
 
     def _abort_in_engine(self, adapter: EngineAdapter, backend: Backend, request: ProxyRequest) -> None:
         call = adapter.abort_call(request)

@@ -26,6 +26,7 @@ from .slo_outcome import rejected_in_queue, rejection_reason, slo_met, time_per_
 
 if TYPE_CHECKING:
     from .estimates import LengthEstimates
+    from .outlier import OutlierDetector
     from .scheduler import Scheduler
     from .state.redis_state import RedisCoordinator
 
@@ -130,6 +131,35 @@ class _PredictorCollector:
                 family = GaugeMetricFamily(name, self.HELP.get(key, f"Predictor {key}."))
             family.add_metric([], value)
             yield family
+
+
+class _OutlierCollector:
+    """The circuit breakers (outlier.py), read at scrape time."""
+
+    STATES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
+
+    def __init__(self, detector: OutlierDetector) -> None:
+        self.detector = detector
+
+    def collect(self):
+        state = GaugeMetricFamily(
+            "sloproxy_backend_breaker_state",
+            "Circuit breaker: 0 closed, 1 half open (trial requests), 2 open (ejected).",
+            labels=["backend"],
+        )
+        ejections = CounterMetricFamily(
+            "sloproxy_backend_ejections", "Times the backend was ejected for failing requests.", labels=["backend"]
+        )
+        refused = CounterMetricFamily(
+            "sloproxy_backend_ejections_refused",
+            "Ejections not made: the backend's models would have had too few backends left.",
+            labels=["backend"],
+        )
+        for name, breaker in self.detector.states():
+            state.add_metric([name], self.STATES[breaker.state])
+            ejections.add_metric([name], breaker.total_ejections)
+            refused.add_metric([name], breaker.refused)
+        yield from (state, ejections, refused)
 
 
 class _StateCollector:
@@ -334,6 +364,9 @@ class ProxyMetrics:
         if estimates.enabled:
             self.predicting = True
             self.registry.register(_PredictorCollector(estimates))
+
+    def attach_outlier(self, detector: OutlierDetector) -> None:
+        self.registry.register(_OutlierCollector(detector))
 
     def attach_state(self, coordinator: RedisCoordinator) -> None:
         self.registry.register(_StateCollector(coordinator))

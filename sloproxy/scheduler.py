@@ -279,6 +279,9 @@ class Scheduler:
         backend.in_flight = backend.mine + backend.remote_in_flight
         self._reserve_kv(backend, request, kv_footprint(request))
         self._running[id(request)] = request
+        breaker = backend.breaker
+        if breaker is not None and breaker.half_open:  # one of the trials that decide whether it returns
+            breaker.trial_started(id(request))
         return backend
 
     @staticmethod

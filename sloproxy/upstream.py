@@ -113,15 +113,15 @@ class UpstreamResponse:
         "_error",
         "_keep_alive",
         "_released",
-        "_timeout",
         "_waiter",
         "headers",
         "status",
+        "timeout",
     )
 
     def __init__(self, conn: _Connection, timeout: float) -> None:
         self._conn = conn
-        self._timeout = timeout
+        self.timeout = timeout  # seconds of silence that fail it (settable: first byte, then streaming pace)
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self._chunks: collections.deque[bytes] = collections.deque()
@@ -162,7 +162,7 @@ class UpstreamResponse:
     async def _wait(self) -> None:
         loop = asyncio.get_running_loop()
         self._waiter = waiter = loop.create_future()
-        timer = loop.call_later(self._timeout, self._expire, waiter)
+        timer = loop.call_later(self.timeout, self._expire, waiter)
         try:
             await waiter
         finally:
@@ -171,7 +171,7 @@ class UpstreamResponse:
 
     def _expire(self, waiter: asyncio.Future) -> None:
         if not waiter.done():
-            waiter.set_exception(UpstreamTimeout(f"no data from upstream for {self._timeout:g}s"))
+            waiter.set_exception(UpstreamTimeout(f"no data from upstream for {self.timeout:g}s"))
 
     async def _headers(self) -> None:
         while not self.status:

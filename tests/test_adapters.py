@@ -96,6 +96,8 @@ def test_plain_token_events_are_marked_for_forwarding_unchanged_and_the_rest_are
     request = chat_request(stream=True)
     translator = VLLMAdapter().stream_translator(request)
     content = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"say \\"error\\""}}]}\n\n'
+    assert not translator.unchanged(content)  # the first event is always parsed (garbage fails before a byte)
+    translator.feed(content[len(b"data: ") : -2])
     assert translator.unchanged(content * 3)
     usage = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}\n\n'
     assert not translator.unchanged(content + usage)
@@ -103,6 +105,12 @@ def test_plain_token_events_are_marked_for_forwarding_unchanged_and_the_rest_are
     assert not translator.unchanged(b'data: {"error":{"message":"x"}}\n\n')
     assert not translator.unchanged(b": keep-alive comment\n\n")
     assert not TGIAdapter().stream_translator(request).unchanged(content)  # TGI's chunks are always rewritten
+
+
+def test_a_first_stream_event_that_is_not_json_is_refused():
+    translator = VLLMAdapter().stream_translator(chat_request(stream=True))
+    with pytest.raises(msgspec.DecodeError):
+        translator.feed(b"\x00garbage, not JSON")
 
 
 def test_usage_chunk_kept_when_the_client_asked():
