@@ -137,6 +137,7 @@ class Proxy:
             met = metrics.finished(proxy_request, outcome, error, ended)
             if trace is not None:
                 trace.finish(proxy_request, outcome, error, met, ended)
+            error = None  # this frame <-> the traceback: a cycle would keep the body alive until a GC pass
 
     async def models(self, request: Request, response: Response) -> None:
         data = [{"id": model, "object": "model", "created": 0, "owned_by": "sloproxy"} for model in self.pool.models()]
@@ -163,5 +164,6 @@ def build_server(proxy: Proxy) -> HTTPServer:
     server.route("GET", "/health", proxy.health)
     server.route("GET", "/ready", proxy.ready)
     server.route("GET", "/metrics", proxy.prometheus)
+    server.route("GET", "/openapi.json", openapi.route(proxy.config.limits))
     server.route("GET", "/openapi.json", openapi.route(proxy.config.limits))
     return server

@@ -224,6 +224,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._body = []  # a body cut short by the client: freed now, not at the next GC pass
         self.server.connections.discard(self)
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(ConnectionResetError("client disconnected"))
@@ -261,6 +262,10 @@ class _Connection(asyncio.Protocol):
         self._head_bytes = 0
         if len(self._raw_headers) > self.server.max_headers:
             self._reject(431, f"The request has more than {self.server.max_headers} header lines.")
+            return
+        # A whole head can arrive in one read, where data_received's count cannot see it end: sized here.
+        if len(self._url) + sum(len(name) + len(value) + 4 for name, value in self._raw_headers) > MAX_HEAD_BYTES:
+            self._reject(431, f"The request head is larger than {MAX_HEAD_BYTES} bytes.")
             return
         headers = self._headers = Headers()
         for name, value in self._raw_headers:
@@ -310,6 +315,7 @@ class _Connection(asyncio.Protocol):
         """Stop reading this connection; answer ``status`` after anything already queued, then close."""
         self._stop_parsing = True
         self.receiving_since = None
+        self._body = []  # never used now; the parser <-> connection cycle would keep it until a GC pass
         self._enqueue(_Rejection(status, message))
 
     def _enqueue(self, item: Request | _Rejection) -> None:
