@@ -165,5 +165,4 @@ def build_server(proxy: Proxy) -> HTTPServer:
     server.route("GET", "/ready", proxy.ready)
     server.route("GET", "/metrics", proxy.prometheus)
     server.route("GET", "/openapi.json", openapi.route(proxy.config.limits))
-    server.route("GET", "/openapi.json", openapi.route(proxy.config.limits))
     return server

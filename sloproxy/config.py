@@ -55,14 +55,6 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
     max_prompt_chars: int = 1_000_000  # prompt characters (token ids count one each); 400 before any featurisation
     max_n: int = 16  # choices per request (`n`); each is a full generation on the engine
     max_tokens: int = 131_072  # ceiling for `max_tokens` / `max_completion_tokens`
-    receive_timeout_s: float = 30.0  # a request must arrive whole this long after its first byte (408: slowloris)
-    keepalive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after this long
-    send_timeout_s: float = 60.0  # a client that reads none of its reply for this long is disconnected
-    max_headers: int = 100  # header lines in one request (431 beyond)
-    max_json_depth: int = 64  # arrays and objects nested in a body (400 beyond; Python's own limit is ~990)
-    max_prompt_chars: int = 1_000_000  # prompt characters (token ids count one each); 400 before any featurisation
-    max_n: int = 16  # choices per request (`n`); each is a full generation on the engine
-    max_tokens: int = 131_072  # ceiling for `max_tokens` / `max_completion_tokens`
 
 
 class HealthConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -200,23 +192,6 @@ def _check(config: ProxyConfig, source: str) -> None:
             raise ConfigError(
                 f"{source}: {where} names unknown SLO class {name!r} (known: {', '.join(sorted(classes))})"
             )
-
-
-def _check_limits(limits: Limits, source: str) -> None:
-    """Limits that would refuse everything, or never fire, are configuration mistakes."""
-    if limits.max_body_bytes < 1024:
-        raise ConfigError(f"{source}: `$.limits.max_body_bytes` must be at least 1024")
-    for name in ("connect_timeout_s", "read_timeout_s", "receive_timeout_s", "keepalive_timeout_s", "send_timeout_s"):
-        if not getattr(limits, name) > 0:
-            raise ConfigError(f"{source}: `$.limits.{name}` must be positive")
-    minimums = {"max_headers": 8, "max_json_depth": 8, "max_prompt_chars": 1, "max_n": 1, "max_tokens": 1}
-    for name, least in minimums.items():
-        if getattr(limits, name) < least:
-            raise ConfigError(f"{source}: `$.limits.{name}` must be at least {least}")
-    if limits.max_json_depth > 512:  # deeper would meet Python's recursion limit inside the proxy: a 500
-        raise ConfigError(f"{source}: `$.limits.max_json_depth` must be at most 512")
-    if limits.retries_before_first_byte < 0:
-        raise ConfigError(f"{source}: `$.limits.retries_before_first_byte` must not be negative")
 
 
 def _check_limits(limits: Limits, source: str) -> None:

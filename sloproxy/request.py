@@ -19,8 +19,6 @@ import msgspec
 
 from .body_limits import chat_siblings, nesting_exceeds, prompt_chars
 from .config import Limits
-from .body_limits import chat_siblings, nesting_exceeds, prompt_chars
-from .config import Limits
 from .errors import ProxyError
 from .slo import SLOClass
 
@@ -251,10 +249,6 @@ def parse_request(
         est_prompt_tokens=len(raw) // 4,  # ~4 bytes per token; the engine's usage corrects it later
         est_output_tokens=min(limit, DEFAULT_OUTPUT_TOKENS) if limit else DEFAULT_OUTPUT_TOKENS,
     )
-
-
-def _too_deep(limits: Limits) -> ProxyError:
-    return ProxyError(400, f"The request body nests arrays and objects more than {limits.max_json_depth} levels deep.")
 
 
 def _too_deep(limits: Limits) -> ProxyError:
