@@ -95,15 +95,21 @@ class _SchedulerCollector:
             "Requests this replica may have on the backend: its budget, or with several replicas its share.",
             labels=["backend"],
         )
+        kv_reserved = GaugeMetricFamily(
+            "sloproxy_backend_kv_reserved_tokens",
+            "KV tokens the scheduler holds for requests in flight on the backend (prompt + predicted reply).",
+            labels=["backend"],
+        )
         for backend in self.scheduler.pool.backends:
             budget.add_metric([backend.name], backend.budget)
             cap.add_metric([backend.name], backend.cap)
+            kv_reserved.add_metric([backend.name], backend.kv_reserved_tokens)
         outcomes = CounterMetricFamily(
             "sloproxy_scheduler_events", "Requests shed, timed out or evicted.", labels=["event"]
         )
         for event, count in sorted(self.scheduler.counts.items()):
             outcomes.add_metric([event], count)
-        yield from (depth, budget, cap, outcomes)
+        yield from (depth, budget, cap, kv_reserved, outcomes)
 
 
 class _PredictorCollector:
