@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import msgspec
 
 from . import openapi
+from .admin import AdminAPI
+from .auth import Authenticator, check_model_allowed
 from .backends import BackendPool
-from .config import ProxyConfig
+from .config import ProxyConfig, load_config
 from .errors import ProxyError
 from .estimates import LengthEstimates
 from .forward import Forwarder
@@ -19,6 +22,7 @@ from .http_server import HTTPServer, Request, Response
 from .outlier import OutlierDetector
 from .plugins import load_policy
 from .proxy_metrics import ProxyMetrics
+from .ratelimit import TenantLimits
 from .request import Kind, parse_request
 from .scheduler import Scheduler
 from .slo import Classifier
@@ -34,8 +38,12 @@ log = logging.getLogger("sloproxy")
 class Proxy:
     """Everything one proxy replica runs: backend pool, forwarder, metrics."""
 
-    def __init__(self, config: ProxyConfig, tracing: Tracing | None = None) -> None:
+    # Config sections a reload applies live; any other change is reported as needing a restart.
+    LIVE_SECTIONS = ("policy", "slo_classes", "default_class", "tenants", "models", "admin")
+
+    def __init__(self, config: ProxyConfig, tracing: Tracing | None = None, config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path  # what POST /admin/reload re-reads (None: reload is refused)
         # None unless an exporter is configured (tracing: or OTEL_TRACES_EXPORTER): the request path
         # then does nothing for traces but an `is not None` check.
         self.tracing = tracing if tracing is not None else Tracing.from_config(config.tracing)
@@ -56,6 +64,8 @@ class Proxy:
         if self.coordinator is not None:
             self.metrics.attach_state(self.coordinator)
         self.classifier = Classifier(config.slo_classes, config.default_class, config.tenants, config.models)
+        self.authenticator = Authenticator(config.tenants, config.admin.api_keys)
+        self.limits = TenantLimits(self.coordinator)
         # Circuit breaking: backends whose requests keep failing are ejected for a while (outlier.py).
         self.outlier = OutlierDetector(config.outlier, self.pool) if config.outlier.enabled else None
         if self.outlier is not None:
@@ -76,6 +86,9 @@ class Proxy:
             self.scheduler.shares_changed()
         self.scheduler.start()
         self.estimates.start()
+        warning = self.authenticator.warning()
+        if warning is not None:
+            log.warning("%s", warning)
         if not self.pool.ready:
             log.warning("no backend is healthy at start; /ready reports 503 until one is")
 
@@ -85,6 +98,7 @@ class Proxy:
         await self.forwarder.stop()
         if self.outlier is not None:
             self.outlier.stop()
+        await self.limits.stop()
         if self.coordinator is not None:
             await self.coordinator.stop()  # after the last request: its capacity returns to the fleet now
         await self.pool.stop()
@@ -103,16 +117,21 @@ class Proxy:
         trace = self.tracing.begin(http.headers, kind, started) if self.tracing is not None else None
         metrics = self.metrics
         metrics.in_flight += 1
-        proxy_request = None
+        proxy_request = tenant = None
         outcome = "error"
         error: BaseException | None = None
         try:
+            tenant = self.authenticator.tenant(http.headers)  # 401 before anything else is read
             proxy_request = parse_request(kind, http.body, http.headers.get("x-request-id"), self.config.limits)
             proxy_request.received_at = started
             proxy_request.trace = trace
+            check_model_allowed(tenant, proxy_request.model)
             if self.estimates.enabled:
                 self.estimates.prior(proxy_request)  # before classify: deadlines depend on the estimate
-            proxy_request.classify(*self.classifier.classify(http.headers, proxy_request.model))
+            name, slo = self.classifier.classify(tenant, http.headers, proxy_request.model)
+            proxy_request.classify(name, slo, tenant.band if tenant is not None else None)
+            if tenant is not None and tenant.rate_limited:
+                await self.limits.admit(tenant, proxy_request)
             await self.forwarder.forward(response, proxy_request)
             if proxy_request.disconnected:
                 outcome = "client_disconnected"
@@ -133,6 +152,8 @@ class Proxy:
             raise
         finally:
             metrics.in_flight -= 1
+            if proxy_request is not None and proxy_request.tokens_charged:
+                self.limits.settle(tenant, proxy_request)  # type: ignore[arg-type]
             ended = time.monotonic()
             met = metrics.finished(proxy_request, outcome, error, ended)
             if trace is not None:
@@ -140,7 +161,11 @@ class Proxy:
             error = None  # this frame <-> the traceback: a cycle would keep the body alive until a GC pass
 
     async def models(self, request: Request, response: Response) -> None:
-        data = [{"id": model, "object": "model", "created": 0, "owned_by": "sloproxy"} for model in self.pool.models()]
+        tenant = self.authenticator.tenant(request.headers)
+        served = self.pool.models()
+        if tenant is not None and tenant.models is not None:
+            served = [model for model in served if model in tenant.models]
+        data = [{"id": model, "object": "model", "created": 0, "owned_by": "sloproxy"} for model in served]
         response.send(200, msgspec.json.encode({"object": "list", "data": data}))
 
     async def health(self, request: Request, response: Response) -> None:
@@ -154,6 +179,39 @@ class Proxy:
     async def prometheus(self, request: Request, response: Response) -> None:
         response.send(200, self.metrics.render(), "text/plain; version=0.0.4; charset=utf-8")
 
+    # ----- reload -------------------------------------------------------------------------------
+    def reload(self) -> tuple[list[str], list[str]]:
+        """Re-read the config file and apply its live sections; returns (applied, needing a restart).
+        A config that does not load changes nothing (the error says why)."""
+        if self.config_path is None:
+            raise ProxyError(409, "This proxy was not started from a config file: nothing to reload.")
+        new = load_config(self.config_path)
+        old = self.config
+        changed = [f for f in ProxyConfig.__struct_fields__ if f != "listen" and getattr(new, f) != getattr(old, f)]
+        live = [f for f in changed if f in self.LIVE_SECTIONS]
+        policy = load_policy(new.policy.name, new.policy.params) if "policy" in live else None
+        classifier = Classifier(new.slo_classes, new.default_class, new.tenants, new.models)
+        authenticator = Authenticator(new.tenants, new.admin.api_keys)
+        # Nothing above changed anything: from here on every step succeeds.
+        self.classifier, self.authenticator = classifier, authenticator
+        if policy is not None:
+            self.scheduler.replace_policy(policy)
+            self.policy = policy
+            if self.tracing is not None:
+                self.tracing.policy = new.policy.name
+        self.config = msgspec.structs.replace(old, **{f: getattr(new, f) for f in live})
+        restart = [f for f in changed if f not in self.LIVE_SECTIONS]
+        log.warning(
+            "config reloaded from %s: applied %s%s",
+            self.config_path,
+            ", ".join(live) or "nothing (unchanged)",
+            f"; needs a restart: {', '.join(restart)}" if restart else "",
+        )
+        warning = authenticator.warning()
+        if warning is not None:
+            log.warning("%s", warning)
+        return live, restart
+
 
 def build_server(proxy: Proxy) -> HTTPServer:
     """The proxy's routes on the lean HTTP server (see http_server.py for why not aiohttp's)."""
@@ -164,5 +222,6 @@ def build_server(proxy: Proxy) -> HTTPServer:
     server.route("GET", "/health", proxy.health)
     server.route("GET", "/ready", proxy.ready)
     server.route("GET", "/metrics", proxy.prometheus)
-    server.route("GET", "/openapi.json", openapi.route(proxy.config.limits))
+    server.route("GET", "/openapi.json", openapi.route(proxy.config.limits, openapi.admin_paths()))
+    AdminAPI(proxy).routes(server)
     return server

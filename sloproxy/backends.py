@@ -150,6 +150,7 @@ class BackendPool:
             if backend.name == name:
                 backend.draining = draining
                 backend.update_routable()
+                self.refresh()
                 return backend
         return None
 

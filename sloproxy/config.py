@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from .auth import stored_form
 from .scheduler_config import SchedulingConfig
 from .slo import DEFAULT_CLASSES, ModelDefaults, SLOClass, TenantConfig
 
@@ -122,6 +123,13 @@ class StateConfig(msgspec.Struct, forbid_unknown_fields=True):
     sync_interval_s: float = 0.05  # how often a replica exchanges its numbers with Redis
 
 
+class AdminConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """The admin API (``/admin/...``: fleet state, drain, reload). Without a key it is disabled,
+    unless no key is configured at all (open mode: docs/security.md)."""
+
+    api_keys: list[str] = msgspec.field(default_factory=list)  # "sha256:<hex>" digests (`sloproxy hash-key`)
+
+
 class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True):
     backends: list[BackendConfig]
     listen: Listen = msgspec.field(default_factory=Listen)
@@ -138,6 +146,7 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True):
     predictor: PredictorConfig = msgspec.field(default_factory=PredictorConfig)
     tracing: TracingConfig = msgspec.field(default_factory=TracingConfig)
     state: StateConfig = msgspec.field(default_factory=StateConfig)
+    admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
 
 
 class ConfigError(ValueError):
@@ -182,6 +191,7 @@ def _check(config: ProxyConfig, source: str) -> None:
         if state.lease_s <= 0 or not 0 < state.sync_interval_s < state.lease_s / 3:
             raise ConfigError(f"{source}: `$.state.sync_interval_s` must be positive and under a third of `lease_s`")
     _check_limits(config.limits, source)
+    _check_tenants(config, source)
     _check_resilience(config, source)
     classes = {c.name for c in (config.slo_classes or DEFAULT_CLASSES)}
     references = [("`$.default_class`", config.default_class)]
@@ -192,6 +202,31 @@ def _check(config: ProxyConfig, source: str) -> None:
             raise ConfigError(
                 f"{source}: {where} names unknown SLO class {name!r} (known: {', '.join(sorted(classes))})"
             )
+
+
+def _check_tenants(config: ProxyConfig, source: str) -> None:
+    """Tenant names and keys are unique; a tenant's allowed models exist. Messages never quote a key."""
+    served = {model for backend in config.backends for model in backend.models}
+    seen_names: set[str] = set()
+    seen_keys: dict[str, str] = {}
+    for index, tenant in enumerate(config.tenants):
+        where = f"`$.tenants[{index}]`"
+        if tenant.name in seen_names:
+            raise ConfigError(f"{source}: {where}: tenant name {tenant.name!r} is used twice")
+        seen_names.add(tenant.name)
+        for position, entry in enumerate(tenant.api_keys):
+            digest = stored_form(entry)[0]
+            if digest in seen_keys:
+                raise ConfigError(
+                    f"{source}: {where}.api_keys[{position}] is also a key of tenant {seen_keys[digest]!r}"
+                )
+            seen_keys[digest] = tenant.name
+        for model in tenant.models or ():
+            if model not in served:
+                raise ConfigError(f"{source}: {where}.models names {model!r}, which no backend serves")
+    for position, entry in enumerate(config.admin.api_keys):
+        if stored_form(entry)[0] in seen_keys:
+            raise ConfigError(f"{source}: `$.admin.api_keys[{position}]` is also a tenant's key")
 
 
 def _check_limits(limits: Limits, source: str) -> None:

@@ -114,7 +114,7 @@ class LengthEstimates:
             request.est_output_tokens = max(1, round(prediction.p50))
             request.estimate_source = "model"
             if request.slo is not None:
-                request.classify(request.tenant, request.slo)
+                request.classify(request.tenant, request.slo, request.band)  # deadlines follow the estimate
 
     def finished(self, request: ProxyRequest) -> None:
         """A reply ended: its true length (from the engine's usage) is a training sample, unless the

@@ -24,10 +24,11 @@ ERROR_STATUSES = {
     "400": "Invalid request: malformed JSON or HTTP, a field of the wrong type, a value over a limit "
     "(`n`, `max_tokens`, prompt characters, nesting depth), an unknown SLO class.",
     "401": "Missing or unknown API key (when keys are configured).",
-    "403": "The key may not use this model.",
+    "403": "The key may not use this model, or the admin API is disabled (no admin key configured).",
     "404": "Unknown model (`code: model_not_found`) or route.",
     "405": "Method not allowed on this route (the `Allow` header lists the methods).",
     "408": "The request did not arrive whole within the receive timeout.",
+    "409": "Admin reload: the proxy was not started from a config file.",
     "413": "The body is larger than the configured limit.",
     "429": "Shed or rate limited; `Retry-After` says when to retry.",
     "431": "The request head is too large or has too many header lines.",
@@ -213,7 +214,12 @@ def paths() -> dict[str, Any]:
         "/v1/chat/completions": _generation("Chat completion (OpenAI API)", "ChatCompletionRequest", "ChatCompletion"),
         "/v1/completions": _generation("Text completion (OpenAI API)", "CompletionRequest", "Completion"),
         "/v1/models": _get(
-            "Models served", _json("Every model some backend serves.", {"$ref": "#/components/schemas/ModelList"})
+            "Models served",
+            _json(
+                "Every model some backend serves (that the caller's tenant may use).",
+                {"$ref": "#/components/schemas/ModelList"},
+            ),
+            "401",
         ),
         "/health": _get("Liveness", _json("The proxy runs.", {"type": "object"})),
         "/ready": {
@@ -234,6 +240,53 @@ def paths() -> dict[str, Any]:
     }
 
 
+def admin_paths() -> dict[str, Any]:
+    """The admin API (admin.py): every route needs the admin key."""
+    backend = {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["backend"],
+                    "properties": {"backend": {"type": "string"}},
+                    "additionalProperties": False,
+                }
+            }
+        },
+    }
+    state = _json("The backend's state after the change.", {"type": "object"})
+
+    def post(summary: str, ok: dict[str, Any], body: dict[str, Any] | None, *errors: str) -> dict[str, Any]:
+        operation: dict[str, Any] = {
+            "summary": summary,
+            "security": [{"adminKey": []}],
+            "responses": {"200": ok, **_errors("401", "403", "405", "408", "431", *errors)},
+        }
+        if body is not None:
+            operation["requestBody"] = body
+        return {"post": operation}
+
+    def get(summary: str, description: str) -> dict[str, Any]:
+        operation = _get(summary, _json(description, {"type": "object"}), "401", "403")
+        operation["get"]["security"] = [{"adminKey": []}]
+        return operation
+
+    return {
+        "/admin/fleet": get("Fleet state", "Backends (health, draining, load, budgets), queue depths, counters."),
+        "/admin/policy": get("The policy in force", "Its name, parameters and whether it queues."),
+        "/admin/drain": post("Drain a backend: no new requests", state, backend, "400", "404"),
+        "/admin/undrain": post("Bring a drained backend back", state, backend, "400", "404"),
+        "/admin/reload": post(
+            "Re-read the config file; apply its live sections",
+            _json("What was applied and what needs a restart.", {"type": "object"}),
+            None,
+            "400",
+            "409",
+        ),
+    }
+
+
 def document(limits: Limits, extra_paths: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole OpenAPI 3.1 document for a proxy running with ``limits``."""
     from . import __version__
@@ -247,7 +300,14 @@ def document(limits: Limits, extra_paths: dict[str, Any] | None = None) -> dict[
             "has the OpenAI shape `{error: {message, type, param, code}}`.",
         },
         "paths": {**paths(), **(extra_paths or {})},
-        "components": {"schemas": schemas(limits)},
+        "components": {
+            "schemas": schemas(limits),
+            "securitySchemes": {
+                "apiKey": {"type": "http", "scheme": "bearer", "description": "A tenant's API key."},
+                "adminKey": {"type": "http", "scheme": "bearer", "description": "The admin key."},
+            },
+        },
+        "security": [{"apiKey": []}, {}],  # a key where tenants have keys; none in open mode
     }
 
 

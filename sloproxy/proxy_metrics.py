@@ -62,9 +62,13 @@ class _BackendCollector:
         stale = GaugeMetricFamily(
             "sloproxy_backend_load_stale", "1 if the last load reading is stale.", labels=["backend"]
         )
+        draining = GaugeMetricFamily(
+            "sloproxy_backend_draining", "1 while an operator drains the backend (admin API).", labels=["backend"]
+        )
         for backend in self.pool.backends:
             name = [backend.name]
-            healthy.add_metric(name, 1.0 if backend.healthy else 0.0)
+            healthy.add_metric(name, 1.0 if backend.probe_healthy else 0.0)
+            draining.add_metric(name, 1.0 if backend.draining else 0.0)
             in_flight.add_metric(name, backend.in_flight)
             stale.add_metric(name, 1.0 if backend.load_is_stale else 0.0)
             if backend.load is not None:
@@ -72,7 +76,7 @@ class _BackendCollector:
                 waiting.add_metric(name, backend.load.waiting)
                 if backend.load.kv_usage is not None:
                     kv.add_metric(name, backend.load.kv_usage)
-        yield from (healthy, in_flight, running, waiting, kv, stale)
+        yield from (healthy, in_flight, running, waiting, kv, stale, draining)
 
 
 class _SchedulerCollector:

@@ -113,6 +113,7 @@ class ProxyRequest:
     kv_reserved: int = 0  # tokens of KV this request is counted for on its backend while in flight
     prediction: Any = None  # the predictor's record of it (features), for online learning when the reply ends
     excluded: set[str] = field(default_factory=set)  # backends not to try again (retries)
+    tokens_charged: int = 0  # counted against the tenant's tokens per minute at admission (ratelimit.py)
     _prefix_hashes: list[int] | None = None  # computed on first use (only prefix-aware routing needs them)
     first_byte_sent: bool = False  # once true, the request can no longer move to another backend
     first_token_at: float | None = None  # monotonic; set on the first streamed content
@@ -155,9 +156,10 @@ class ProxyRequest:
             return None
         return self.prompt_tokens + (self.completion_tokens or 0)
 
-    def classify(self, tenant: str, slo: SLOClass) -> None:
-        """Attach the tenant and class, and the deadlines they imply from the arrival time."""
-        self.tenant, self.slo, self.band = tenant, slo, slo.band
+    def classify(self, tenant: str, slo: SLOClass, band: int | None = None) -> None:
+        """Attach the tenant and class (and the tenant's band, if it fixes one), and the deadlines
+        they imply from the arrival time."""
+        self.tenant, self.slo, self.band = tenant, slo, slo.band if band is None else band
         budget = slo.budget_s(self.est_output_tokens)
         self.deadline = None if budget is None else self.received_at + budget
         if slo.ttft_s is not None:

@@ -96,6 +96,39 @@ class Scheduler:
                 waiter.set_exception(ProxyError(503, "The proxy is shutting down.", headers=self._retry_after()))
             self._waiters.pop(request_id, None)
 
+    def replace_policy(self, policy: Policy) -> None:
+        """Schedule by ``policy`` from now on (admin reload). Requests waiting move to its queues in
+        its order; a policy without a queue routes them at once, as it would have on arrival."""
+        waiting = [request for queue in self.queues.values() for request in queue]
+        self.policy = policy
+        self.queues = {}
+        if policy.queued:
+            for request in waiting:
+                queue = self.queues.get(request.model)
+                if queue is None:
+                    queue = self.queues[request.model] = policy.ordering()
+                queue.push(request)
+            if self._timer is None:
+                self.start()
+            self.dispatch_all()
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        snapshot = self.snapshot()
+        for request in waiting:
+            self._left_queue(request)
+            waiter = self._waiters.get(id(request))
+            if waiter is None or waiter.done():
+                continue
+            candidates = self.candidates(request)
+            backend = policy.route(request, candidates, snapshot) if candidates else None
+            if backend is None:
+                error = ProxyError(503, f"No healthy backend is serving model `{request.model}`.")
+                waiter.set_exception(error)
+            else:
+                waiter.set_result(self._dispatched(request, backend))  # type: ignore[arg-type]
+
     # ----- the request side -----------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
         return Snapshot(self.clock(), self.pool.backends)
@@ -144,7 +177,8 @@ class Scheduler:
             raise
         finally:
             self._waiters.pop(id(request), None)
-            if queue.remove(request):  # still waiting (client gone, proxy stopping): it leaves the queue
+            queue = self.queues.get(request.model)  # not the one it joined if the policy was replaced since
+            if queue is not None and queue.remove(request):  # still waiting (client gone, proxy stopping)
                 self._left_queue(request)
 
     def release(self, request: ProxyRequest, backend: Backend, tokens: int | None = None) -> None:

@@ -8,13 +8,27 @@ import gc
 import logging
 import signal
 from collections.abc import Callable
+from pathlib import Path
 
 from .app import Proxy, build_server
 from .config import ProxyConfig
+from .errors import ProxyError
+
+log = logging.getLogger("sloproxy")
 
 
-async def run_proxy(config: ProxyConfig, ready: Callable[[str], None] | None = None) -> None:
-    proxy = Proxy(config)
+def _reload(proxy: Proxy) -> None:
+    """SIGHUP: the same as ``POST /admin/reload``; a config that does not load changes nothing."""
+    try:
+        proxy.reload()
+    except (ValueError, ProxyError) as exc:
+        log.error("config not reloaded: %s", exc)
+
+
+async def run_proxy(
+    config: ProxyConfig, ready: Callable[[str], None] | None = None, config_path: Path | None = None
+) -> None:
+    proxy = Proxy(config, config_path=config_path)
     server = build_server(proxy)
     await proxy.start()
     # Everything built so far lives as long as the process: keep it out of every future collection,
@@ -28,6 +42,9 @@ async def run_proxy(config: ProxyConfig, ready: Callable[[str], None] | None = N
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
+        if config_path is not None:
+            with contextlib.suppress(NotImplementedError, AttributeError):  # no SIGHUP on Windows
+                loop.add_signal_handler(signal.SIGHUP, _reload, proxy)
         address = f"http://{config.listen.host}:{config.listen.port}"
         (ready or print)(
             f"sloproxy serving on {address} ({len(config.backends)} backends, policy {config.policy.name})"

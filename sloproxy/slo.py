@@ -5,13 +5,12 @@ time-per-output-token target (interactive work), an end-to-end deadline (batch w
 priority band (0 is the most important) and whether the proxy may shed it early.
 
 Resolution, first match wins: the ``x-slo-class`` header, the tenant's default (tenants come
-from API keys, or the ``x-tenant`` header when no keys are configured), the model's default,
-the configured default.
+from API keys — see auth.py — or the ``x-tenant`` header when no keys are configured), the
+model's default, the configured default. A tenant may also fix its priority band.
 """
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Mapping
 from typing import Annotated
 
@@ -45,9 +44,25 @@ DEFAULT_CLASSES = (
 
 class TenantConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
-    api_keys: list[str] = msgspec.field(default_factory=list)
+    api_keys: list[str] = msgspec.field(default_factory=list)  # "sha256:<hex>" digests (`sloproxy hash-key`)
     default_class: str | None = None
+    band: Annotated[int, msgspec.Meta(ge=0)] | None = None  # priority band for all its requests (None: the class's)
     weight: Annotated[float, msgspec.Meta(gt=0)] = 1.0  # fair-share weight (priority-fair)
+    models: list[str] | None = None  # the models it may use (None: all)
+    rpm: Annotated[int, msgspec.Meta(gt=0)] | None = None  # requests per minute, fleet-wide
+    tpm: Annotated[int, msgspec.Meta(gt=0)] | None = None  # prompt + completion tokens per minute, fleet-wide
+
+    @property
+    def rate_limited(self) -> bool:
+        return self.rpm is not None or self.tpm is not None
+
+
+def tenant_named(tenants: Mapping[str, TenantConfig], headers: Mapping[str, str]) -> TenantConfig | None:
+    """Open mode: the ``x-tenant`` header names the tenant (a configured one, or an ad-hoc one)."""
+    name = headers.get("x-tenant")
+    if name is None:
+        return None
+    return tenants.get(name) or TenantConfig(name=name)
 
 
 class ModelDefaults(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -55,7 +70,7 @@ class ModelDefaults(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Classifier:
-    """Maps request headers and model to (tenant, SLO class). Pure, built once from config."""
+    """Maps a tenant, request headers and model to (tenant name, SLO class). Pure, built once from config."""
 
     def __init__(
         self,
@@ -67,24 +82,9 @@ class Classifier:
         self.classes = {c.name: c for c in classes} if classes else {c.name: c for c in DEFAULT_CLASSES}
         self.default = self.classes[default_class] if default_class else next(iter(self.classes.values()))
         self.tenants = {t.name: t for t in tenants}
-        self._keys = [(key.encode(), t) for t in tenants for key in t.api_keys]
         self.models = dict(models)
 
-    def tenant_for(self, headers: Mapping[str, str]) -> TenantConfig | None:
-        if self._keys:
-            auth = headers.get("Authorization", "")
-            key = auth[7:].encode() if auth.startswith("Bearer ") else b""
-            for candidate, tenant in self._keys:  # constant-time compare per key
-                if hmac.compare_digest(candidate, key):
-                    return tenant
-            return None
-        name = headers.get("x-tenant")
-        if name is None:
-            return None
-        return self.tenants.get(name) or TenantConfig(name=name)
-
-    def classify(self, headers: Mapping[str, str], model: str) -> tuple[str, SLOClass]:
-        tenant = self.tenant_for(headers)
+    def classify(self, tenant: TenantConfig | None, headers: Mapping[str, str], model: str) -> tuple[str, SLOClass]:
         explicit = headers.get("x-slo-class")
         if explicit is not None:
             slo = self.classes.get(explicit)

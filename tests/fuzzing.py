@@ -19,6 +19,7 @@ from typing import Any
 import httptools
 from hypothesis import strategies as st
 
+from sloproxy.auth import hash_key
 from sloproxy.processes import EmulatorProcess, ProxyProcess
 
 MODELS = ("m-vllm", "m-tgi", "m-sglang")
@@ -45,6 +46,8 @@ def proxy_config(fleet: EmulatorProcess) -> dict[str, Any]:
         "backends": backends,
         "policy": {"name": "least-load"},
         "limits": {"max_body_bytes": MAX_BODY_BYTES, "receive_timeout_s": 5.0, "max_prompt_chars": 100_000},
+        # The admin routes are fuzzed without the key (401 every time); the OpenAI routes stay open.
+        "admin": {"api_keys": [hash_key("sk-fuzz-admin-key")]},
     }
 
 
@@ -226,6 +229,10 @@ header_sets = st.lists(
 )
 
 
+OTHER_PATHS = ["/", "/v1", "/v1/chat", "/admin", "/v1/completions/x", "/%00", "/v1/models", "/admin/fleet"]
+OTHER_PATHS += ["/admin/policy", "/admin/drain", "/admin/undrain", "/admin/reload"]  # no key: 401 (or 405)
+
+
 @st.composite
 def cases(draw: st.DrawFn) -> Case:
     """One whole request: mostly the POST routes with generated bodies, sometimes anything else."""
@@ -237,7 +244,7 @@ def cases(draw: st.DrawFn) -> Case:
         return Case("GET", path, headers, b"", label="get")
     if route == "other":
         method = draw(st.sampled_from(["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "POST"]))
-        path = draw(st.sampled_from(["/", "/v1", "/v1/chat", "/admin", "/v1/completions/x", "/%00", "/v1/models"]))
+        path = draw(st.sampled_from(OTHER_PATHS))
         return Case(method, path + draw(st.sampled_from(["", "?a=1", "?%ff"])), headers, b"{}", chunked, "other")
     kind, label, body, model = draw(st.one_of(json_bodies(), json_bodies(), json_bodies(), raw_bodies()))
     if route == "bad_header":  # CR, LF or NUL inside a value: the parser refuses it (400)

@@ -18,7 +18,7 @@ from sloproxy.plugins import load_policy
 from sloproxy.request import parse_request
 from sloproxy.scheduler import Scheduler
 from sloproxy.scheduler_config import SchedulingConfig
-from sloproxy.slo import DEFAULT_CLASSES, Classifier, ModelDefaults, SLOClass, TenantConfig
+from sloproxy.slo import DEFAULT_CLASSES, Classifier, ModelDefaults, SLOClass, TenantConfig, tenant_named
 
 
 def request(model: str = "m", slo: str = "interactive", **fields):
@@ -39,27 +39,33 @@ def scheduler(policy: str = "fcfs", budget: int = 1, **config) -> Scheduler:
 # ----- classification ------------------------------------------------------------------------------
 def test_class_resolution_order():
     classes = [*DEFAULT_CLASSES, SLOClass("gold", ttft_s=0.5, band=0)]
-    tenants = [TenantConfig("acme", api_keys=["sk-acme"], default_class="batch")]
-    classifier = Classifier(classes, "interactive", tenants, {"big": ModelDefaults(default_class="gold")})
-    assert classifier.classify({"x-slo-class": "gold", "Authorization": "Bearer sk-acme"}, "m") == ("acme", classes[2])
-    assert classifier.classify({"Authorization": "Bearer sk-acme"}, "big")[1].name == "batch"  # tenant beats model
-    assert classifier.classify({}, "big")[1].name == "gold"  # model default
-    assert classifier.classify({}, "m") == ("default", classes[0])  # config default
-    assert classifier.classify({"Authorization": "Bearer wrong"}, "m")[0] == "default"
+    acme = TenantConfig("acme", api_keys=["sk-acme"], default_class="batch")
+    classifier = Classifier(classes, "interactive", [acme], {"big": ModelDefaults(default_class="gold")})
+    assert classifier.classify(acme, {"x-slo-class": "gold"}, "m") == ("acme", classes[2])
+    assert classifier.classify(acme, {}, "big")[1].name == "batch"  # tenant beats model
+    assert classifier.classify(None, {}, "big")[1].name == "gold"  # model default
+    assert classifier.classify(None, {}, "m") == ("default", classes[0])  # config default
     with pytest.raises(ProxyError) as error:
-        classifier.classify({"x-slo-class": "platinum"}, "m")
+        classifier.classify(None, {"x-slo-class": "platinum"}, "m")
     assert error.value.status == 400 and error.value.param == "x-slo-class"
 
 
-def test_tenant_header_only_without_keys_and_default_classes():
+def test_tenant_header_names_the_tenant_in_open_mode_and_default_classes():
     classifier = Classifier([], None, [], {})
     assert set(classifier.classes) == {"interactive", "batch"}
-    assert classifier.classify({"x-tenant": "blue"}, "m")[0] == "blue"
+    assert tenant_named(classifier.tenants, {"x-tenant": "blue"}).name == "blue"
+    assert tenant_named(classifier.tenants, {}) is None
     interactive, batch = classifier.classes["interactive"], classifier.classes["batch"]
     assert (interactive.ttft_s, interactive.tpot_s, interactive.sheddable) == (1.5, 0.10, False)
     assert (batch.deadline_s, batch.sheddable) == (60.0, True)
-    keyed = Classifier([], None, [TenantConfig("acme", api_keys=["k"])], {})
-    assert keyed.classify({"x-tenant": "blue"}, "m")[0] == "default"  # with keys, the header is ignored
+
+
+def test_a_tenant_band_overrides_the_class_band_and_survives_a_new_estimate():
+    r = request(slo="batch")
+    r.classify("acme", r.slo, band=0)
+    assert r.band == 0 and r.slo.band == 1
+    r.classify("acme", r.slo, r.band)  # what estimates.py does after a prediction
+    assert r.band == 0
 
 
 def test_deadlines_follow_the_class():
@@ -90,6 +96,32 @@ async def test_queue_bounds_and_release_order():
     waiting[1].cancel()  # a client that leaves while waiting leaves the queue
     await asyncio.gather(waiting[1], return_exceptions=True)
     assert s.state.queue_depths() == {}
+
+
+async def test_a_replaced_policy_takes_over_the_waiting_requests_in_its_own_order():
+    s = scheduler("fcfs", budget=1)
+    first = request()
+    backend = await s.acquire(first)
+    late_urgent, early_batch, leaving = request(slo="batch"), request(slo="batch"), request(slo="batch")
+    early_batch.seq, late_urgent.seq = 1, 2
+    waiting = [asyncio.ensure_future(s.acquire(r)) for r in (early_batch, leaving)]
+    await asyncio.sleep(0)
+    late_urgent.classify("t", DEFAULT_CLASSES[0])
+    waiting.append(asyncio.ensure_future(s.acquire(late_urgent)))
+    await asyncio.sleep(0)
+    s.replace_policy(load_policy("priority-fair"))  # band 0 first
+    assert len(s.queues["m"]) == 3 and s._timer is not None
+    waiting[1].cancel()  # a client that leaves after the swap leaves the new queue
+    await asyncio.gather(waiting[1], return_exceptions=True)
+    assert len(s.queues["m"]) == 2
+    s.release(first, backend)
+    await asyncio.sleep(0)
+    assert [w.done() for w in waiting] == [False, True, True]  # the urgent one went first
+    s.replace_policy(load_policy("round-robin"))  # no queue: what still waits is routed at once
+    await asyncio.sleep(0)
+    assert waiting[0].done() and waiting[0].result() is backend
+    assert s.state.queue_depths() == {} and s._queued_bytes == 0 and s._timer is None
+    await s.stop()
 
 
 async def test_a_request_that_can_be_placed_never_waits_and_max_queue_bounds_only_waiters():

@@ -44,7 +44,7 @@ from ..estimates import LengthEstimates
 from ..plugins import load_policy
 from ..request import ProxyRequest, parse_request
 from ..scheduler import Scheduler
-from ..slo import Classifier
+from ..slo import Classifier, tenant_named
 from .records import RequestRecord, RunMeta, tpot
 from .simloop import Task, VirtualLoop
 from .simprep import SimRequest
@@ -380,7 +380,8 @@ class Simulation:
             headers = {"x-slo-class": item.slo_class}
             if item.tenant is not None:
                 headers["x-tenant"] = item.tenant
-            request.classify(*self.classifier.classify(headers, request.model))
+            tenant = tenant_named(self.classifier.tenants, headers)
+            request.classify(*self.classifier.classify(tenant, headers, request.model), tenant and tenant.band)
         except ProxyError as error:
             self._record(client, error)
             return

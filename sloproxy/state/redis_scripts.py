@@ -193,6 +193,19 @@ return {0, math.max(1, math.ceil(wait))}
 """
 )
 
+# A correction to a RATE limiter, applied whatever the limit (a tenant's tokens once the engine
+# reported the true count; negative refunds). KEYS: 1 the limiter's hash. ARGV: 1 window ms, 2 cost.
+CHARGE = (
+    _COMMON
+    + """
+local window, cost = tonumber(ARGV[1]), tonumber(ARGV[2])
+local index = math.floor(server_ms() / window)
+redis.call('HINCRBY', KEYS[1], int(index), int(cost))
+redis.call('PEXPIRE', KEYS[1], int(2 * window + 1000))
+return 1
+"""
+)
+
 # KEYS: 1 the role's key. ARGV: 1 replica id, 2 lease ms. Returns 1 if this replica leads.
 LEAD = """
 local holder = redis.call('GET', KEYS[1])

@@ -433,6 +433,17 @@ class RedisCoordinator:
             return True, 0.0
         return bool(allowed), int(wait_ms) / 1000
 
+    async def charge_rate(self, key: str, window_s: float, cost: int) -> None:
+        """Correct a :meth:`take_rate` limiter by ``cost`` (negative: refund), whatever its limit.
+        Best effort: a lost correction only shifts one tenant's window, so failures are ignored."""
+        if self.degraded or cost == 0:
+            return
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self._eval(scripts.CHARGE, [self._key("rate:" + key)], [max(1, round(window_s * 1000)), cost])
+        except FAILURES:
+            return
+
     async def try_lead(self, role: str) -> bool:
         """Take or renew the lease on ``role`` for ``lease_s``; call again well within it. False if
         another replica holds it or Redis is unreachable (no leader beats two)."""
