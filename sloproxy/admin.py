@@ -39,6 +39,7 @@ def _backend_state(backend: Any) -> dict[str, Any]:
         "models": sorted(backend.models),
         "healthy": backend.probe_healthy,
         "draining": backend.draining,
+        "ejected": backend.ejected,  # the circuit breaker took it out (outlier.py)
         "in_flight": backend.in_flight,
         "in_flight_here": backend.mine,
         "budget": backend.budget,
