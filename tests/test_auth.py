@@ -297,7 +297,7 @@ async def test_the_admin_api_needs_the_admin_key_and_shows_the_fleet(proxy):
     status, raw, _ = await _get(proxy.url + "/admin/fleet", admin())
     fleet_state = json.loads(raw)
     assert status == 200 and [b["name"] for b in fleet_state["backends"]] == ["a", "b", "c"]
-    assert all(b["healthy"] and not b["draining"] for b in fleet_state["backends"])
+    assert all(b["healthy"] and not b["draining"] and not b["ejected"] for b in fleet_state["backends"])
     status, raw, _ = await _get(proxy.url + "/admin/policy", admin())
     assert status == 200 and json.loads(raw)["name"] == "least-load"
     code, body, _ = await post_json(proxy.url + "/admin/drain", {"backend": "zz"}, admin())
