@@ -82,6 +82,15 @@ class Breaker:
             self.backend.ejected = True  # every trial slot is out: no more until one reports
             self.backend.update_routable()
 
+    def trial_ended(self, key: int) -> None:
+        """A trial ended without a verdict (client gone, 4xx, or released unreported): its slot is free."""
+        if key not in self.trials:
+            return
+        self.trials.discard(key)
+        if self.half_open and self.backend.ejected:
+            self.backend.ejected = False
+            self.backend.update_routable()
+
 
 class OutlierDetector:
     """The breakers of all backends in a pool; ``record`` is called once per attempt by the forwarder."""
@@ -117,15 +126,13 @@ class OutlierDetector:
             return
         if not breaker.trials or key not in breaker.trials:
             return  # open, or half open and not a trial: stragglers from before the ejection say nothing
-        breaker.trials.discard(key)
         if ok:
             self._close(breaker)
         elif ok is False:
             breaker.last_failure = reason
             self._eject(breaker)
-        else:  # a trial that proved nothing frees its slot
-            backend.ejected = False
-            backend.update_routable()
+        else:
+            breaker.trial_ended(key)
 
     # ----- transitions ----------------------------------------------------------------------------
     def _eject(self, breaker: Breaker) -> None:

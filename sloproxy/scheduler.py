@@ -185,6 +185,9 @@ class Scheduler:
         """The request is done with ``backend`` (finished, failed or abandoned)."""
         if self._running.pop(id(request), None) is None:
             return
+        breaker = backend.breaker
+        if breaker is not None and breaker.trials:  # a trial nobody reported on (its caller left) frees its slot
+            breaker.trial_ended(id(request))
         backend.mine = self.state.release(backend.name, request.id)
         backend.in_flight = backend.mine + backend.remote_in_flight
         self._reserve_kv(backend, request, 0)
