@@ -71,7 +71,18 @@ def _serve(args: argparse.Namespace) -> int:
     if args.port:
         config.listen.port = args.port
     configure_logging(args.log_level)
-    run_async(run_proxy(config))
+    run_async(run_proxy(config, config_path=Path(args.config)))
+    return 0
+
+
+def _hash_key(args: argparse.Namespace) -> int:
+    """Print the digest to store in the config; the key comes from stdin so no shell history keeps it."""
+    from .auth import hash_key
+
+    key = sys.stdin.readline().strip()
+    if not key:
+        raise ValueError("give the key on standard input, e.g. `sloproxy hash-key < keyfile`")
+    print(hash_key(key))
     return 0
 
 
@@ -127,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     emulate.add_argument("--legacy-errors", action="store_true", help="vLLM: flat error bodies")
     emulate.set_defaults(func=_emulate)
 
+    hash_key = commands.add_parser("hash-key", help="print the sha256 digest of an API key read from stdin")
+    hash_key.set_defaults(func=_hash_key)
+
     bench = commands.add_parser("bench", help="benchmarks that print measured figures")
     bench.add_argument("which", choices=("calibration",))
     bench.add_argument("--json", action="store_true")
@@ -150,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .predictor.cli import register as register_predictor
 
     register_predictor(commands)
+    from .fleet.cli import register as register_fleet  # profile, plan
+
+    register_fleet(commands)
     return parser
 
 
