@@ -16,3 +16,7 @@ class SchedulingConfig(msgspec.Struct, forbid_unknown_fields=True):
     shed_tpot_s: float = 0.02  # assumed seconds per output token when judging whether a deadline can be met
     probe_after_updates: int = 20  # metrics readings at the learned ceiling, engine keeping up, before probing above
     retry_after_s: int = 1
+    # The memory of each queue's drain rate, which refuses sheddable work at arrival when the queue ahead
+    # of it outlasts its deadline (sloproxy/drain.py): long enough to smooth engine bursts, short enough
+    # to follow capacity changes.
+    drain_half_life_s: float = 20.0
