@@ -78,6 +78,15 @@ def record_usage(request: ProxyRequest, usage: Usage | None) -> None:
         request.completion_tokens = usage.completion_tokens
 
 
+@dataclass(frozen=True, slots=True)
+class AdminCall:
+    """One engine management call (sleep, wake, sleep state): not on the request path."""
+
+    method: str
+    path: str
+    body: bytes = b""
+
+
 class StreamTranslator(ABC):
     """Per request: each upstream SSE payload in, the bytes to send the client out."""
 
@@ -133,6 +142,24 @@ class EngineAdapter(ABC):
 
     def abort_call(self, request: ProxyRequest) -> UpstreamCall | None:
         """A call that aborts ``request`` inside the engine; None: closing the connection does it."""
+        return None
+
+    # Model swapping (sloproxy/swapping.py). None: the engine has no such API, so a backend of it in a
+    # GPU group is stopped and started by the restart hooks of its config instead.
+    def sleep_call(self, level: int) -> AdminCall | None:
+        """Free the GPU: level 1 keeps the weights in host memory (fast wake), level 2 drops them."""
+        return None
+
+    def wake_call(self) -> AdminCall | None:
+        """Load the weights and KV cache back after :meth:`sleep_call`."""
+        return None
+
+    def is_sleeping_call(self) -> AdminCall | None:
+        """Ask whether the engine sleeps (read at start); None: it cannot say."""
+        return None
+
+    def parse_is_sleeping(self, body: bytes) -> bool | None:
+        """The answer to :meth:`is_sleeping_call`; None when unreadable."""
         return None
 
 

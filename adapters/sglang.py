@@ -6,7 +6,7 @@ import msgspec
 
 from sloproxy.request import ProxyRequest
 
-from .base import BackendLoad, UpstreamCall, metric_values, openai_route
+from .base import AdminCall, BackendLoad, UpstreamCall, metric_values, openai_route
 from .openai_compat import OpenAICompatibleAdapter
 
 
@@ -39,6 +39,16 @@ class SGLangAdapter(OpenAICompatibleAdapter):
 
     def abort_call(self, request: ProxyRequest) -> UpstreamCall:
         return UpstreamCall("/abort_request", msgspec.json.encode({"rid": _rid(request)}), self.headers)
+
+    # Memory release (one level: weights and KV cache; the engine keeps what it needs to resume).
+    # SGLang has no route that reports the state: the swapper takes it as awake at start.
+    _TAGS = msgspec.json.encode({"tags": ["weights", "kv_cache"]})
+
+    def sleep_call(self, level: int) -> AdminCall:
+        return AdminCall("POST", "/release_memory_occupation", self._TAGS)
+
+    def wake_call(self) -> AdminCall:
+        return AdminCall("POST", "/resume_memory_occupation", self._TAGS)
 
     def parse_load(self, metrics_text: str) -> BackendLoad:
         values = metric_values(metrics_text)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sloproxy.request import ProxyRequest
 
-from .base import BackendLoad, labels_of, metric_values
+from .base import AdminCall, BackendLoad, decode_json, labels_of, metric_values
 from .openai_compat import OpenAICompatibleAdapter
 
 
@@ -16,6 +16,21 @@ class VLLMAdapter(OpenAICompatibleAdapter):
     def engine_priority(self, request: ProxyRequest) -> int | None:
         """vLLM runs lower values first, and only accepts them with ``--scheduling-policy priority``."""
         return request.urgency_rank if self.priority_scheduling else None
+
+    # Sleep mode: the server must run with VLLM_SERVER_DEV_MODE=1 and --enable-sleep-mode.
+    def sleep_call(self, level: int) -> AdminCall:
+        return AdminCall("POST", f"/sleep?level={level}")
+
+    def wake_call(self) -> AdminCall:
+        return AdminCall("POST", "/wake_up")
+
+    def is_sleeping_call(self) -> AdminCall:
+        return AdminCall("GET", "/is_sleeping")
+
+    def parse_is_sleeping(self, body: bytes) -> bool | None:
+        answer = decode_json(body)
+        value = answer.get("is_sleeping") if isinstance(answer, dict) else None
+        return value if isinstance(value, bool) else None
 
     def parse_load(self, metrics_text: str) -> BackendLoad:
         values = metric_values(metrics_text)

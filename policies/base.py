@@ -10,7 +10,7 @@ Parts, each with one job (in the spirit of llm-d's Filter / Scorer / Picker):
 * :class:`Admission` — may backend B take request R now (budgets, KV headroom)?
 * :class:`Filter` and :class:`Scorer` — routing: drop unsuitable backends, score the rest;
   the policy weights scores and picks the best.
-* :class:`FleetPolicy` — the slow path: actions on the fleet (evictions; later model swaps).
+* :class:`FleetPolicy` — the slow path: actions on the fleet (evictions, model swaps).
 
 A :class:`Policy` is a named preset of parts. Plugins register a :class:`PolicySpec` (its
 parameter type, validated strictly, and a builder) in the ``sloproxy.policies`` entry-point
@@ -134,11 +134,26 @@ class Evict:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Swap:
+    """Wake the sleeping backend ``backend`` (it serves ``model``), putting ``victim`` of its GPU group
+    to sleep if the group is full (None: the swapper picks one by its own rule). Carried out by the
+    proxy's swapper (sloproxy/swapping.py), which drains the victim first and may decline."""
+
+    model: str
+    backend: str
+    victim: str | None
+    reason: str
+
+
+FleetAction = Evict | Swap
+
+
 class FleetPolicy(ABC):
     @abstractmethod
     def actions(
         self, snapshot: Snapshot, waiting: Sequence[ProxyRequest], running: Sequence[ProxyRequest]
-    ) -> list[Evict]: ...
+    ) -> list[FleetAction]: ...
 
 
 @dataclass(eq=False)

@@ -15,8 +15,12 @@ group would miss. Here:
 * the planner (the policy's timer slow path) predicts each group's completion on its instance;
   on a predicted miss it re-assigns groups to instances: an integer program through scipy's HiGHS
   when groups x instances is small (time-capped), EDF greedy otherwise or when the solver fails;
-  routing follows the plan; the objective carries ``model_swap_s`` wherever an instance would need
-  another model (inert today: the fleet does not swap models, instances only serve their own);
+  routing follows the plan; the objective carries the swap time wherever an instance would need
+  another model (measured by the proxy's swapper, ``model_swap_s`` until measured);
+* a group whose model is loaded nowhere (its instances sleep: sloproxy/swapping.py) misses for sure:
+  the planner asks for a swap (:class:`Swap`) onto the sleeping instance that would finish it first,
+  swap time included, taking the GPUs from the member of that instance's group whose own waiting work
+  has the latest head deadline, and only if that is later than this group's (EDF over the GPUs);
 * pulling is gated by the scheduler's budget (a backpressure bound learned from engine metrics;
   QLM's code uses a fixed 10); batch work that has sent nothing is evicted for urgent work.
 """
@@ -31,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .base import BackendState, Evict, FleetPolicy, Ordering, Policy, PolicySpec, Scorer, Snapshot
+from .base import BackendState, FleetAction, FleetPolicy, Ordering, Policy, PolicySpec, Scorer, Snapshot, Swap
 from .parts import BudgetAdmission, EvictForUrgent, LeastLoad
 from .presets import QueuedParams
 
@@ -183,12 +187,59 @@ class QLMPlanner(FleetPolicy):
         self.plans = {"milp": 0, "greedy": 0}
         self.solve_every_s = solve_every_s
         self._solved_at = -math.inf
+        self.groups: list[GroupState] = []  # the waiting groups of the last plan
+        self.swaps_asked = 0
 
     def actions(
         self, snapshot: Snapshot, waiting: Sequence[ProxyRequest], running: Sequence[ProxyRequest]
-    ) -> list[Evict]:
+    ) -> list[FleetAction]:
         self.replan(snapshot, waiting)
-        return self.evict.actions(snapshot, waiting, running) if self.evict is not None else []
+        actions: list[FleetAction] = list(self.swaps(snapshot))
+        if self.evict is not None:
+            actions += self.evict.actions(snapshot, waiting, running)
+        return actions
+
+    def swap_cost(self, backend: BackendState) -> float:
+        """Seconds to bring ``backend``'s model in: measured by the proxy's swapper, else ``model_swap_s``."""
+        measured = getattr(backend, "swap_s", None)
+        return self.swap_s if measured is None else measured
+
+    def swaps(self, snapshot: Snapshot) -> list[Swap]:
+        """Swaps for waiting groups whose model no routable instance serves (see the module doc)."""
+        loaded = {model for b in snapshot.backends if b.healthy for model in b.models}
+        claimed: set[str] = set()  # GPU groups given a swap in this round
+        swaps: list[Swap] = []
+        for state in sorted(self.groups, key=lambda s: s.head_deadline):
+            model = state.group[0]
+            if model in loaded:
+                continue
+            sleeping = [
+                b
+                for b in snapshot.backends
+                if getattr(b, "asleep", False) and model in b.models and _gpu_group(b) not in (None, *claimed)
+            ]
+            if not sleeping:
+                continue
+            target = min(sleeping, key=lambda b: self.swap_cost(b) + state.tokens / self.throughput.rate(b))
+            group = _gpu_group(target)
+            members = [b for b in snapshot.backends if b.healthy and _gpu_group(b) == group]
+            victim = max(members, key=self._held_deadline, default=None)
+            if victim is not None and self._held_deadline(victim) <= state.head_deadline:
+                continue  # the instance's own work is due first: EDF keeps it there
+            claimed.add(group)  # type: ignore[arg-type]
+            cost = self.swap_cost(target)
+            done, slack = cost + state.tokens / self.throughput.rate(target), state.head_deadline - snapshot.now
+            reason = (
+                f"group {state.group} is loaded nowhere; on {target.name} it would finish in {done:.1f}s "
+                f"(swap {cost:.1f}s); deadline in {slack:.1f}s"
+            )
+            swaps.append(Swap(model, target.name, None if victim is None else victim.name, reason))
+        self.swaps_asked += len(swaps)
+        return swaps
+
+    def _held_deadline(self, backend: BackendState) -> float:
+        """The earliest head deadline among waiting groups of ``backend``'s models (inf: none waits)."""
+        return min((s.head_deadline for s in self.groups if s.group[0] in backend.models), default=math.inf)
 
     def replan(self, snapshot: Snapshot, waiting: Sequence[ProxyRequest]) -> None:
         backends = [b for b in snapshot.backends if b.healthy]
@@ -212,7 +263,7 @@ class QLMPlanner(FleetPolicy):
             for model in b.models:
                 serving.setdefault(model, []).append(b.name)
             models[b.name] = next(iter(b.models)) if b.models else ""
-        groups = list(states.values())
+        groups = self.groups = list(states.values())
         current = plan_greedy(groups, serving, wait, rate)
         at_risk = {s.group[0] for s in groups if self._misses(s, current, groups, wait, rate, snapshot.now)}
         self.edf_models = at_risk
@@ -225,8 +276,9 @@ class QLMPlanner(FleetPolicy):
         if solve and finite and len(finite) * len(backends) <= self.milp_max_vars and len(finite) == len(groups):
             self._solved_at = snapshot.now
             try:
+                swap_s = self._measured_swap_s(backends)
                 plan = plan_milp(
-                    groups, [b.name for b in backends], models, wait, rate, snapshot.now, self.swap_s, self.time_limit_s
+                    groups, [b.name for b in backends], models, wait, rate, snapshot.now, swap_s, self.time_limit_s
                 )
             except (ValueError, RuntimeError):
                 plan = None
@@ -238,6 +290,11 @@ class QLMPlanner(FleetPolicy):
         else:
             self.plans["milp"] += 1
         self.assignment = plan
+
+    def _measured_swap_s(self, backends: Sequence[BackendState]) -> float:
+        """The fleet's mean measured swap time, or ``model_swap_s`` while none was measured."""
+        measured = [m for b in backends if (m := getattr(b, "swap_s", None)) is not None]
+        return sum(measured) / len(measured) if measured else self.swap_s
 
     @staticmethod
     def _misses(
@@ -252,6 +309,10 @@ class QLMPlanner(FleetPolicy):
         if name is None:
             return False
         return now + wait[name] + state.tokens / rate[name] > state.head_deadline
+
+
+def _gpu_group(backend: BackendState) -> str | None:
+    return getattr(backend, "gpu_group", None)
 
 
 def backends_models(snapshot: Snapshot, name: str) -> frozenset[str]:
@@ -332,7 +393,7 @@ class QLMParams(QueuedParams, forbid_unknown_fields=True):
     default_tokens_per_s: float = 500.0  # throughput assumed until an instance's counter is read
     milp_max_vars: int = 64  # groups x instances up to which the integer program runs
     milp_time_limit_s: float = 0.01  # HiGHS time cap per plan; EDF greedy when it finds nothing
-    model_swap_s: float = 30.0  # planning cost of putting a group on an instance of another model
+    model_swap_s: float = 30.0  # planning cost of a model swap until the proxy has measured one
     milp_every_s: float = 1.0  # the integer program runs at most this often (EDF greedy in between)
     virtual_queue_weight: float = 1.0
 

@@ -27,6 +27,7 @@ from .request import Kind, parse_request
 from .scheduler import Scheduler
 from .slo import Classifier
 from .state import SharedState
+from .swapping import SwapCollector, Swapper
 from .tracing import Tracing
 
 if TYPE_CHECKING:
@@ -70,6 +71,13 @@ class Proxy:
         self.outlier = OutlierDetector(config.outlier, self.pool) if config.outlier.enabled else None
         if self.outlier is not None:
             self.metrics.attach_outlier(self.outlier)
+        # Model swapping between backends sharing a GPU group (swapping.py); idle without groups.
+        self.swapper = Swapper(self.pool, config.swapping)
+        if self.swapper.enabled:
+            self.swapper.waiting = self.scheduler.waiting
+            self.swapper.on_routable = self.scheduler.dispatch_for
+            self.scheduler.swapper = self.swapper
+            self.metrics.registry.register(SwapCollector(self.swapper))
         self.forwarder = Forwarder(self.pool, self.scheduler, config.limits, self.metrics, self.outlier)
         self.estimates = LengthEstimates.from_config(config.predictor, self.policy.uses_predictions)
         self.metrics.attach_predictor(self.estimates)
@@ -84,6 +92,7 @@ class Proxy:
         if self.coordinator is not None:
             await self.coordinator.start()  # Redis down: degraded, not an error (the log says so)
             self.scheduler.shares_changed()
+        await self.swapper.start()  # reads who sleeps; before the first request is scheduled
         self.scheduler.start()
         self.estimates.start()
         warning = self.authenticator.warning()
@@ -94,6 +103,7 @@ class Proxy:
 
     async def stop(self) -> None:
         await self.scheduler.stop()
+        await self.swapper.stop()
         await self.estimates.stop()
         await self.forwarder.stop()
         if self.outlier is not None:

@@ -39,6 +39,10 @@ class Backend:
     # with its trials all out. Apart from health checks: a backend can pass /health and fail requests.
     ejected: bool = False
     breaker: Breaker | None = None  # None: outlier detection off (and in the simulator)
+    # Model swapping (swapping.py) holds it: asleep, or being drained, put to sleep or woken.
+    asleep: bool = False
+    swap_s: float | None = None  # measured seconds to bring it in (victim's sleep + its wake; planners read it)
+    gpu_group: str | None = None  # = config.gpu_group: backends that take turns on the same GPUs
     consecutive_failures: int = 0
     consecutive_successes: int = 0
     # Load as the policies see it: the whole fleet's proxies (with several replicas: this one's own
@@ -68,6 +72,7 @@ class Backend:
     def __post_init__(self) -> None:
         self.name = self.config.name
         self.priority_scheduling = self.config.priority_scheduling
+        self.gpu_group = self.config.gpu_group
 
     @property
     def url(self) -> str:
@@ -78,7 +83,7 @@ class Backend:
         return self.load_read_at is None or self.clock() - self.load_read_at > self.stale_after_s
 
     def update_routable(self) -> None:
-        self.healthy = self.probe_healthy and not self.draining and not self.ejected
+        self.healthy = self.probe_healthy and not self.draining and not self.ejected and not self.asleep
 
     def record_probe(self, ok: bool, health: HealthConfig) -> None:
         if ok:

@@ -30,6 +30,13 @@ class BackendConfig(msgspec.Struct, forbid_unknown_fields=True):
     models: list[str]
     api_key: str | None = None  # sent as a bearer token (OpenAI-compatible backends)
     priority_scheduling: bool = False  # the engine runs with priority scheduling: pass priority hints
+    # Model swapping (swapping.py): instances sharing one GPU group, at most `swapping.awake_per_group`
+    # awake at a time. None: never put to sleep. vLLM sleeps at `sleep_level` 1 (weights to host
+    # memory) or 2 (dropped); SGLang releases memory (one level); other engines need both commands.
+    gpu_group: str | None = None
+    sleep_level: Literal[1, 2] = 1
+    sleep_command: list[str] | None = None  # argv run to stop it (engines without a sleep API)
+    wake_command: list[str] | None = None  # argv run to start it again; ready once /health answers 200
 
 
 class PolicyConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -130,6 +137,16 @@ class AdminConfig(msgspec.Struct, forbid_unknown_fields=True):
     api_keys: list[str] = msgspec.field(default_factory=list)  # "sha256:<hex>" digests (`sloproxy hash-key`)
 
 
+class SwappingConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """Model swapping between backends that share a ``gpu_group`` (swapping.py, docs/fleet.md)."""
+
+    awake_per_group: int = 1  # instances of one group awake at once (what its GPUs' memory holds)
+    drain_timeout_s: float = 120.0  # a swap whose victim still has requests in flight after this is called off
+    call_timeout_s: float = 600.0  # one sleep or wake call (or hook command, or /health wait after it)
+    min_awake_s: float = 10.0  # a busy instance is not swapped out sooner after waking (no ping-pong)
+    cost_smoothing: float = 0.3  # EWMA weight of the newest measured sleep / wake duration
+
+
 class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True):
     backends: list[BackendConfig]
     listen: Listen = msgspec.field(default_factory=Listen)
@@ -147,6 +164,7 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True):
     tracing: TracingConfig = msgspec.field(default_factory=TracingConfig)
     state: StateConfig = msgspec.field(default_factory=StateConfig)
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
+    swapping: SwappingConfig = msgspec.field(default_factory=SwappingConfig)
 
 
 class ConfigError(ValueError):
@@ -193,6 +211,7 @@ def _check(config: ProxyConfig, source: str) -> None:
     _check_limits(config.limits, source)
     _check_tenants(config, source)
     _check_resilience(config, source)
+    _check_swapping(config, source)
     classes = {c.name for c in (config.slo_classes or DEFAULT_CLASSES)}
     references = [("`$.default_class`", config.default_class)]
     references += [(f"`$.tenants[{i}].default_class`", t.default_class) for i, t in enumerate(config.tenants)]
@@ -261,3 +280,41 @@ def _check_resilience(config: ProxyConfig, source: str) -> None:
         raise ConfigError(f"{source}: `$.outlier.max_ejection_s` must be at least `base_ejection_s`")
     if not 0.0 <= outlier.max_ejected_fraction <= 1.0:
         raise ConfigError(f"{source}: `$.outlier.max_ejected_fraction` must be between 0 and 1")
+
+
+def _check_swapping(config: ProxyConfig, source: str) -> None:
+    """Grouped backends must be able to sleep and wake; swapping is one replica's decision."""
+    grouped = [(i, b) for i, b in enumerate(config.backends) if b.gpu_group is not None]
+    for index, backend in enumerate(config.backends):
+        where = f"`$.backends[{index}]`"
+        hooks = (backend.sleep_command, backend.wake_command)
+        if backend.gpu_group is None:
+            if any(h is not None for h in hooks):
+                raise ConfigError(f"{source}: {where}.sleep_command / wake_command need a `gpu_group`")
+            continue
+        if not backend.gpu_group:
+            raise ConfigError(f"{source}: {where}.gpu_group must not be empty")
+        if any(h is not None and not h for h in hooks):
+            raise ConfigError(f"{source}: {where}.sleep_command / wake_command must not be empty lists")
+        if backend.engine in ("tgi", "openai") and not all(hooks):
+            raise ConfigError(
+                f"{source}: {where}.gpu_group: engine {backend.engine!r} has no sleep API; "
+                "give both `sleep_command` and `wake_command` (a restart hook)"
+            )
+        if backend.engine == "sglang" and backend.sleep_level == 2:
+            raise ConfigError(f"{source}: {where}.sleep_level: SGLang's memory release has one level (use 1)")
+    if grouped and config.state.backend == "redis":
+        raise ConfigError(
+            f"{source}: `$.backends[{grouped[0][0]}].gpu_group`: model swapping needs one replica "
+            "(`state.backend: embedded`)"
+        )
+    swapping = config.swapping
+    if swapping.awake_per_group < 1:
+        raise ConfigError(f"{source}: `$.swapping.awake_per_group` must be at least 1")
+    for name in ("drain_timeout_s", "call_timeout_s"):
+        if not getattr(swapping, name) > 0:
+            raise ConfigError(f"{source}: `$.swapping.{name}` must be positive")
+    if swapping.min_awake_s < 0:
+        raise ConfigError(f"{source}: `$.swapping.min_awake_s` must not be negative")
+    if not 0 < swapping.cost_smoothing <= 1:
+        raise ConfigError(f"{source}: `$.swapping.cost_smoothing` must be in (0, 1]")

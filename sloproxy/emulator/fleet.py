@@ -45,6 +45,7 @@ class InstanceSpec(msgspec.Struct, forbid_unknown_fields=True):
     prefix_caching: bool = True
     legacy_errors: bool = False
     sse_space: bool = False
+    start_asleep: Literal[0, 1, 2] = 0  # 1: weights in host memory (slept at level 1); 2: cold, not loaded
 
 
 class FleetSpec(msgspec.Struct, forbid_unknown_fields=True):
@@ -101,6 +102,7 @@ def instance_config(
         prefix_caching=spec.prefix_caching,
         legacy_errors=spec.legacy_errors,
         sse_space=spec.sse_space,
+        start_asleep=spec.start_asleep,
     )
 
 

@@ -44,6 +44,7 @@ class InstanceConfig:
     prefix_caching: bool = True
     legacy_errors: bool = False  # vLLM: flat {"object": "error", ...} bodies as older releases send
     sse_space: bool = False  # TGI: "data: " (axum >= 0.7, TGI >= 2) instead of "data:" (older TGI)
+    start_asleep: int = 0  # 0 awake; 1 as after sleep level 1; 2 cold: weights not loaded (wake reads disk)
 
 
 @dataclass(slots=True)
@@ -96,6 +97,9 @@ class Instance:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._generations: dict[str, Generation] = {}
+        if config.start_asleep:  # started with sleep mode on and nothing loaded yet (or put to sleep before)
+            self.engine.sleeping = True
+            self.engine.sleep_level = config.start_asleep
 
     # ----- clock -------------------------------------------------------------------------------
     def now(self) -> float:

@@ -236,11 +236,21 @@ def build_app(instance: Instance) -> web.Application:
             raise ApiError(400, {"error": {"message": "rid or abort_all is required"}})
         return web.Response(status=200)
 
+    async def memory_tags(request: web.Request) -> None:
+        """``{"tags": [...]}`` (optional; default both) names what to release or resume."""
+        body = await json_object(request, bad) if request.can_read_body else {}
+        tags = body.get("tags", ["weights", "kv_cache"])
+        if not isinstance(tags, list) or not tags or not set(tags) <= {"weights", "kv_cache"}:
+            raise bad("tags must be a non-empty list of 'weights' and 'kv_cache'")
+
+    # Like vLLM's sleep level 1 and wake_up: the same modelled costs (weights over PCIe to host memory).
     async def release_memory(request: web.Request) -> web.Response:
+        await memory_tags(request)
         await instance.sleep(1)
         return web.Response(status=200)
 
     async def resume_memory(request: web.Request) -> web.Response:
+        await memory_tags(request)
         await instance.wake_up()
         return web.Response(status=200)
 
