@@ -1,4 +1,4 @@
-"""Capacity plan vs provisioning for peak on a shared trace: GPU-hours, and SLO attainment by simulation.
+"""Capacity plan vs provisioning for peak on a shared trace: GPU-hours at equal SLO attainment, by simulation.
 
 Workload: Azure conv 2023 served as ``llama-3-8b`` and Azure code 2023 as ``llama-3-70b`` (one workload,
 the two traces merged), both at ``--rate-scale`` (default 4: arrivals 4x faster, so the fleet has several
@@ -11,7 +11,13 @@ SLO attainment: the simulator (``sloproxy/evaluation/simulate.py``, policy least
 mid-run, so each interval's slice of the trace is simulated on its own with that interval's instance
 counts (every slice starts with idle engines), for both fleets alike.
 
-    .venv/bin/python bench/planner.py [--rate-scale 4] [--interval-s 75] [--headroom 0.1] [--json]
+Equal attainment: each profile is calibrated (``sloproxy/fleet/calibrate.py``) on the even intervals;
+then, per model (models share no instance, so each is simulated alone), every fleet -- peak and plan,
+with the profile's capacity and with the calibrated one -- is grown by headroom over ``HEADROOMS`` until
+the model's interactive attainment over the whole trace reaches ``--target``; GPU-hours are compared
+there. The odd intervals are the hold-out: the calibrated plan's attainment on them is printed apart.
+
+    .venv/bin/python bench/planner.py [--rate-scale 4] [--interval-s 75] [--target 0.9] [--json]
 """
 
 from __future__ import annotations
@@ -35,9 +41,10 @@ from sloproxy.evaluation.report import summarize
 from sloproxy.evaluation.simprep import SimRequest, prepare
 from sloproxy.evaluation.simulate import simulate
 from sloproxy.evaluation.workload import WorkloadRequest, write_workload
+from sloproxy.fleet.calibrate import calibrate_profile, interval_slices
 from sloproxy.fleet.emulated import profile_emulated
-from sloproxy.fleet.forecast import forecast, measure_demand, read_demand
-from sloproxy.fleet.planner import Allocation, Planner
+from sloproxy.fleet.forecast import IntervalDemand, forecast, measure_demand, read_demand
+from sloproxy.fleet.planner import Allocation, Plan, Planner
 from sloproxy.fleet.profile import INTERACTIVE, InstanceProfile
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -54,6 +61,7 @@ TRACES = [
 ]
 CONCURRENCY = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256]
 PROMPTS = [256, 512, 1024, 2048, 4096]
+HEADROOMS = [0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0]
 
 
 def build(rate_scale: float, seed: int) -> list[WorkloadRequest]:
@@ -141,14 +149,64 @@ def attainment(records: list[RequestRecord], duration_s: float) -> dict[str, Any
     return out
 
 
+def hold_out_attainment(records: list[RequestRecord], interval_s: float, count: int) -> float | None:
+    """Interactive attainment of the requests in the odd intervals (the ones calibration did not see)."""
+    chosen = [
+        r for r in records if r.slo_class == "interactive" and min(int(r.arrival_s // interval_s), count - 1) % 2 == 1
+    ]
+    return attainment(chosen, 1.0)["overall"] if chosen else None
+
+
+def smallest_headroom(
+    label: str,
+    plan_at: Any,
+    fleets_of: Any,
+    prepared: list[SimRequest],
+    args: argparse.Namespace,
+    emulator_profile: dict[tuple[str, str], str],
+    cache: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """Grow the headroom over HEADROOMS until interactive attainment reaches the target; the row there
+    (or at the largest headroom, marked unmet)."""
+    row: dict[str, Any] = {}
+    for headroom in HEADROOMS:
+        plan = plan_at(headroom)
+        fleets, gpu_hours, cost = fleets_of(plan)
+        key = json.dumps([[(a.gpu_type, a.instances) for a in f] for f in fleets])
+        if key not in cache:
+            records = simulate_fleet(prepared, fleets, args.interval_s, emulator_profile)
+            every = attainment(records, 1.0)
+            cache[key] = {
+                "interactive": every.get("interactive", every["overall"]),
+                "overall": every["overall"],
+                "hold_out": hold_out_attainment(records, args.interval_s, len(fleets)),
+            }
+        row = {
+            "fleet": label,
+            "headroom": headroom,
+            "gpu_hours": round(gpu_hours, 3),
+            "cost": round(cost, 2),
+            **cache[key],
+            "met": cache[key]["interactive"] >= args.target,
+            "instances": [{a.gpu_type: a.instances for a in f} for f in fleets],
+        }
+        print(
+            f"  {label} @ {headroom:.0%}: {gpu_hours:.2f} GPU-h, interactive {row['interactive']:.1%}",
+            file=sys.stderr,
+        )
+        if row["met"]:
+            break
+    return row
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate-scale", type=float, default=4.0)
     parser.add_argument("--interval-s", type=float, default=75.0, help="trace seconds after rate scaling")
     parser.add_argument("--window-s", type=float, default=15.0)
-    parser.add_argument("--headroom", type=float, default=0.1)
+    parser.add_argument("--target", type=float, default=0.9, help="interactive attainment per model")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--forecasts", default="seasonal,ewma")
+    parser.add_argument("--forecast", default="seasonal", choices=("seasonal", "ewma"))
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -165,50 +223,98 @@ def main() -> int:
         file=sys.stderr,
     )
     prepared = prepare(requests)
-    planner = Planner(found, INTERACTIVE, headroom=args.headroom)
     measured = measure_demand(records_in, args.interval_s, args.window_s)
-    duration = requests[-1].arrival_s
-    results: dict[str, Any] = {"requests": len(requests), "duration_s": duration, "interval_s": args.interval_s}
-    peak_done = False
-    for method in args.forecasts.split(","):
-        plan = planner.plan(forecast(measured, method), args.interval_s)
-        runs = [(f"plan ({method})", [i.allocations for i in plan.intervals], plan.gpu_hours, plan.cost)]
-        if not peak_done:
-            runs.append(("peak", [plan.peak] * len(plan.intervals), plan.peak_gpu_hours, plan.peak_cost))
-            peak_done = True
-        for label, fleets, gpu_hours, cost in runs:
-            t0 = time.perf_counter()
-            records = simulate_fleet(prepared, fleets, args.interval_s, emulator_profile)
-            results[label] = {
-                "gpu_hours": round(gpu_hours, 3),
-                "cost": round(cost, 2),
-                "instances": [{f"{a.model}@{a.gpu_type}": a.instances for a in f} for f in fleets],
-                "attainment": attainment(records, duration),
-            }
-            print(f"  {label}: simulated in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    count = max(len(rows) for rows in measured.values())
+    slices = interval_slices(prepared, min(r.arrival_s for r in records_in), args.interval_s, count)
+    calibration_set = range(0, count, 2)
+    calibrated: list[InstanceProfile] = []
+    results: dict[str, Any] = {
+        "requests": len(requests),
+        "duration_s": requests[-1].arrival_s,
+        "interval_s": args.interval_s,
+        "target": args.target,
+        "calibration": {},
+        "models": {},
+    }
+    for profile in found:
+        t0 = time.perf_counter()
+        cal = calibrate_profile(
+            profile,
+            INTERACTIVE,
+            slices,
+            measured[(profile.model, "default")],
+            calibration_set,
+            target=args.target,
+            interval_s=args.interval_s,
+            window_s=args.window_s,
+            emulator_profile=emulator_profile[profile.key],
+        )
+        calibrated.append(msgspec.structs.replace(profile, calibration=cal))
+        results["calibration"][f"{profile.model}@{profile.gpu_type}"] = msgspec.to_builtins(cal)
+        print(
+            f"calibrated {profile.model}@{profile.gpu_type}: factor {cal.factor:.3f} (needed {cal.needed}, "
+            f"smallest {cal.smallest}) in {time.perf_counter() - t0:.0f} s",
+            file=sys.stderr,
+        )
+    for model in sorted({p.model for p in found}):
+        demand: dict[tuple[str, str], list[IntervalDemand]] = {
+            key: rows for key, rows in forecast(measured, args.forecast).items() if key[0] == model
+        }
+        own = [r for r in prepared if r.model == model]
+        cache: dict[str, dict[str, Any]] = {}
+        rows: list[dict[str, Any]] = []
+        for capacity, chosen in (("profile", found), ("calibrated", calibrated)):
+
+            def plan_at(
+                headroom: float,
+                chosen: list[InstanceProfile] = chosen,
+                demand: dict[tuple[str, str], list[IntervalDemand]] = demand,
+            ) -> Plan:
+                return Planner(chosen, INTERACTIVE, headroom=headroom).plan(demand, args.interval_s)
+
+            def per_interval(plan: Plan) -> tuple[list[list[Allocation]], float, float]:
+                return [i.allocations for i in plan.intervals], plan.gpu_hours, plan.cost
+
+            def static(plan: Plan) -> tuple[list[list[Allocation]], float, float]:
+                return [plan.peak] * len(plan.intervals), plan.peak_gpu_hours, plan.peak_cost
+
+            for label, fleets_of in ((f"peak, {capacity}", static), (f"plan, {capacity}", per_interval)):
+                rows.append(smallest_headroom(label, plan_at, fleets_of, own, args, emulator_profile, cache))
+        results["models"][model] = rows
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
     print(
-        f"{len(requests)} requests, {duration:.0f} trace s, intervals of {args.interval_s:g} s, "
-        f"headroom {args.headroom:.0%}"
+        f"{len(requests)} requests, {results['duration_s']:.0f} trace s, intervals of {args.interval_s:g} s, "
+        f"forecast {args.forecast}; target: interactive attainment >= {args.target:.0%} per model over the trace"
     )
+    for key, cal in results["calibration"].items():
+        print(f"calibration {key}: factor {cal['factor']:.3f} (even intervals; smallest fleets {cal['smallest']})")
     print(
-        f"{'fleet':<18} {'GPU-hours':>9} {'cost':>7} {'overall':>8} {'interactive':>11} {'batch':>6} "
-        f"{'llama-3-8b':>10} {'llama-3-70b':>11}"
+        f"{'model':<12} {'fleet':<22} {'headroom':>8} {'GPU-hours':>9} {'cost':>7} {'interactive':>11} "
+        f"{'overall':>8} {'hold-out':>8}"
     )
-    for label in [k for k in results if isinstance(results[k], dict)]:
-        r = results[label]
-        a = r["attainment"]
+    totals: dict[str, list[float]] = {}
+    for model, rows in results["models"].items():
+        for row in rows:
+            held = f"{row['hold_out']:.1%}" if row["hold_out"] is not None else "-"
+            mark = "" if row["met"] else " (target not reached)"
+            print(
+                f"{model:<12} {row['fleet']:<22} {row['headroom']:>8.0%} {row['gpu_hours']:>9.3f} "
+                f"{row['cost']:>7.2f} {row['interactive']:>11.1%} {row['overall']:>8.1%} {held:>8}{mark}"
+            )
+            total = totals.setdefault(row["fleet"], [0.0, 0.0, 1.0])
+            total[0] += row["gpu_hours"]
+            total[1] += row["cost"]
+            total[2] = min(total[2], 1.0 if row["met"] else 0.0)
+    for label, (gpu_hours, cost, met) in totals.items():
         print(
-            f"{label:<18} {r['gpu_hours']:>9.3f} {r['cost']:>7.2f} {a['overall']:>8.1%} "
-            f"{a.get('interactive', 0):>11.1%} {a.get('batch', 0):>6.1%} "
-            f"{a.get('llama-3-8b', 0):>10.1%} {a.get('llama-3-70b', 0):>11.1%}"
+            f"{'all':<12} {label:<22} {'':>8} {gpu_hours:>9.3f} {cost:>7.2f}{'' if met else '  (target not reached)'}"
         )
-    for label in [k for k in results if isinstance(results[k], dict)]:
-        print(
-            f"{label}: " + " | ".join(", ".join(f"{k} {v}" for k, v in f.items()) for f in results[label]["instances"])
-        )
+    for model, rows in results["models"].items():
+        for row in rows:
+            fleets = " | ".join(", ".join(f"{k} {v}" for k, v in f.items()) for f in row["instances"][:12])
+            print(f"{model} {row['fleet']} @ {row['headroom']:.0%}: {fleets}")
     return 0
 
 

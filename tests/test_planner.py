@@ -14,7 +14,15 @@ from sloproxy.evaluation.workload import WorkloadRequest, write_workload
 from sloproxy.fleet.forecast import IntervalDemand, forecast, measure_demand, peak_window_rate, read_demand
 from sloproxy.fleet.measure import finish_profile
 from sloproxy.fleet.planner import GpuLimit, PlanError, Planner
-from sloproxy.fleet.profile import INTERACTIVE, Cell, InstanceProfile, load_profile, save_profile, slo_target
+from sloproxy.fleet.profile import (
+    INTERACTIVE,
+    Calibration,
+    Cell,
+    InstanceProfile,
+    load_profile,
+    save_profile,
+    slo_target,
+)
 
 
 def cell(concurrency: int, prompt: int, rps: float, tps: float, ttft_p90: float = 0.5, tpot_p90: float = 0.05) -> Cell:
@@ -69,12 +77,12 @@ def brute_force(profiles, covers, headroom, min_instances, limits, bound):
         )
         for row in covers:
             have = [
-                (p.capacity_at(row.mean_prompt_tokens), c)
+                (p.capacity_at(row.mean_prompt_tokens), p.derating(INTERACTIVE), c)
                 for p, c in zip(profiles, counts, strict=True)
                 if p.model == row.model
             ]
-            ok &= sum(cap.rps * c for cap, c in have) >= (1 + headroom) * row.rps - 1e-9
-            ok &= sum(cap.output_tps * c for cap, c in have) >= (1 + headroom) * row.output_tps - 1e-9
+            ok &= sum(cap.rps * k * c for cap, k, c in have) >= (1 + headroom) * row.rps - 1e-9
+            ok &= sum(cap.output_tps * k * c for cap, k, c in have) >= (1 + headroom) * row.output_tps - 1e-9
         for limit in limits:
             ok &= (
                 sum(
@@ -96,17 +104,18 @@ def test_planner_is_optimal_against_brute_force(seed):
     for model in ("m1", "m2"):
         for gpu in ("a100", "h100"):
             rps = rng.uniform(1, 10)
-            profiles.append(
-                make_profile(
-                    model, gpu, rps, rps * rng.uniform(50, 200), gpus=rng.choice((1, 2, 4)), cost=rng.uniform(1, 5)
-                )
+            profile = make_profile(
+                model, gpu, rps, rps * rng.uniform(50, 200), gpus=rng.choice((1, 2, 4)), cost=rng.uniform(1, 5)
             )
+            if rng.random() < 0.5:  # a calibrated capacity (derated, or raised) is as linear as the profile's
+                profile.calibration = Calibration(factor=rng.uniform(0.3, 1.5), target=0.9, slo="interactive")
+            profiles.append(profile)
     # Demand a single GPU type covers with at most 5 instances, so an optimum lies within 0..6 each.
     covers = []
     for model in ("m1", "m2"):
         own = [p for p in profiles if p.model == model]
-        rps = rng.uniform(0.2, 4.5) * min(p.capacity_at(512).rps for p in own) / 1.1
-        tps = rng.uniform(0.2, 4.5) * min(p.capacity_at(512).output_tps for p in own) / 1.1
+        rps = rng.uniform(0.2, 4.5) * min(p.capacity_at(512).rps * p.derating(INTERACTIVE) for p in own) / 1.1
+        tps = rng.uniform(0.2, 4.5) * min(p.capacity_at(512).output_tps * p.derating(INTERACTIVE) for p in own) / 1.1
         covers.append(demand(model, rps, tps))
     min_instances = rng.choice((0, 1))
     limits = [GpuLimit("h100", rng.randint(4, 16))] if seed % 2 else []

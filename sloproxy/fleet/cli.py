@@ -62,6 +62,20 @@ def register(commands: argparse._SubParsersAction) -> None:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(func=_plan)
 
+    calibrate = commands.add_parser(
+        "calibrate", help="derate emulated profiles' capacity by simulating a workload's own requests"
+    )
+    calibrate.add_argument("--workload", required=True, help="workload JSONL (sloproxy workload build)")
+    calibrate.add_argument("--profiles", nargs="+", required=True, help="emulated profile files, updated in place")
+    calibrate.add_argument("--slo-class", default="interactive", help="SLO class held to the target")
+    calibrate.add_argument("--target", type=float, default=0.9, help="attainment each interval must reach")
+    calibrate.add_argument("--interval-s", type=float, default=3600.0, help="as sloproxy plan will use")
+    calibrate.add_argument("--window-s", type=float, default=60.0, help="as sloproxy plan will use")
+    calibrate.add_argument(
+        "--intervals", choices=("all", "even"), default="all", help="even: keep the odd ones to judge the plan on"
+    )
+    calibrate.set_defaults(func=_calibrate)
+
 
 def _ints(text: str, what: str) -> list[int]:
     try:
@@ -219,4 +233,46 @@ def _plan(args: argparse.Namespace) -> int:
     for index, counts in enumerate(plan.kubernetes):
         print(f"# interval {index}: kustomization.yaml")
         print(kustomize_replicas(counts), end="")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from ..evaluation.simprep import prepare
+    from ..evaluation.workload import read_workload
+    from .calibrate import calibrate_profile, interval_slices
+    from .forecast import measure_demand, read_demand
+    from .profile import load_profile, save_profile, slo_target
+
+    if args.interval_s <= 0 or args.window_s <= 0:
+        raise ValueError("--interval-s and --window-s must be positive")
+    slo = slo_target(args.slo_class)
+    profiles = [(path, load_profile(path)) for path in args.profiles]
+    records = read_demand(args.workload)
+    measured = measure_demand(records, args.interval_s, args.window_s)
+    count = max(len(rows) for rows in measured.values())
+    slices = interval_slices(
+        prepare(read_workload(args.workload)), min(r.arrival_s for r in records), args.interval_s, count
+    )
+    use = range(0, count, 2) if args.intervals == "even" else range(count)
+    for path, profile in profiles:
+        keys = [key for key in measured if key[0] == profile.model]
+        if len(keys) != 1:
+            raise ValueError(f"{path}: the workload has {len(keys)} regions of model {profile.model!r} (need one)")
+        cal = calibrate_profile(
+            profile,
+            slo,
+            slices,
+            measured[keys[0]],
+            use,
+            target=args.target,
+            interval_s=args.interval_s,
+            window_s=args.window_s,
+            workload=str(args.workload),
+        )
+        profile.calibration = cal
+        save_profile(path, profile)
+        print(
+            f"{path}: {profile.model} on {profile.gpu_type}: factor {cal.factor:.3f} "
+            f"(needed {cal.needed}, smallest fleets {cal.smallest})"
+        )
     return 0

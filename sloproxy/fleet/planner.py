@@ -9,7 +9,9 @@ For one interval, with x[m,g,r] instances of model m on GPU type g in region r (
                 sum_{m(,r)} gpus[m,g] x[m,g,r] <= limit[g(,r)]              for every GPU limit given
 
 R and T are a profile's requests/s and output tokens/s within the SLO at the interval's mean prompt size
-(``InstanceProfile.capacity_at``), rps and tps the forecast peaks (``forecast.py``), h the headroom. The
+(``InstanceProfile.capacity_at``), times the profile's calibrated factor when it has one for the class
+(``calibrate.py``: the closed-loop profile overstates what bursty open-loop traffic gets), rps and tps
+the forecast peaks (``forecast.py``), h the headroom. The
 intervals share nothing (no start-up costs are modelled), so each is solved on its own; the static
 "provision for peak" fleet is the same program with every interval's cover rows at once.
 Solved by scipy.optimize.milp (HiGHS), relative gap 0: the plan is optimal, not just good.
@@ -131,8 +133,20 @@ class Planner:
                 self.by_model.setdefault(profile.model, []).append(profile)
 
     def capacity(self, profile: InstanceProfile, prompt_tokens: float) -> tuple[float, float]:
+        """Requests/s and output tokens/s of one instance within the SLO, times its calibrated factor."""
         cap = profile.capacity_at(prompt_tokens, self.tables[id(profile)])
-        return cap.rps, cap.output_tps
+        factor = profile.derating(self.slo)
+        return cap.rps * factor, cap.output_tps * factor
+
+    def needed_instances(self, profile: InstanceProfile, row: IntervalDemand) -> float:
+        """Instances of ``profile`` alone that cover ``row`` without headroom (fractional; what calibration
+        compares with the simulated smallest fleet). Infinite when the profile has no capacity there."""
+        rps, tps = self.capacity(profile, row.mean_prompt_tokens)
+        need = 0.0
+        for demand, have in ((row.rps, rps), (row.output_tps, tps)):
+            if demand > 0:
+                need = max(need, demand / have if have > 0 else float("inf"))
+        return need
 
     def choices(self, keys: Sequence[tuple[str, str]]) -> list[Choice]:
         """Every (profile, region) variable for the (model, region) pairs in ``keys``."""

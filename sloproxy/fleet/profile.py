@@ -94,6 +94,21 @@ class Capacity(msgspec.Struct, frozen=True):
     output_tps: float
 
 
+class Calibration(msgspec.Struct, kw_only=True):
+    """A simulated derating of the profile's SLO capacity for one workload's mix (``calibrate.py``)."""
+
+    factor: float  # the planner multiplies capacity by this (for plans of class ``slo``)
+    target: float  # attainment each calibration interval had to reach
+    slo: str
+    workload: str | None = None
+    interval_s: float | None = None  # the demand measurement the factor was fitted with
+    window_s: float | None = None
+    intervals: int = 0
+    needed: list[float] = msgspec.field(default_factory=list)  # instances by the profile, per interval
+    smallest: list[int] = msgspec.field(default_factory=list)  # fewest that met the target, per interval
+    calibrated_at: str | None = None
+
+
 class InstanceProfile(msgspec.Struct, kw_only=True):
     """What the profilers write and the planner reads (YAML or JSON; ``version`` guards the format)."""
 
@@ -111,6 +126,13 @@ class InstanceProfile(msgspec.Struct, kw_only=True):
     slo: SloTarget = msgspec.field(default_factory=lambda: INTERACTIVE)
     cells: list[Cell] = msgspec.field(default_factory=list)
     capacity: list[SloCapacity] = msgspec.field(default_factory=list)  # derived for ``slo``
+    calibration: Calibration | None = None  # optional: ``sloproxy calibrate``
+
+    def derating(self, slo: SloTarget) -> float:
+        """The calibrated capacity factor for plans of ``slo`` (1 without a calibration for that class)."""
+        if self.calibration is None or self.calibration.slo != slo.name:
+            return 1.0
+        return self.calibration.factor
 
     @property
     def instance_cost_per_hour(self) -> float:
