@@ -149,7 +149,9 @@ class ProxyProcess(ChildProcess):
     def __init__(self, config: dict[str, Any], startup_timeout: float = 20.0) -> None:
         super().__init__(startup_timeout)
         self.config = dict(config)
-        self.config.setdefault("listen", {"host": "127.0.0.1", "port": free_port()})
+        # Always a free port: a config converted from ProxyConfig carries the default 8000, which
+        # another process on the machine may hold (a test then talks to the wrong server).
+        self.config["listen"] = {"host": "127.0.0.1", "port": free_port()}
         self.url = f"http://127.0.0.1:{self.config['listen']['port']}"
 
     def command(self) -> list[str]:
