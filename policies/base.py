@@ -20,6 +20,7 @@ group; see ``docs/policies.md``.
 from __future__ import annotations
 
 import itertools
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class BackendState(Protocol):
     priority_scheduling: bool  # the engine runs by priority itself
     urgent_budget: int  # the budget for band-0 work: above ``budget`` where the engine preempts by priority
     kv_reserved_tokens: int  # prompt + predicted p90 reply tokens of the proxy's in-flight requests on it
+    kv_urgent_tokens: int  # the part of it band-0 requests hold (this replica's)
 
     @property
     def load(self) -> LoadView | None: ...
@@ -68,6 +70,10 @@ class Snapshot:
 
 class Ordering(ABC):
     """A waiting queue for one model. Implementations keep operations O(log n) or better."""
+
+    # Orderings that look at the time read it here; the scheduler sets its own clock (virtual in the
+    # simulator) on every queue it creates.
+    clock: Callable[[], float] = staticmethod(time.monotonic)
 
     @abstractmethod
     def push(self, request: ProxyRequest) -> None: ...

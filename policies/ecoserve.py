@@ -36,10 +36,20 @@ class KVReserveAdmission(Admission):
     always admits (a request larger than the cache must still go somewhere; the engine decides), and
     one whose capacity was never reported is judged by the budget alone."""
 
-    def __init__(self, kv_limit: float = 0.95, reserve: float = 0.25, headroom: float = 1.0) -> None:
+    def __init__(
+        self,
+        kv_limit: float = 0.95,
+        reserve: float = 0.25,
+        headroom: float = 1.0,
+        urgent_margin: float = 1.25,
+        urgent_half_life_s: float = 30.0,
+    ) -> None:
         self.budget = BudgetAdmission(kv_limit, reserve)
         self.headroom = headroom
         self.capacity: dict[str, int] = {}  # last capacity each backend reported (it rarely changes)
+        self.urgent_margin = urgent_margin
+        self.urgent_half_life_s = urgent_half_life_s
+        self._urgent_peak: dict[str, tuple[float, float]] = {}  # backend -> (decaying peak of band-0 KV, when)
 
     def kv_capacity(self, backend: BackendState) -> int | None:
         load = backend.load
@@ -47,26 +57,45 @@ class KVReserveAdmission(Admission):
             self.capacity[backend.name] = load.kv_capacity_tokens
         return self.capacity.get(backend.name)
 
-    def fits(self, request: ProxyRequest, backend: BackendState) -> bool:
-        """Work outside band 0 may reserve only ``1 - reserve`` of the headroom, as it may fill only
-        that share of the budget: on a KV-bound engine the KV check binds before the budget does, and
-        without its own reserve a batch flood held every token and interactive work waited for batch
-        replies to finish (5x overload, measured: a third of interactive TTFTs missed)."""
+    def urgent_peak(self, backend: BackendState, now: float) -> float:
+        """Band-0 KV reserved on ``backend``: its recent peak, halving every ``urgent_half_life_s``."""
+        urgent = backend.kv_urgent_tokens
+        peak, at = self._urgent_peak.get(backend.name, (0.0, now))
+        if now > at:
+            peak *= 0.5 ** ((now - at) / self.urgent_half_life_s)
+        if urgent >= peak or now > at:
+            peak = max(peak, float(urgent))
+            self._urgent_peak[backend.name] = (peak, now)
+        return peak
+
+    def fits(self, request: ProxyRequest, backend: BackendState, now: float) -> bool:
+        """Band-0 work may fill the whole headroom. Other work may use only what band 0 is not
+        holding and has not recently needed: ``max(reserve x headroom, urgent_margin x its decaying
+        peak)`` stays free for band 0. On a KV-bound engine the KV check binds before the budget,
+        and batch replies in flight cannot be moved: a fixed quarter kept for interactive work was
+        not enough when interactive demand was higher (5x overload, measured: interactive TTFT
+        misses while batch held a quarter of the KV), so the reserve follows band 0's own demand."""
         capacity = self.kv_capacity(backend)
+        peak = self.urgent_peak(backend, now)
         if capacity is None or backend.in_flight == 0:
             return True
         limit = self.headroom * capacity
-        if request.band > 0:
-            limit *= 1.0 - self.budget.reserve
-        return backend.kv_reserved_tokens + kv_footprint(request) <= limit
+        footprint = kv_footprint(request)
+        if request.band == 0:
+            return backend.kv_reserved_tokens + footprint <= limit
+        limit = min(self.headroom, 1.0) * capacity  # no overcommit for work that cannot be moved later
+        urgent = backend.kv_urgent_tokens
+        held_for_urgent = max(urgent, self.budget.reserve * limit, self.urgent_margin * peak)
+        return backend.kv_reserved_tokens - urgent + footprint + held_for_urgent <= limit
 
     def admit(self, request: ProxyRequest, backend: BackendState, snapshot: Snapshot) -> bool:
-        return self.budget.admit(request, backend, snapshot) and self.fits(request, backend)
+        return self.budget.admit(request, backend, snapshot) and self.fits(request, backend, snapshot.now)
 
     def admitted(
         self, request: ProxyRequest, backends: Sequence[BackendState], snapshot: Snapshot
     ) -> list[BackendState]:
-        return [b for b in self.budget.admitted(request, backends, snapshot) if self.fits(request, b)]
+        now = snapshot.now
+        return [b for b in self.budget.admitted(request, backends, snapshot) if self.fits(request, b, now)]
 
 
 def length_bucket(request: ProxyRequest, edges: Sequence[int] = (64, 256, 1024)) -> int:
@@ -113,8 +142,15 @@ def footprint_first(slot_tokens: int = 1024) -> HeapOrdering:
     return HeapOrdering(key)
 
 
-class EcoServeParams(QueuedParams, forbid_unknown_fields=True):
+class KVReserveParams(QueuedParams, forbid_unknown_fields=True):
+    """What the KV-reserving policies (ecoserve, slo) share."""
+
     kv_headroom: float = 1.0  # share of each backend's KV capacity the reservations may fill
+    urgent_kv_margin: float = 1.25  # KV kept for band 0: this x its recent peak (at least `reserve`)
+    urgent_kv_half_life_s: float = 30.0  # how fast that peak is forgotten
+
+
+class EcoServeParams(KVReserveParams, forbid_unknown_fields=True):
     length_edges: list[int] = msgspec.field(default_factory=lambda: [64, 256, 1024])  # bucket edges, tokens
     length_affinity_weight: float = 0.3
     slot_tokens: int = 1024  # footprint granularity of the ordering
@@ -126,7 +162,9 @@ def kv_reserving(name: str, ordering: Callable[[], Ordering], params: Any) -> Po
     return Policy(
         name,
         ordering=ordering,
-        admission=KVReserveAdmission(params.kv_limit, params.reserve, params.kv_headroom),
+        admission=KVReserveAdmission(
+            params.kv_limit, params.reserve, params.kv_headroom, params.urgent_kv_margin, params.urgent_kv_half_life_s
+        ),
         scorers=[
             (LeastLoad(), params.least_load_weight),
             (LengthAffinity(params.length_edges), params.length_affinity_weight),

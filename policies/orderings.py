@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -65,9 +65,82 @@ def fifo() -> Ordering:
     return HeapOrdering(lambda r: (r.seq,))
 
 
+def _deadline_key(request: ProxyRequest) -> tuple:
+    return (request.urgent_deadline if request.urgent_deadline is not None else math.inf, request.seq)
+
+
+class LateLastEDF(Ordering):
+    """Earliest deadline first among requests that can still meet their first deadline. One whose
+    deadline has passed waits while on-time work of its band or a more important band waits, then
+    goes before less important bands' work; overdue work of a band leaves in deadline order.
+
+    Plain EDF under overload serves the most overdue request first, so once the queue is late every
+    request in it misses (the domino effect): in a burst above capacity, on-time work lined up behind
+    requests already lost. Nothing is dropped here; overdue work is only served after on-time work.
+    """
+
+    def __init__(self) -> None:
+        self._on_time = HeapOrdering(_deadline_key)
+        self._on_time_bands: Counter[int] = Counter()  # bands of the on-time requests waiting
+        self._late: dict[int, HeapOrdering] = {}  # band -> overdue requests
+
+    def _demote_overdue(self) -> None:
+        on_time = self._on_time
+        now = self.clock()
+        while (head := on_time.peek()) is not None and head.urgent_deadline is not None and head.urgent_deadline < now:
+            on_time.pop()
+            self._on_time_bands[head.band] -= 1
+            late = self._late.get(head.band)
+            if late is None:
+                late = self._late[head.band] = HeapOrdering(_deadline_key)
+            late.push(head)
+
+    def _next(self) -> HeapOrdering | None:
+        self._demote_overdue()
+        late_bands = [band for band, queue in self._late.items() if len(queue)]
+        if late_bands:
+            band = min(late_bands)
+            if not any(count > 0 for b, count in self._on_time_bands.items() if b <= band):
+                return self._late[band]
+        return self._on_time if len(self._on_time) else None
+
+    def push(self, request: ProxyRequest) -> None:
+        self._on_time.push(request)
+        self._on_time_bands[request.band] += 1
+
+    def peek(self) -> ProxyRequest | None:
+        queue = self._next()
+        return queue.peek() if queue is not None else None
+
+    def pop(self) -> ProxyRequest:
+        queue = self._next()
+        if queue is None:
+            raise IndexError("pop from an empty queue")
+        request = queue.pop()
+        if queue is self._on_time:
+            self._on_time_bands[request.band] -= 1
+        return request
+
+    def remove(self, request: ProxyRequest) -> bool:
+        if self._on_time.remove(request):
+            self._on_time_bands[request.band] -= 1
+            return True
+        late = self._late.get(request.band)
+        return late is not None and late.remove(request)
+
+    def __len__(self) -> int:
+        return len(self._on_time) + sum(len(queue) for queue in self._late.values())
+
+    def __iter__(self) -> Iterator[ProxyRequest]:
+        yield from self._on_time
+        for queue in self._late.values():
+            yield from queue
+
+
 def edf() -> Ordering:
-    """Earliest deadline first: the TTFT deadline for interactive work, end-to-end for batch."""
-    return HeapOrdering(lambda r: (r.urgent_deadline if r.urgent_deadline is not None else math.inf, r.seq))
+    """Earliest deadline first: the TTFT deadline for interactive work, end-to-end for batch; work
+    already past its deadline goes after work still on time (:class:`LateLastEDF`)."""
+    return LateLastEDF()
 
 
 class PriorityFair(Ordering):

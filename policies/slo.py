@@ -12,12 +12,11 @@ from __future__ import annotations
 import msgspec
 
 from .base import Policy, PolicySpec
-from .ecoserve import kv_reserving
+from .ecoserve import KVReserveParams, kv_reserving
 from .orderings import edf
-from .presets import QueuedParams
 
 
-class SLOParams(QueuedParams, forbid_unknown_fields=True):
+class SLOParams(KVReserveParams, forbid_unknown_fields=True):
     kv_headroom: float = 1.5  # replies mostly end before p90 and engines admit by blocks used: overcommit KV
     length_edges: list[int] = msgspec.field(default_factory=lambda: [64, 256, 1024])
     length_affinity_weight: float = 0.1

@@ -49,6 +49,7 @@ class Backend:
     # plus the others' as of the last state sync; with one, just this one's).
     in_flight: int = 0
     kv_reserved_tokens: int = 0  # sum over in-flight requests of prompt + predicted p90 reply (KV admission)
+    kv_urgent_tokens: int = 0  # the band-0 part of it, this replica's (KV kept for interactive work)
     budget: int = 32  # dispatch budget (set and adapted by the scheduler)
     # This replica's part: what it has in flight, and what it may have (its share of the budget).
     mine: int = 0

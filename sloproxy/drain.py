@@ -53,6 +53,13 @@ class DrainRates:
             if count > 0:
                 self._busy_s[key] = self._busy_s.get(key, 0.0) + busy
 
+    def rate(self, key: Key) -> float | None:
+        """Requests per second ``key``'s queue drained at while it had waiters (None: too little seen)."""
+        busy = self._busy_s.get(key, 0.0)
+        if busy < self.min_busy_s:
+            return None
+        return self._served.get(key, 0.0) / busy
+
     def wait_s(self, key: Key) -> float | None:
         """Expected wait of a request joining ``key``'s queue now: those already waiting divided by the
         rate it drained at. 0 with nobody waiting; None while too little busy time was seen to judge;

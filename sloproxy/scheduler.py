@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from .swapping import Swapper
 
 log = logging.getLogger("sloproxy.scheduler")
+OUTWAIT_CHECK_S = 1.0  # how often waiting sheddable work is re-judged against its queue's drain rate
 
 
 class Scheduler:
@@ -70,6 +72,7 @@ class Scheduler:
         self._timer: asyncio.Task | None = None
         self.counts: Counter[str] = Counter()  # shed / timed out / evicted, by reason
         self.drain = DrainRates(self.config.drain_half_life_s)  # per (model, class) queue: how fast it is served
+        self._outwait_checked = 0.0
         self._preemptions_seen: dict[str, int] = {}  # backend -> the engine's preemption counter last read
         self._waiting_seen: dict[str, int] = {}  # backend -> engine-reported waiting at the last reading
         self.predict_many: Callable[[Sequence[ProxyRequest]], None] | None = None  # see the module doc
@@ -101,6 +104,11 @@ class Scheduler:
                 waiter.set_exception(ProxyError(503, "The proxy is shutting down.", headers=self._retry_after()))
             self._waiters.pop(request_id, None)
 
+    def _new_queue(self) -> Ordering:
+        queue = self.policy.ordering()
+        queue.clock = self.clock  # orderings that look at the time see the scheduler's (virtual in simulation)
+        return queue
+
     def replace_policy(self, policy: Policy) -> None:
         """Schedule by ``policy`` from now on (admin reload). Requests waiting move to its queues in
         its order; a policy without a queue routes them at once, as it would have on arrival."""
@@ -111,7 +119,7 @@ class Scheduler:
             for request in waiting:
                 queue = self.queues.get(request.model)
                 if queue is None:
-                    queue = self.queues[request.model] = policy.ordering()
+                    queue = self.queues[request.model] = self._new_queue()
                 queue.push(request)
             if self._timer is None:
                 self.start()
@@ -177,7 +185,7 @@ class Scheduler:
             queue = self.queues.get(request.model)  # others may have created it meanwhile
         self._admit_to_queue(request)
         if queue is None:
-            queue = self.queues[request.model] = self.policy.ordering()
+            queue = self.queues[request.model] = self._new_queue()
         waiter: asyncio.Future[Backend] = asyncio.get_running_loop().create_future()
         self._waiters[id(request)] = waiter
         self._queued_bytes += len(request.raw)
@@ -345,6 +353,8 @@ class Scheduler:
         delta = tokens - request.kv_reserved
         backend.kv_mine += delta
         backend.kv_reserved_tokens += delta
+        if request.band == 0:
+            backend.kv_urgent_tokens += delta
         request.kv_reserved = tokens
 
     @staticmethod
@@ -380,6 +390,9 @@ class Scheduler:
         now = self.clock()
         self.drain.advance(now)
         self.expire(now)
+        if now - self._outwait_checked >= OUTWAIT_CHECK_S:
+            self._outwait_checked = now
+            self.shed_outwaited(now)
         self.fleet_actions()
         self.dispatch_all()
 
@@ -425,6 +438,43 @@ class Scheduler:
                         headers=self._retry_after(),
                     )
                 self._fail(request, error)
+
+    def shed_outwaited(self, now: float) -> None:
+        """Shed queued sheddable work that, at its queue's drain rate, would wait past its deadline.
+
+        :meth:`outwaited` judges arrivals; this judges those already waiting, in deadline order (the
+        k-th still kept waits about k / rate). It catches what joined before the rate was known: at
+        5x overload, batch that arrived in the first seconds otherwise got its 429 after 55 s of a
+        60 s deadline (bench/overload.py). Runs every ``OUTWAIT_CHECK_S`` from the timer."""
+        shed_tpot = self.config.shed_tpot_s
+        for model, queue in self.queues.items():
+            by_class: dict[str, list[ProxyRequest]] = {}
+            for request in queue:
+                slo = request.slo
+                if slo is not None and slo.sheddable and request.deadline is not None:
+                    by_class.setdefault(slo.name, []).append(request)
+            for name, waiting in by_class.items():
+                rate = self.drain.rate((model, name))
+                if rate is None:
+                    continue
+                waiting.sort(key=lambda r: r.deadline)  # type: ignore[arg-type,return-value]
+                kept = 0
+                for request in waiting:
+                    wait = (kept + 1) / rate if rate > 0 else math.inf
+                    if now + wait + request.est_output_tokens * shed_tpot < request.deadline:  # type: ignore[operator]
+                        kept += 1
+                        continue
+                    queue.remove(request)
+                    self.counts["deadline_exceeded"] += 1
+                    self._fail(
+                        request,
+                        ProxyError(
+                            429,
+                            "The queue ahead would outlast the request's deadline; shed.",
+                            code="deadline_exceeded",
+                            headers=self._retry_after(),
+                        ),
+                    )
 
     def hopeless(self, request: ProxyRequest, now: float) -> bool:
         """Sheddable work that can no longer finish by its deadline, even if dispatched now:

@@ -76,6 +76,7 @@ def backend(
         load=load,
         load_is_stale=False,
         kv_reserved_tokens=reserved,
+        kv_urgent_tokens=0,
         load_read_at=read_at,
     )
 
@@ -234,7 +235,9 @@ def test_milp_and_greedy_spread_groups_to_minimise_lateness() -> None:
 # ----- slo ---------------------------------------------------------------------------------------------
 def test_slo_preset_is_edf_with_kv_reservation() -> None:
     policy = load_policy("slo", {"kv_headroom": 1.0})
-    ordered = drain(policy.ordering(), [req(1, deadline=9.0), req(2, deadline=3.0), req(3, band=1, deadline=1.0)])
+    ordering = policy.ordering()
+    ordering.clock = lambda: 0.0  # every deadline ahead
+    ordered = drain(ordering, [req(1, deadline=9.0), req(2, deadline=3.0), req(3, band=1, deadline=1.0)])
     assert ordered == ["r3", "r2", "r1"]  # deadlines alone: a batch deadline is its end-to-end one
     request = req(4, prompt=2000, p50=500, p90=1000)
     full, roomy = backend("full", in_flight=3, reserved=8000), backend("roomy", in_flight=3, reserved=2000)

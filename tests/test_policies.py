@@ -87,9 +87,39 @@ def test_fifo_serves_in_arrival_order(specs, ops):
 @settings(max_examples=150, deadline=None)
 @given(request_specs, operations)
 def test_edf_serves_earliest_deadline_first(specs, ops):
-    _, rest = _run(edf(), specs, ops)
+    ordering = edf()
+    ordering.clock = lambda: -1.0  # every deadline (0..100) still ahead
+    _, rest = _run(ordering, specs, ops)
     keys = [(r.urgent_deadline if r.urgent_deadline is not None else float("inf"), r.seq) for r in rest]
     assert keys == sorted(keys)
+
+
+@settings(max_examples=150, deadline=None)
+@given(request_specs, operations, st.floats(0, 100))
+def test_edf_serves_overdue_work_after_on_time_work_of_its_band_and_more_important_bands(specs, ops, now):
+    ordering = edf()
+    ordering.clock = lambda: now
+    _, rest = _run(ordering, specs, ops)
+
+    def overdue(r) -> bool:
+        return r.urgent_deadline is not None and r.urgent_deadline < now
+
+    for i, earlier in enumerate(rest):
+        for later in rest[i + 1 :]:
+            if overdue(earlier) and not overdue(later):  # overdue ahead of on-time: only of a more important band
+                assert earlier.band < later.band
+            if overdue(earlier) and overdue(later) and earlier.band == later.band:
+                assert (earlier.urgent_deadline, earlier.seq) <= (later.urgent_deadline, later.seq)
+    on_time = [r for r in rest if not overdue(r)]
+    keys = [(r.urgent_deadline if r.urgent_deadline is not None else float("inf"), r.seq) for r in on_time]
+    assert keys == sorted(keys)
+    # Overdue work does go once nothing on time of its band or a more important one waits.
+    overdue_band_zero = [i for i, r in enumerate(rest) if overdue(r) and r.band == 0]
+    on_time_band_zero = [i for i, r in enumerate(rest) if not overdue(r) and r.band == 0]
+    if overdue_band_zero:
+        assert min(overdue_band_zero) == (max(on_time_band_zero) + 1 if on_time_band_zero else 0) or any(
+            not overdue(r) and r.band > 0 for r in rest[: min(overdue_band_zero)]
+        )
 
 
 @settings(max_examples=150, deadline=None)
