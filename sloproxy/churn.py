@@ -149,7 +149,7 @@ async def fault_toggler(
     """Now and then, one backend misbehaves for a while (a random fault), then heals."""
     params = {
         "slow_first_byte": {"delay_s": 3.0},  # beyond bench/churn.py's first_byte_timeout_s (2 s)
-        "kill_mid_stream": {"after_s": 0.2},
+        "kill_mid_stream": {"after_s": 0.02},  # while short replies still stream (~2 ms a token)
         "flap_health": {"period_s": 0.7},
     }
     async with aiohttp.ClientSession() as session:

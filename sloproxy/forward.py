@@ -115,6 +115,8 @@ class Forwarder:
             reason = ""
             try:
                 served = await self._attempt(response, request, backend)
+                if served is False:
+                    reason = "its stream failed after the client had the first bytes"
                 return
             except _RetryableFailure as failure:
                 if request.evicted:  # the scheduler moved it: back to the queue, not a failure
