@@ -10,6 +10,7 @@ request was lost (neither completed nor given an explicit error). Exit status 1 
 any reservation is left.
 
     .venv/bin/python bench/churn.py [--minutes 30] [--clients 12] [--speedup 20] [--sample-s 5]
+                                    [--policy slo] [--faults hang,garbage,reset,...]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from sloproxy.churn import Tally, churn
+from sloproxy.churn import FAULTS, Tally, churn
 from sloproxy.processes import EmulatorProcess, ProxyProcess
 
 MODEL = "m"
@@ -82,7 +83,10 @@ async def run(args: argparse.Namespace) -> int:
         began = time.monotonic()
         tally = Tally()
         reporter = asyncio.create_task(progress(tally, samples, began))
-        await churn(proxy.url, MODEL, [fleet.url("c")], args.minutes * 60.0, clients=args.clients, tally=tally)
+        faults = args.faults.split(",")
+        await churn(
+            proxy.url, MODEL, [fleet.url("c")], args.minutes * 60.0, clients=args.clients, tally=tally, faults=faults
+        )
         reporter.cancel()
         elapsed = time.monotonic() - began
         await asyncio.sleep(3.0)  # in-flight aborts and health probes settle
@@ -149,6 +153,7 @@ def main() -> int:
     parser.add_argument("--speedup", type=float, default=20.0)
     parser.add_argument("--sample-s", type=float, default=5.0)
     parser.add_argument("--policy", default="slo")
+    parser.add_argument("--faults", default=",".join(FAULTS), help="comma-separated modes toggled on backend c")
     return asyncio.run(run(parser.parse_args()))
 
 

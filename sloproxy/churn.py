@@ -145,8 +145,9 @@ async def fault_toggler(
     *,
     gap_s: tuple[float, float] = (3.0, 10.0),
     fault_s: tuple[float, float] = (2.0, 8.0),
+    faults: Sequence[str] = FAULTS,
 ) -> None:
-    """Now and then, one backend misbehaves for a while (a random fault), then heals."""
+    """Now and then, one backend misbehaves for a while (a random one of ``faults``), then heals."""
     params = {
         "slow_first_byte": {"delay_s": 3.0},  # beyond bench/churn.py's first_byte_timeout_s (2 s)
         "kill_mid_stream": {"after_s": 0.02},  # while short replies still stream (~2 ms a token)
@@ -160,7 +161,7 @@ async def fault_toggler(
                 with_gap.cancel()
                 if stop.is_set():
                     break
-                url, mode = random.choice(backend_urls), random.choice(FAULTS)
+                url, mode = random.choice(backend_urls), random.choice(faults)
                 await set_fault(session, url, mode, **params.get(mode, {}))
                 tally.faults[mode] += 1
                 await asyncio.sleep(random.uniform(*fault_s))
@@ -180,13 +181,15 @@ async def churn(
     tally: Tally | None = None,
     fault_gap_s: tuple[float, float] = (3.0, 10.0),
     fault_s: tuple[float, float] = (2.0, 8.0),
+    faults: Sequence[str] = FAULTS,
 ) -> Tally:
     """Run ``clients`` workers against the proxy at ``url`` for ``seconds`` while faults toggle on
     ``backend_urls``; returns the tally once every worker's last request has ended."""
     tally = tally or Tally()
     stop = asyncio.Event()
     tasks = [asyncio.create_task(client_worker(url, model, tally, stop)) for _ in range(clients)]
-    tasks.append(asyncio.create_task(fault_toggler(backend_urls, tally, stop, gap_s=fault_gap_s, fault_s=fault_s)))
+    toggler = fault_toggler(backend_urls, tally, stop, gap_s=fault_gap_s, fault_s=fault_s, faults=faults)
+    tasks.append(asyncio.create_task(toggler))
     await asyncio.sleep(seconds)
     stop.set()
     await asyncio.gather(*tasks)
