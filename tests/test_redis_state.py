@@ -322,7 +322,9 @@ async def test_redis_killed_then_restarted_keeps_budget(caplog: pytest.LogCaptur
                 while in_flight[name] < c.share("b") and backlog[name] > 0:
                     in_flight[name] += 1
                 c.update_local("b", in_flight=in_flight[name], kv_tokens=0, demand=in_flight[name] + backlog[name])
-                if c.degraded and frozen.setdefault(name, c.share("b")) != c.share("b"):
+                if not c.degraded:  # each outage freezes the share it began with (a load hiccup is one too)
+                    frozen.pop(name, None)
+                elif frozen.setdefault(name, c.share("b")) != c.share("b"):
                     frozen_changes.append(f"{name}: {frozen[name]} -> {c.share('b')}")
             held = sum(max(c.share("b"), in_flight[n]) for n, c in members.items())
             if held > 10:
@@ -361,8 +363,10 @@ async def test_redis_killed_then_restarted_keeps_budget(caplog: pytest.LogCaptur
         assert not frozen_changes, frozen_changes[:5]
         assert a.metrics()["sync_failures"] >= 1 and b.metrics()["sync_failures"] >= 1
         messages = [r.getMessage() for r in caplog.records]
-        assert sum("unreachable" in m for m in messages) == 2  # one line per replica entering
-        assert sum("reachable again" in m for m in messages) == 2  # and one rejoining
+        # One line per replica entering the outage and one rejoining (more if a loaded machine made a
+        # sync time out before the kill: each is a real outage, logged in pairs).
+        entering = sum("unreachable" in m for m in messages)
+        assert entering >= 2 and sum("reachable again" in m for m in messages) == entering
 
 
 # ----- global numbers --------------------------------------------------------------------------------
