@@ -35,6 +35,10 @@ class Backend:
     healthy: bool = True  # optimistic until the first probe says otherwise
     probe_healthy: bool = True  # the active health checks pass
     draining: bool = False  # admin: no new requests; those in flight finish
+    # Told when health checks or the breaker take the backend out (the scheduler moves work off it).
+    on_failed: Callable[[Backend], None] | None = field(default=None, repr=False)
+    probe_healthy_was: bool = field(default=True, repr=False)
+    ejected_was: bool = field(default=False, repr=False)
     # The circuit breaker (outlier.py) sends no new requests: ejected for failing them, or half open
     # with its trials all out. Apart from health checks: a backend can pass /health and fail requests.
     ejected: bool = False
@@ -84,7 +88,11 @@ class Backend:
         return self.load_read_at is None or self.clock() - self.load_read_at > self.stale_after_s
 
     def update_routable(self) -> None:
+        was_up = self.probe_healthy_was and not self.ejected_was
         self.healthy = self.probe_healthy and not self.draining and not self.ejected and not self.asleep
+        self.probe_healthy_was, self.ejected_was = self.probe_healthy, self.ejected
+        if was_up and (not self.probe_healthy or self.ejected) and self.on_failed is not None:
+            self.on_failed(self)  # it failed (not drained or put to sleep): what it holds silently can move
 
     def record_probe(self, ok: bool, health: HealthConfig) -> None:
         if ok:

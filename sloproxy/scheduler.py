@@ -84,6 +84,8 @@ class Scheduler:
             self._set_budget(backend, self.state.budget(backend.name, self.config.budget_initial))
             backend.mine = backend.in_flight = self.state.in_flight(backend.name)
         pool.on_load_update = self._on_load_update
+        for backend in pool.backends:
+            backend.on_failed = self.evacuate
         if self.shared is not None:
             self.shared.before_sync = self._report_to_fleet
             # Past the first attempt (Proxy.start refreshes after it), shares move only on a successful sync.
@@ -395,6 +397,21 @@ class Scheduler:
             self.shed_outwaited(now)
         self.fleet_actions()
         self.dispatch_all()
+
+    def evacuate(self, backend: Backend) -> None:
+        """``backend`` failed (health checks or the breaker): requests on it that have sent nothing to
+        their clients yet go back to the queue for another backend. A hung engine would otherwise hold
+        a non-streamed request until ``read_timeout_s`` (300 s by default), since its reply has no
+        first byte to time out on. Streams already under way stay: their clients have bytes."""
+        for request in list(self._running.values()):
+            if request.backend != backend.name or request.first_byte_sent or request.evicted:
+                continue
+            if request.evict is None:
+                continue  # not yet sent upstream: its attempt fails on its own and is retried
+            request.evicted = True
+            request.evict()
+            self.counts["evacuated"] += 1
+            log.info("moving %s off failed backend %s", request.id, backend.name)
 
     def fleet_actions(self) -> None:
         """Run the policy's slow path and carry out what it decides (evictions for now)."""

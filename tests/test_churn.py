@@ -87,4 +87,5 @@ async def test_short_churn_loses_nothing_and_leaks_nothing(fleet: EmulatorProces
         watcher.cancel()
         await server.stop(1.0)
         await proxy.stop()
-    assert await fds_within(baseline) == baseline  # every socket the run opened is closed again
+    # Every socket the run opened is closed again (fewer is fine: earlier tests' sockets may close meanwhile).
+    assert await fds_within(baseline) <= baseline

@@ -194,6 +194,26 @@ async def test_failing_backend_is_retried_then_ejected(fleet: EmulatorProcess, m
         print(f"{mode}: 12 requests all ok in {time.monotonic() - started:.2f}s")
 
 
+async def test_requests_silently_held_by_a_backend_that_fails_move_to_another(fleet: EmulatorProcess) -> None:
+    """A hung engine gives a non-streamed request no first byte to time out on: it would wait out
+    `read_timeout_s` (30 s here). Once the health checks take the backend out, the request (which has
+    sent nothing to its client yet) moves to the other backend and completes at once."""
+    await fault(fleet, "bad", "hang")
+    config = config_for(fleet, limits={"first_byte_timeout_s": 30.0, "read_timeout_s": 30.0})
+    async with running_proxy(config) as (proxy, client):
+        started = time.monotonic()
+        calls = asyncio.gather(*(ask(client, stream=stream) for stream in (False, False, True, True)))
+        await wait_for(lambda: any(b.name == "bad" and b.in_flight for b in proxy.pool.backends))
+        status, body, _ = await post_json(fleet.url("bad") + "/_emulator/health", {"healthy": False})
+        assert status == 200, body
+        try:
+            assert Counter(await calls) == {"ok": 4}
+            assert time.monotonic() - started < 10.0  # not the 30 s read timeout
+            assert proxy.scheduler.counts["evacuated"] >= 1
+        finally:
+            await post_json(fleet.url("bad") + "/_emulator/health", {"healthy": True})
+
+
 def proxy_port(client: openai.AsyncOpenAI) -> int:
     port = client.base_url.port
     assert port is not None
