@@ -97,6 +97,11 @@ class Ordering(ABC):
     def __iter__(self) -> Iterator[ProxyRequest]:
         """Every waiting request, in no particular order (for timers and snapshots)."""
 
+    def on_time_ahead(self, request: ProxyRequest) -> int | None:
+        """How many waiting requests would go before ``request`` if it joined now and can still meet
+        their deadlines (None: this ordering does not say)."""
+        return None
+
     def served(self, request: ProxyRequest, tokens: int) -> None:  # noqa: B027 - optional hook
         """A dispatched request finished having used ``tokens`` (fair-share accounting)."""
 

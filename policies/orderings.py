@@ -108,6 +108,12 @@ class LateLastEDF(Ordering):
         self._on_time.push(request)
         self._on_time_bands[request.band] += 1
 
+    def on_time_ahead(self, request: ProxyRequest) -> int:
+        """The on-time requests of its band or a more important one (same-class arrivals before it have
+        earlier deadlines; overdue ones go after it)."""
+        self._demote_overdue()
+        return sum(count for band, count in self._on_time_bands.items() if band <= request.band)
+
     def peek(self) -> ProxyRequest | None:
         queue = self._next()
         return queue.peek() if queue is not None else None

@@ -281,6 +281,15 @@ class Scheduler:
                 code="deadline_exceeded",
                 headers=self._retry_after(),
             )
+        if self.overrun(request, now):
+            self.counts["over_capacity"] += 1
+            raise ProxyError(
+                429,
+                "The fleet is over capacity: this request would not start within its time-to-first-token "
+                "target; retry later.",
+                code="over_capacity",
+                headers=self._retry_after(),
+            )
 
     # ----- dispatch -------------------------------------------------------------------------------
     def dispatch(self, model: str) -> None:
@@ -455,6 +464,21 @@ class Scheduler:
                         headers=self._retry_after(),
                     )
                 self._fail(request, error)
+
+    def overrun(self, request: ProxyRequest, now: float) -> bool:
+        """Work that is not sheddable but has a first-token target, whose on-time queue ahead (at the
+        rate its (model, class) queue drains) would outlast that target (``refuse_overrun``)."""
+        slo = request.slo
+        if not self.config.refuse_overrun or slo is None or slo.sheddable or slo.ttft_s is None:
+            return False
+        queue = self.queues.get(request.model)
+        ahead = queue.on_time_ahead(request) if queue is not None else 0
+        if not ahead or request.urgent_deadline is None:
+            return False
+        rate = self.drain.rate((request.model, slo.name))
+        if not rate:  # unknown yet, or nothing served lately: no evidence to refuse on
+            return False
+        return now + (ahead + 1) / rate > request.urgent_deadline
 
     def shed_outwaited(self, now: float) -> None:
         """Shed queued sheddable work that, at its queue's drain rate, would wait past its deadline.

@@ -20,3 +20,8 @@ class SchedulingConfig(msgspec.Struct, forbid_unknown_fields=True):
     # of it outlasts its deadline (sloproxy/drain.py): long enough to smooth engine bursts, short enough
     # to follow capacity changes.
     drain_half_life_s: float = 20.0
+    # Work that is not sheddable but has a first-token target is refused at arrival (429, Retry-After)
+    # when the on-time requests ahead of it, at its queue's drain rate, outlast that target: past
+    # capacity, the share the fleet can carry is served on time and the rest hears at once, instead of
+    # everyone waiting out queue_timeout_s (bench/overload.py, scenario B).
+    refuse_overrun: bool = True

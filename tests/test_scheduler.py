@@ -124,6 +124,34 @@ async def test_a_replaced_policy_takes_over_the_waiting_requests_in_its_own_orde
     await s.stop()
 
 
+async def test_interactive_work_that_cannot_start_in_time_is_refused_at_once_past_capacity():
+    s = scheduler("edf", budget=1)
+    first = request()
+    backend = await s.acquire(first)  # holds the only slot
+    waiting = [asyncio.ensure_future(s.acquire(request())) for _ in range(2)]
+    await asyncio.sleep(0)
+    s.drain.rate = lambda key: 1.0  # one request a second leaves the queue
+    with pytest.raises(ProxyError) as refused:
+        await s.acquire(request())  # 2 on time ahead, then itself, at 1/s: past its 1.5 s TTFT target
+    assert refused.value.status == 429 and refused.value.code == "over_capacity"
+    assert refused.value.headers == {"Retry-After": "1"} and s.counts["over_capacity"] == 1
+    waiting.append(asyncio.ensure_future(s.acquire(request(slo="batch"))))  # sheddable: its own rule
+    s.drain.rate = lambda key: 10.0
+    waiting.append(asyncio.ensure_future(s.acquire(request())))  # at 10/s it starts in 0.3 s: it waits
+    await asyncio.sleep(0)
+    assert not any(w.done() for w in waiting) and len(s.queues["m"]) == 4
+    s.config.refuse_overrun = False
+    s.drain.rate = lambda key: 0.01
+    waiting.append(asyncio.ensure_future(s.acquire(request())))  # switched off: it waits too
+    await asyncio.sleep(0)
+    assert not waiting[-1].done() and len(s.queues["m"]) == 5
+    for w in waiting:
+        w.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    s.release(first, backend)
+    assert s.state.queue_depths() == {}
+
+
 async def test_a_request_that_can_be_placed_never_waits_and_max_queue_bounds_only_waiters():
     s = scheduler(budget=2, max_queue=0)
     waited: list[str] = []
