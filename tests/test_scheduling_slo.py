@@ -1,7 +1,7 @@
 """Under a flood of batch work, interactive requests keep their SLO with a queueing policy and
 miss it with round-robin (assert the attainment numbers).
 
-Two emulated vLLM instances (A100 40 GB, 16 sequences at most) at speedup 10. At t=0, 160 batch
+Two emulated vLLM instances (A100 40 GB, 16 sequences at most) at speedup 5. At t=0, 160 batch
 requests of 1000 tokens arrive; then an interactive request (40 tokens, streamed) every 100 ms.
 Interactive SLO (the default class): TTFT <= 1.5 s and <= 0.10 s per output token, in
 emulated seconds (client wall-clock x speedup).
@@ -17,7 +17,7 @@ import pytest
 
 from sloproxy.processes import EmulatorProcess, ProxyProcess
 
-SPEEDUP = 10.0
+SPEEDUP = 5.0  # a wall-clock hiccup on a busy 2-core machine counts K times: keep K modest
 BATCH, INTERACTIVE = 160, 40
 
 
