@@ -116,7 +116,7 @@ class AdminAPI:
     async def reload(self, request: Request, response: Response) -> None:
         try:
             applied, needs_restart = self.proxy.reload()
-        except ValueError as exc:  # ConfigError, or a policy refusing its parameters: nothing was changed
+        except (ValueError, OSError) as exc:  # bad config, unreadable file, a policy refusing its parameters
             raise ProxyError(400, f"The config was not reloaded: {exc}", code="invalid_config") from None
         body = {"reloaded": True, "applied": applied, "needs_restart": needs_restart}
         response.send(200, msgspec.json.encode(body), JSON)

@@ -21,7 +21,7 @@ def _reload(proxy: Proxy) -> None:
     """SIGHUP: the same as ``POST /admin/reload``; a config that does not load changes nothing."""
     try:
         proxy.reload()
-    except (ValueError, ProxyError) as exc:
+    except (ValueError, OSError, ProxyError) as exc:
         log.error("config not reloaded: %s", exc)
 
 

@@ -348,6 +348,9 @@ async def test_reload_applies_tenants_and_policy_and_lists_what_needs_a_restart(
         config_file.write_text("backends: [")  # a broken file changes nothing
         code, body, _ = await post_json(proxy.url + "/admin/reload", {}, admin())
         assert code == 400 and body["error"]["code"] == "invalid_config"
+        config_file.unlink()  # nor does a missing one
+        code, body, _ = await post_json(proxy.url + "/admin/reload", {}, admin())
+        assert code == 400 and body["error"]["code"] == "invalid_config"
         with pytest.raises(openai.AuthenticationError):
             client(proxy, new_key).models.list()
         config_file.write_text(yaml.safe_dump(changed))
