@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .engine import Engine, Sequence
@@ -59,6 +60,23 @@ def run_until_idle(engine: Engine, now: float = 0.0, limit_steps: int = 10_000_0
     raise RuntimeError("engine did not drain")
 
 
+def step_until_done(
+    engine: Engine, in_flight: list[Sequence], now: float, on_finished: Callable[[Sequence, float], None]
+) -> float:
+    """Step ``engine`` until ``in_flight`` is empty; each request that ends leaves the list and goes to
+    ``on_finished(seq, now)``, which may issue more (closed loops). Returns the time it ended."""
+    while in_flight:
+        step = engine.plan_step(now)
+        if step is None:
+            raise RuntimeError("engine stalled with requests in flight")
+        engine.complete_step()
+        now = step.end
+        for seq in [s for s in in_flight if s.finished]:
+            in_flight.remove(seq)
+            on_finished(seq, now)
+    return now
+
+
 def closed_loop(
     engine: Engine, *, concurrency: int, requests: int, prompt_tokens: int, output_tokens: int
 ) -> RunSummary:
@@ -78,17 +96,13 @@ def closed_loop(
     for _ in range(min(concurrency, requests)):
         issue(now)
     preempt_before = engine.stats.preemptions
-    while in_flight:
-        step = engine.plan_step(now)
-        if step is None:
-            raise RuntimeError("engine stalled with requests in flight")
-        engine.complete_step()
-        now = step.end
-        for seq in [s for s in in_flight if s.finished]:
-            in_flight.remove(seq)
-            done.append(seq)
-            if issued < requests:
-                issue(now)
+
+    def finished(seq: Sequence, at: float) -> None:
+        done.append(seq)
+        if issued < requests:
+            issue(at)
+
+    now = step_until_done(engine, in_flight, now, finished)
     return summarise(done, now, engine.stats.preemptions - preempt_before)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..emulator.engine import Engine, Sequence
 from ..emulator.profiles import get_profile
-from ..emulator.virtual import make_sequence
+from ..emulator.virtual import make_sequence, step_until_done
 from .measure import Sample, finish_profile, summarize_cell, walk_grid
 from .profile import INTERACTIVE, Cell, InstanceProfile, SloTarget
 
@@ -35,28 +35,23 @@ def measure_cell(
         in_flight.append(seq)
         left[client] -= 1
 
+    def finished(seq: Sequence, now: float) -> None:
+        client = owner.pop(id(seq))
+        if left[client] < rounds - 1:  # not the client's first request
+            samples.append(
+                Sample(
+                    ttft_s=seq.token_times[0] - seq.arrival,
+                    e2e_s=(seq.finished_at or now) - seq.arrival,
+                    prompt_tokens=seq.prompt_len,
+                    output_tokens=seq.output,
+                )
+            )
+        if left[client] > 0:
+            issue(client, now)
+
     for client in range(concurrency):
         issue(client, now)
-    while in_flight:
-        step = engine.plan_step(now)
-        if step is None:
-            raise RuntimeError("engine stalled with requests in flight")
-        engine.complete_step()
-        now = step.end
-        for seq in [s for s in in_flight if s.finished]:
-            in_flight.remove(seq)
-            client = owner.pop(id(seq))
-            if left[client] < rounds - 1:  # not the client's first request
-                samples.append(
-                    Sample(
-                        ttft_s=seq.token_times[0] - seq.arrival,
-                        e2e_s=(seq.finished_at or now) - seq.arrival,
-                        prompt_tokens=seq.prompt_len,
-                        output_tokens=seq.output,
-                    )
-                )
-            if left[client] > 0:
-                issue(client, now)
+    step_until_done(engine, in_flight, now, finished)
     return summarize_cell(concurrency, prompt_tokens, output_tokens, samples, 0)
 
 
