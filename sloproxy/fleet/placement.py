@@ -15,7 +15,8 @@ A new placement is adopted only if the load it serves over ``horizon_s`` beats w
 same or similar demand never ping-pongs. :class:`IntervalController` re-evaluates sooner when the
 demand mix moves away from the one the current placement was made for, later while it is stable.
 
-Pure: no I/O, no clock; ``sloproxy.swapping.PlacementLoop`` measures and carries swaps out.
+Pure: no I/O, no clock. Not wired into the proxy yet: nothing measures demand for it or carries its
+swaps out through the swapper (issue 10, item 2, is open).
 """
 
 from __future__ import annotations
