@@ -34,6 +34,8 @@ def _backend_state(backend: Any) -> dict[str, Any]:
     load = backend.load
     return {
         "name": backend.name,
+        "region": backend.config.region,
+        "pool": backend.config.pool,
         "engine": backend.config.engine,
         "url": backend.url,
         "models": sorted(backend.models),

@@ -23,9 +23,10 @@ from .outlier import OutlierDetector
 from .plugins import load_policy
 from .proxy_metrics import ProxyMetrics
 from .ratelimit import TenantLimits
+from .regions import RegionRouter
 from .request import Kind, parse_request
 from .scheduler import Scheduler
-from .slo import Classifier
+from .slo import DEFAULT_CLASSES, Classifier
 from .state import SharedState
 from .swapping import SwapCollector, Swapper
 from .tracing import Tracing
@@ -61,6 +62,9 @@ class Proxy:
             self.coordinator = RedisCoordinator(config.state, [b.name for b in self.pool.backends])
             state = SharedState(self.coordinator)
         self.scheduler = Scheduler(self.policy, self.pool, config.scheduling, state=state)
+        router = RegionRouter(config.regions, self.pool.backends, config.slo_classes or DEFAULT_CLASSES)
+        self.regions: RegionRouter | None = router if router.active else None
+        self.scheduler.regions = self.regions
         self.metrics.attach(self.scheduler)
         if self.coordinator is not None:
             self.metrics.attach_state(self.coordinator)
@@ -140,6 +144,8 @@ class Proxy:
                 self.estimates.prior(proxy_request)  # before classify: deadlines depend on the estimate
             name, slo = self.classifier.classify(tenant, http.headers, proxy_request.model)
             proxy_request.classify(name, slo, tenant.band if tenant is not None else None)
+            if self.regions is not None:
+                proxy_request.regions = self.regions.preference(tenant, http.headers)
             if tenant is not None and tenant.rate_limited:
                 await self.limits.admit(tenant, proxy_request)
             await self.forwarder.forward(response, proxy_request)

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import msgspec
 
 from .auth import stored_form
+from .regions import RegionsConfig
 from .scheduler_config import SchedulingConfig
 from .slo import DEFAULT_CLASSES, ModelDefaults, SLOClass, TenantConfig
 
@@ -37,6 +38,8 @@ class BackendConfig(msgspec.Struct, forbid_unknown_fields=True):
     sleep_level: Literal[1, 2] = 1
     sleep_command: list[str] | None = None  # argv run to stop it (engines without a sleep API)
     wake_command: list[str] | None = None  # argv run to start it again; ready once /health answers 200
+    region: str = "default"  # regions.py: interactive work prefers regions, held-back work waits per region
+    pool: str | None = None  # a free tag ("spot", "reserved"): shown in /admin/fleet and the metrics
 
 
 class PolicyConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -165,6 +168,7 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True):
     state: StateConfig = msgspec.field(default_factory=StateConfig)
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     swapping: SwappingConfig = msgspec.field(default_factory=SwappingConfig)
+    regions: RegionsConfig = msgspec.field(default_factory=RegionsConfig)
 
 
 class ConfigError(ValueError):
@@ -212,6 +216,7 @@ def _check(config: ProxyConfig, source: str) -> None:
     _check_tenants(config, source)
     _check_resilience(config, source)
     _check_swapping(config, source)
+    _check_regions(config, source)
     classes = {c.name for c in (config.slo_classes or DEFAULT_CLASSES)}
     references = [("`$.default_class`", config.default_class)]
     references += [(f"`$.tenants[{i}].default_class`", t.default_class) for i, t in enumerate(config.tenants)]
@@ -318,3 +323,31 @@ def _check_swapping(config: ProxyConfig, source: str) -> None:
         raise ConfigError(f"{source}: `$.swapping.min_awake_s` must not be negative")
     if not 0 < swapping.cost_smoothing <= 1:
         raise ConfigError(f"{source}: `$.swapping.cost_smoothing` must be in (0, 1]")
+
+
+def _check_regions(config: ProxyConfig, source: str) -> None:
+    """Region names in preferences exist; held classes exist; the release threshold is not above
+    the interactive one (held work would then crowd out what it must leave room for)."""
+    regions = {b.region for b in config.backends}
+    for index, backend in enumerate(config.backends):
+        if not backend.region:
+            raise ConfigError(f"{source}: `$.backends[{index}].region` must not be empty")
+    section = config.regions
+    known = ", ".join(sorted(regions))
+    listed = [(f"`$.regions.preference[{i}]`", r) for i, r in enumerate(section.preference)]
+    for t, tenant in enumerate(config.tenants):
+        listed += [(f"`$.tenants[{t}].regions[{i}]`", r) for i, r in enumerate(tenant.regions or ())]
+    for where, region in listed:
+        if region not in regions:
+            raise ConfigError(f"{source}: {where} names region {region!r}, which no backend is in (known: {known})")
+    classes = {c.name for c in (config.slo_classes or DEFAULT_CLASSES)}
+    for i, name in enumerate(section.held_classes or ()):
+        if name not in classes:
+            raise ConfigError(
+                f"{source}: `$.regions.held_classes[{i}]` names unknown SLO class {name!r} "
+                f"(known: {', '.join(sorted(classes))})"
+            )
+    if section.release_kv_threshold > section.interactive_kv_threshold:
+        raise ConfigError(
+            f"{source}: `$.regions.release_kv_threshold` must not exceed `$.regions.interactive_kv_threshold`"
+        )

@@ -114,6 +114,27 @@ class _SchedulerCollector:
         for event, count in sorted(self.scheduler.counts.items()):
             outcomes.add_metric([event], count)
         yield from (depth, budget, cap, kv_reserved, outcomes)
+        regions = self.scheduler.regions
+        if regions is not None:
+            held = GaugeMetricFamily(
+                "sloproxy_region_held_requests", "Requests in the hold-back queue.", labels=["model", "region"]
+            )
+            used = GaugeMetricFamily(
+                "sloproxy_region_kv_utilisation", "KV utilisation the region router reads (0..1).",
+                labels=["model", "region"],
+            )
+            chosen = CounterMetricFamily(
+                "sloproxy_region_dispatched",
+                "Requests dispatched to backends of the region.",
+                labels=["model", "region"],
+            )
+            depths = regions.depths()
+            for model, by_region in sorted(regions.by_model.items()):
+                for region in sorted(by_region):
+                    held.add_metric([model, region], depths.get((model, region), 0))
+                    used.add_metric([model, region], regions.utilisation(model, region))
+                    chosen.add_metric([model, region], regions.chosen[(model, region)])
+            yield from (held, used, chosen)
 
 
 class _PredictorCollector:

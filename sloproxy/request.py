@@ -113,6 +113,8 @@ class ProxyRequest:
     kv_reserved: int = 0  # tokens of KV this request is counted for on its backend while in flight
     prediction: Any = None  # the predictor's record of it (features), for online learning when the reply ends
     excluded: set[str] = field(default_factory=set)  # backends not to try again (retries)
+    regions: tuple[str, ...] | None = None  # region preference, first first (regions.py; None: one region)
+    region: str | None = None  # held-back work: the region it was held for and goes to
     tokens_charged: int = 0  # counted against the tenant's tokens per minute at admission (ratelimit.py)
     _prefix_hashes: list[int] | None = None  # computed on first use (only prefix-aware routing needs them)
     first_byte_sent: bool = False  # once true, the request can no longer move to another backend

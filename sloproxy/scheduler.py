@@ -42,6 +42,7 @@ from .scheduler_config import SchedulingConfig
 from .state import LocalState, SchedulerState, SharedState
 
 if TYPE_CHECKING:
+    from .regions import RegionRouter
     from .state.redis_state import RedisCoordinator
     from .swapping import Swapper
 
@@ -78,6 +79,8 @@ class Scheduler:
         self.predict_many: Callable[[Sequence[ProxyRequest]], None] | None = None  # see the module doc
         # Model swapping (swapping.py): a request whose model's backends all sleep waits for a wake.
         self.swapper: Swapper | None = None
+        # Regions (regions.py): set by the proxy when backends span several regions; None costs one check.
+        self.regions: RegionRouter | None = None
         self._to_predict: list[tuple[ProxyRequest, Backend | None]] = []  # (request, its backend if placed)
         self._predicted: asyncio.Future[None] | None = None  # resolves when the pending batch has run
         for backend in pool.backends:
@@ -93,7 +96,7 @@ class Scheduler:
 
     # ----- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
-        if self.policy.queued:
+        if self.policy.queued or self.regions is not None:  # held-back work expires on the timer too
             self._timer = asyncio.get_running_loop().create_task(self._tick(), name="scheduler-timer")
 
     async def stop(self) -> None:
@@ -105,6 +108,8 @@ class Scheduler:
             if not waiter.done():
                 waiter.set_exception(ProxyError(503, "The proxy is shutting down.", headers=self._retry_after()))
             self._waiters.pop(request_id, None)
+        if self.regions is not None:
+            self.regions.fail_all(ProxyError(503, "The proxy is shutting down.", headers=self._retry_after()))
 
     def _new_queue(self) -> Ordering:
         queue = self.policy.ordering()
@@ -149,12 +154,17 @@ class Scheduler:
         return Snapshot(self.clock(), self.pool.backends)
 
     def candidates(self, request: ProxyRequest) -> list[Backend]:
+        if self.regions is not None:
+            serving = self.regions.serving(request, self.pool.by_model.get(request.model, ()))
+            return [b for b in serving if b.healthy and b.name not in request.excluded]
         return [b for b in self.pool.candidates(request.model) if b.name not in request.excluded]
 
     async def acquire(self, request: ProxyRequest) -> Backend:
         """Wait until the policy dispatches ``request``; returns its backend (call :meth:`release` after)."""
         if request.model not in self.pool.by_model:
             raise ProxyError(404, f"The model `{request.model}` does not exist.", param="model", code="model_not_found")
+        if self.regions is not None and self.regions.holds(request):
+            await self.regions.hold(request)  # held-back tiers wait per (model, region); tick() expires them
         candidates = self.candidates(request)
         if not candidates:
             swapper = self.swapper
@@ -222,6 +232,8 @@ class Scheduler:
         queue = self.queues.get(request.model)
         if queue is not None:
             queue.served(request, used)
+        if self.regions is not None:
+            self.regions.completed(backend)
         if self.policy.queued:
             self.dispatch_for(backend)
 
@@ -325,6 +337,8 @@ class Scheduler:
         """The backend the policy gives ``request`` now, or None if no backend with room admits it."""
         # A backend at its budget takes nothing (that is what a budget is); with a long queue that
         # is most of the fleet, so only the few with room go through admission and routing.
+        if self.regions is not None:
+            serving = self.regions.serving(request, serving)  # type: ignore[arg-type]
         if request.band == 0:
             with_room = [b for b in serving if b.mine < b.urgent_cap and b.healthy]
         else:
@@ -353,6 +367,8 @@ class Scheduler:
         backend.in_flight = backend.mine + backend.remote_in_flight
         self._reserve_kv(backend, request, kv_footprint(request))
         self._running[id(request)] = request
+        if self.regions is not None:
+            self.regions.chosen[(request.model, backend.config.region)] += 1
         breaker = backend.breaker
         if breaker is not None and breaker.half_open:  # one of the trials that decide whether it returns
             breaker.trial_started(id(request))
@@ -444,6 +460,8 @@ class Scheduler:
     def expire(self, now: float) -> None:
         """Shed sheddable work whose deadline passed; time out anything waiting too long."""
         timeout = self.config.queue_timeout_s
+        if self.regions is not None:
+            self._expire_held(now, timeout)
         for model, queue in self.queues.items():
             doomed = [r for r in queue if self.hopeless(r, now) or now - r.received_at > timeout]
             for request in doomed:
@@ -464,6 +482,29 @@ class Scheduler:
                         headers=self._retry_after(),
                     )
                 self._fail(request, error)
+
+    def _expire_held(self, now: float, timeout: float) -> None:
+        """Held-back work keeps the queue's semantics: a timeout or a lost deadline is an explicit error."""
+        assert self.regions is not None
+        for (model, _), request, _ in list(self.regions.waiting()):
+            if now - request.received_at > timeout:
+                self.counts["queue_timeout"] += 1
+                error = ProxyError(
+                    503 if not (request.slo and request.slo.sheddable) else 429,
+                    f"The request waited {timeout:g}s in the hold-back queue for model `{model}`.",
+                    code="queue_timeout",
+                    headers=self._retry_after(),
+                )
+            elif self.hopeless(request, now):
+                self.counts["deadline_exceeded"] += 1
+                error = ProxyError(
+                    429, "The request can no longer meet its deadline; shed.", code="deadline_exceeded",
+                    headers=self._retry_after(),
+                )
+            else:
+                continue
+            self.regions.fail(request, error)
+        self.regions.release_all()
 
     def overrun(self, request: ProxyRequest, now: float) -> bool:
         """Work that is not sheddable but has a first-token target, whose on-time queue ahead (at the
@@ -578,6 +619,8 @@ class Scheduler:
                     backend.quiet_updates = 0
             if budget != backend.budget:
                 self._set_budget(backend, budget)
+        if self.regions is not None:
+            self.regions.completed(backend)
         if self.policy.queued:
             self.dispatch_for(backend)
 

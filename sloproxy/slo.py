@@ -51,6 +51,7 @@ class TenantConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     models: list[str] | None = None  # the models it may use (None: all)
     rpm: Annotated[int, msgspec.Meta(gt=0)] | None = None  # requests per minute, fleet-wide
     tpm: Annotated[int, msgspec.Meta(gt=0)] | None = None  # prompt + completion tokens per minute, fleet-wide
+    regions: list[str] | None = None  # preferred regions, first first (regions.py); None: the fleet's order
 
     @property
     def rate_limited(self) -> bool:

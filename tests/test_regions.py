@@ -1,0 +1,160 @@
+"""Regions (SageServe): region choice on hand-made backend states, hold-back and release, config errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+
+from sloproxy.adapters.base import BackendLoad
+from sloproxy.backends import BackendPool
+from sloproxy.config import BackendConfig, ConfigError, HealthConfig, LoadPolling, parse_config
+from sloproxy.errors import ProxyError
+from sloproxy.plugins import load_policy
+from sloproxy.regions import RegionRouter, RegionsConfig
+from sloproxy.request import parse_request
+from sloproxy.scheduler import Scheduler
+from sloproxy.scheduler_config import SchedulingConfig
+from sloproxy.slo import DEFAULT_CLASSES, TenantConfig
+
+LAYOUT = {"eu-1": "eu", "eu-2": "eu", "us-1": "us", "ap-1": "ap"}
+
+
+def pool() -> BackendPool:
+    configs = [
+        BackendConfig(name=n, engine="vllm", url="http://127.0.0.1:9", models=["m"], region=r, pool="spot")
+        for n, r in LAYOUT.items()
+    ]
+    return BackendPool(configs, HealthConfig(), LoadPolling())
+
+
+def set_kv(p: BackendPool, **usage: float) -> None:
+    for b in p.backends:
+        if b.name.replace("_", "-") in {k.replace("_", "-") for k in usage}:
+            b.load = BackendLoad(running=1, waiting=0, kv_usage=usage[b.name.replace("-", "_")])
+            b.load_read_at = b.clock()
+
+
+def router(p: BackendPool, **config) -> RegionRouter:
+    return RegionRouter(RegionsConfig(**config), p.backends, DEFAULT_CLASSES)
+
+
+def request(slo: str = "interactive"):
+    r = parse_request("chat", msgspec.json.encode({"model": "m", "messages": [{"role": "user", "content": "x"}]}))
+    r.classify("t", next(c for c in DEFAULT_CLASSES if c.name == slo))
+    return r
+
+
+def test_first_preferred_region_under_threshold_else_least_utilised():
+    p = pool()
+    r = router(p, preference=["eu", "us"])
+    assert r.regions == ("eu", "us", "ap") and r.active
+    set_kv(p, eu_1=0.5, eu_2=0.6, us_1=0.1, ap_1=0.0)
+    assert r.choose("m", ("eu", "us", "ap")) == "eu"  # mean 0.55 < 0.7
+    set_kv(p, eu_1=0.8, eu_2=0.9, us_1=0.75, ap_1=0.9)
+    assert r.choose("m", ("eu", "us", "ap")) == "us"  # all over the threshold: the least utilised (0.75 < 0.85)
+    set_kv(p, eu_1=0.9, eu_2=0.9, us_1=0.2, ap_1=0.0)
+    assert r.choose("m", ("eu", "us", "ap")) == "us"  # eu over: next preferred under threshold, not least (ap)
+    assert r.choose("m", ("ap", "eu")) == "ap"
+    for b in p.backends:
+        if b.config.region == "us":
+            b.probe_healthy = False
+            b.update_routable()
+    assert r.choose("m", ("us", "eu")) == "eu"  # us has nothing routable
+    assert r.choose("m", ("eu", "ap"), excluded={"ap-1"}) == "eu"
+
+
+def test_threshold_is_configurable_and_least_utilised_breaks_ties_by_preference():
+    p = pool()
+    set_kv(p, eu_1=0.5, eu_2=0.5, us_1=0.4, ap_1=0.4)
+    assert router(p, interactive_kv_threshold=0.45, release_kv_threshold=0.4).choose("m", ("eu", "us", "ap")) == "us"
+    assert router(p, interactive_kv_threshold=0.3, release_kv_threshold=0.3).choose("m", ("eu", "ap", "us")) == "ap"
+
+
+def test_header_beats_tenant_beats_fleet_and_bad_headers_are_400():
+    p = pool()
+    r = router(p, preference=["us"])
+    tenant = TenantConfig("acme", regions=["ap"])
+    assert r.preference(None, {}) == ("us", "eu", "ap")
+    assert r.preference(tenant, {}) == ("ap", "us", "eu")
+    assert r.preference(tenant, {"x-sloproxy-region": "eu, us"}) == ("eu", "us", "ap")
+    for bad in ("mars", "", "eu,,us", ",".join(["eu"] * 17)):
+        with pytest.raises(ProxyError) as error:
+            r.preference(tenant, {"x-sloproxy-region": bad})
+        assert error.value.status == 400 and error.value.param == "x-sloproxy-region"
+
+
+def test_one_region_builds_no_router():
+    p = BackendPool(
+        [BackendConfig(name="b", engine="vllm", url="http://127.0.0.1:9", models=["m"])], HealthConfig(), LoadPolling()
+    )
+    assert not router(p).active
+
+
+def test_config_errors_name_the_field():
+    base = {"backends": [{"name": "a", "engine": "vllm", "url": "http://x", "models": ["m"], "region": "eu"}]}
+    cases = [
+        ({"regions": {"preference": ["us"]}}, "$.regions.preference[0]"),
+        ({"regions": {"held_classes": ["gold"]}}, "$.regions.held_classes[0]"),
+        ({"regions": {"interactive_kv_threshold": 1.5}}, "$.regions.interactive_kv_threshold"),
+        ({"regions": {"release_kv_threshold": 0.8}}, "$.regions.release_kv_threshold"),
+        ({"regions": {"typo": 1}}, "typo"),
+        ({"tenants": [{"name": "t", "regions": ["mars"]}]}, "$.tenants[0].regions[0]"),
+    ]
+    for extra, field in cases:
+        with pytest.raises(ConfigError, match=field.replace("$", r"\$").replace("[", r"\[")):
+            parse_config({**base, **extra})
+    with pytest.raises(ConfigError, match=r"\$.backends\[0\].region"):
+        parse_config({"backends": [{**base["backends"][0], "region": 3}]})
+    assert parse_config(base).backends[0].region == "eu"
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "round-robin", "least-load", "slo"])
+async def test_interactive_routed_in_region_and_batch_held_until_utilisation_drops(policy):
+    p = pool()
+    scheduler = Scheduler(load_policy(policy), p, SchedulingConfig(budget_initial=64, queue_timeout_s=5))
+    scheduler.regions = router(p, preference=["eu", "us"])
+    scheduler.start()
+    try:
+        set_kv(p, eu_1=0.1, eu_2=0.1, us_1=0.0, ap_1=0.0)
+        for _ in range(4):
+            r = request()
+            r.regions = scheduler.regions.preference(None, {})
+            backend = await scheduler.acquire(r)
+            assert backend.config.region == "eu"
+            scheduler.release(r, backend)
+        set_kv(p, eu_1=0.9, eu_2=0.8, us_1=0.65, ap_1=0.0)
+        r = request()
+        r.regions = ("eu", "us", "ap")
+        assert (await scheduler.acquire(r)).config.region == "us"
+        # batch: pinned to us (the interactive choice), held while us is above 0.6
+        held = [request("batch") for _ in range(3)]
+        tasks = [asyncio.ensure_future(scheduler.acquire(h)) for h in held]
+        await asyncio.sleep(0.1)
+        assert not any(t.done() for t in tasks)
+        assert scheduler.regions.depths() == {("m", "us"): 3}
+        set_kv(p, us_1=0.3)
+        scheduler.release(r, p.backends[2])  # a completion in us releases release_per_completion (2)
+        await asyncio.sleep(0)
+        assert sum(t.done() for t in tasks) == 2
+        done = await asyncio.wait_for(asyncio.gather(*tasks), 2)  # the timer releases the last
+        assert {b.config.region for b in done} == {"us"}
+        assert scheduler.regions.chosen[("m", "us")] == 4 and scheduler.regions.chosen[("m", "eu")] == 4
+    finally:
+        await scheduler.stop()
+
+
+async def test_held_work_times_out_with_an_explicit_error():
+    p = pool()
+    scheduler = Scheduler(load_policy("fcfs"), p, SchedulingConfig(queue_timeout_s=0.2))
+    scheduler.regions = router(p)
+    scheduler.start()
+    try:
+        set_kv(p, eu_1=0.95, eu_2=0.95, us_1=0.95, ap_1=0.95)
+        with pytest.raises(ProxyError) as error:
+            await asyncio.wait_for(scheduler.acquire(request("batch")), 3)
+        assert error.value.status == 429 and error.value.code == "queue_timeout"
+        assert scheduler.regions.depths()[("m", "eu")] == 0
+    finally:
+        await scheduler.stop()
