@@ -7,7 +7,8 @@ configured policy chooses as usual. Work of the *held* classes (default: the she
 a hold-back queue per (model, region) before it reaches the scheduler's queue, and is released a few
 at a time on each completion (and on each metrics reading and timer tick) while that region's
 utilisation stays at or under ``release_kv_threshold``. It keeps the scheduler's queue timeout and
-deadline semantics: the scheduler's timer expires it with the same errors.
+deadline semantics: the scheduler's timer expires it with the same errors, and it counts against
+the scheduler's ``max_queue`` (and ``max_queue_bytes``) as queued work does.
 
 With every backend in one region the router is not built at all (``RegionRouter.active`` false):
 the scheduler's hot path pays one ``is None`` check.
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from .backends import Backend
     from .request import ProxyRequest
     from .slo import SLOClass, TenantConfig
+
+    Held = tuple[ProxyRequest, asyncio.Future[bool]]  # a held request and its waiter (True: released)
 
 REGION_HEADER = "x-sloproxy-region"
 DEFAULT_REGION = "default"
@@ -87,7 +90,9 @@ class RegionRouter:
             self.held_classes = frozenset(c.name for c in classes if c.sheddable)
         else:
             self.held_classes = frozenset(config.held_classes)
-        self.held: dict[tuple[str, str], deque[tuple[ProxyRequest, asyncio.Future[None]]]] = {}
+        self.held: dict[tuple[str, str], deque[Held]] = {}
+        self.held_count = 0  # requests in every hold-back queue: the scheduler's max_queue counts them
+        self.held_bytes = 0  # their bodies (max_queue_bytes)
         self.chosen: Counter[tuple[str, str]] = Counter()  # (model, region) -> requests dispatched there
 
     @property
@@ -164,27 +169,44 @@ class RegionRouter:
     def holds(self, request: ProxyRequest) -> bool:
         return request.slo is not None and request.slo.name in self.held_classes
 
-    async def hold(self, request: ProxyRequest) -> None:
-        """Pin ``request`` to a region and wait until that region has room for held work."""
+    def pin(self, request: ProxyRequest) -> bool:
+        """Pin ``request`` to a region (the interactive choice for it); True if it must wait in that
+        region's hold-back queue (others of its (model, region) wait, or the region is over the
+        release threshold). Nothing routable: not pinned, not held (the scheduler answers it)."""
         region = self.choose(request.model, request.regions or self.regions, request.excluded)
         if region is None:
-            return  # nothing routable: the scheduler answers it as usual
+            return False
         request.region = region
         key = (request.model, region)
+        return bool(self.held.get(key)) or self.utilisation(*key) > self.config.release_kv_threshold
+
+    async def wait(self, request: ProxyRequest) -> bool:
+        """Wait in the hold-back queue of ``request``'s pinned region. True once released; False when
+        this router was replaced (a reload): the caller holds it again with the new router."""
+        key = (request.model, request.region or "")
         queue = self.held.get(key)
-        if not queue and self.utilisation(*key) <= self.config.release_kv_threshold:
-            return
         if queue is None:
             queue = self.held[key] = deque()
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         entry = (request, waiter)
         queue.append(entry)
+        self._count(request, 1)
         try:
-            await waiter
+            return await waiter
         finally:
-            if not waiter.done() or waiter.cancelled():
+            if not waiter.done() or waiter.cancelled():  # still queued: its client left, or the proxy stops
                 with contextlib.suppress(ValueError):
                     queue.remove(entry)
+                    self._count(request, -1)
+
+    def _count(self, request: ProxyRequest, sign: int) -> None:
+        self.held_count += sign
+        self.held_bytes += sign * len(request.raw)
+
+    def _take(self, queue: deque[Held]) -> Held:
+        entry = queue.popleft()
+        self._count(entry[0], -1)
+        return entry
 
     def release(self, model: str, region: str, limit: int | None = None) -> int:
         """Release up to ``limit`` (default ``release_per_completion``) held requests of (model,
@@ -195,9 +217,9 @@ class RegionRouter:
         limit = self.config.release_per_completion if limit is None else limit
         released = 0
         while queue and released < limit and self.utilisation(model, region) <= self.config.release_kv_threshold:
-            _, waiter = queue.popleft()
+            _, waiter = self._take(queue)
             if not waiter.done():
-                waiter.set_result(None)
+                waiter.set_result(True)
                 released += 1
         return released
 
@@ -212,7 +234,7 @@ class RegionRouter:
         for model, region in list(self.held):
             self.release(model, region)
 
-    def waiting(self) -> Iterable[tuple[tuple[str, str], ProxyRequest, asyncio.Future[None]]]:
+    def waiting(self) -> Iterable[tuple[tuple[str, str], ProxyRequest, asyncio.Future[bool]]]:
         for key, queue in self.held.items():
             for request, waiter in queue:
                 yield key, request, waiter
@@ -225,6 +247,7 @@ class RegionRouter:
         for entry in queue:
             if entry[0] is request:
                 queue.remove(entry)
+                self._count(request, -1)
                 if not entry[1].done():
                     entry[1].set_exception(error)
                 return
@@ -235,6 +258,6 @@ class RegionRouter:
     def fail_all(self, error: ProxyError) -> None:
         for queue in self.held.values():
             while queue:
-                _, waiter = queue.popleft()
+                _, waiter = self._take(queue)
                 if not waiter.done():
                     waiter.set_exception(error)

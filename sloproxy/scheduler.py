@@ -10,7 +10,8 @@ that also expires hopeless work.
 
 A request whose model has nothing waiting is placed on arrival by the same admission and routing
 the queue would apply to it at its head (it would be the head): no future, no queue round trip.
-Only a request that must wait joins the queue. ``max_queue`` bounds the requests waiting, so with
+Only a request that must wait joins the queue. ``max_queue`` bounds the requests waiting (the
+regions' hold-back queues included: one over the bound is refused queued or held alike), so with
 ``max_queue: 0`` the proxy dispatches what it can place at once and refuses the rest; shedding of
 hopeless work, likewise, applies to requests that would wait (one placed at once is never shed).
 
@@ -163,8 +164,15 @@ class Scheduler:
         """Wait until the policy dispatches ``request``; returns its backend (call :meth:`release` after)."""
         if request.model not in self.pool.by_model:
             raise ProxyError(404, f"The model `{request.model}` does not exist.", param="model", code="model_not_found")
-        if self.regions is not None and self.regions.holds(request):
-            await self.regions.hold(request)  # held-back tiers wait per (model, region); tick() expires them
+        regions = self.regions
+        if regions is not None and regions.holds(request) and regions.pin(request):
+            self._check_room(request)  # held work counts against max_queue like queued work
+            # Held-back tiers wait per (model, region); tick() expires them. A reload that replaces the
+            # router hands them back (False): they are pinned and held again by the new one, if any.
+            while not await regions.wait(request):
+                regions = self.regions
+                if regions is None or not regions.pin(request):
+                    break
         candidates = self.candidates(request)
         if not candidates:
             swapper = self.swapper
@@ -276,7 +284,11 @@ class Scheduler:
 
     def _check_room(self, request: ProxyRequest) -> None:
         waiting = sum(len(q) for q in self.queues.values())
-        if waiting >= self.config.max_queue or self._queued_bytes + len(request.raw) > self.config.max_queue_bytes:
+        queued_bytes = self._queued_bytes
+        if self.regions is not None:  # the hold-back queues are part of what waits
+            waiting += self.regions.held_count
+            queued_bytes += self.regions.held_bytes
+        if waiting >= self.config.max_queue or queued_bytes + len(request.raw) > self.config.max_queue_bytes:
             self.counts["queue_full"] += 1
             raise ProxyError(
                 429, "The proxy queue is full; retry later.", code="queue_full", headers=self._retry_after()

@@ -158,3 +158,65 @@ async def test_held_work_times_out_with_an_explicit_error():
         assert scheduler.regions.depths()[("m", "eu")] == 0
     finally:
         await scheduler.stop()
+
+
+async def test_max_queue_counts_held_work_and_refuses_with_the_queue_full_error():
+    p = pool()
+    scheduler = Scheduler(load_policy("fcfs"), p, SchedulingConfig(budget_initial=1, max_queue=3, queue_timeout_s=5))
+    scheduler.regions = router(p, preference=["eu"])
+    scheduler.start()
+    tasks: list[asyncio.Future] = []
+
+    def start(r):
+        tasks.append(asyncio.ensure_future(scheduler.acquire(r)))
+        return tasks[-1]
+
+    try:
+        # eu is under the interactive threshold (0.7) but over the release threshold (0.6)
+        set_kv(p, eu_1=0.65, eu_2=0.65, us_1=0.65, ap_1=0.65)
+        batch = [request("batch") for _ in range(3)]
+        gone = start(batch[0])
+        start(batch[1])
+        await asyncio.sleep(0)
+        assert scheduler.regions.depths() == {("m", "eu"): 2} and scheduler.regions.held_count == 2
+        first = [request(), request()]
+        placed = [await scheduler.acquire(r) for r in first]  # one per eu backend (budget 1)
+        assert {b.name for b in placed} == {"eu-1", "eu-2"}
+        waiting = request()
+        start(waiting)  # no room in eu: it waits in the scheduler's queue
+        await asyncio.sleep(0)
+        assert len(scheduler.queues["m"]) == 1
+        # 2 held + 1 queued = max_queue: the next one is refused whether it would wait queued or held
+        for slo in ("interactive", "batch"):
+            with pytest.raises(ProxyError) as caught:
+                await scheduler.acquire(request(slo))
+            error = caught.value
+            assert (error.status, error.code) == (429, "queue_full")
+            assert error.message == "The proxy queue is full; retry later."
+            assert error.headers == {"Retry-After": str(scheduler.config.retry_after_s)}
+        assert scheduler.counts["queue_full"] == 2 and scheduler.regions.held_count == 2
+        # a held request whose client leaves frees its place
+        gone.cancel()
+        await asyncio.sleep(0)
+        assert scheduler.regions.held_count == 1 and scheduler.regions.held_bytes == len(batch[0].raw)
+        start(batch[2])
+        await asyncio.sleep(0)
+        assert scheduler.regions.held_count == 2
+        set_kv(p, eu_1=0.1, eu_2=0.1)  # room: the timer releases both into the scheduler's queue
+        await asyncio.sleep(0.2)
+        assert (scheduler.regions.held_count, scheduler.regions.held_bytes) == (0, 0)
+        assert len(scheduler.queues["m"]) == 3  # the budgets are full: they wait there, counted once
+        assert not any(t.done() for t in tasks[1:])
+        for r, b in zip(first, placed, strict=True):
+            scheduler.release(r, b)  # each completion dispatches the queue's head
+        await asyncio.sleep(0)
+        # fcfs: by arrival (the batch requests were received before `waiting`)
+        assert [t.done() for t in tasks[1:]] == [True, False, True]
+        scheduler.release(batch[1], tasks[1].result())
+        backend = await asyncio.wait_for(tasks[2], 1)
+        for r, t in ((batch[2], tasks[3]), (waiting, tasks[2])):
+            scheduler.release(r, t.result())
+        assert backend.config.region == "eu" and not scheduler._running
+    finally:
+        await scheduler.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -201,3 +201,25 @@ async def test_interactive_prefers_region_spills_when_full_and_batch_waits_for_r
         dispatched = metric_samples(proxy.metrics.render().decode())["sloproxy_region_dispatched_total"]
         by_region = {labels["region"]: value for labels, value in dispatched}
         assert by_region == {"eu": 8.0, "us": 2.0}  # 3 + 2 long + 1 + 1 long + batch; header + spilled
+
+
+async def test_held_work_past_max_queue_or_its_timeout_gets_openai_errors(fleet):
+    config = {**config_for(fleet), "scheduling": {"max_queue": 2, "queue_timeout_s": 0.5}}
+    async with running_proxy(config) as (proxy, client):
+        router = proxy.scheduler.regions
+        longs = [
+            asyncio.ensure_future(ask(client, content=long_prompt(10 + i), max_tokens=LONG_REPLY_TOKENS))
+            for i in range(2)
+        ]
+        await wait_for(lambda: len(proxy.scheduler._running) == 2)
+        assert router.utilisation(MODEL, "eu") > 0.3  # held work waits
+        batch = [asyncio.ensure_future(ask(client, headers={"x-slo-class": "batch"})) for _ in range(2)]
+        await wait_for(lambda: router.held_count == 2)
+        # the hold-back queues count against max_queue: a third is refused at once
+        assert await ask(client, headers={"x-slo-class": "batch"}) == "http_429:queue_full"
+        # the held ones time out with the scheduler's usual error, before the long requests end
+        assert await asyncio.gather(*batch) == ["http_429:queue_timeout"] * 2
+        assert not any(t.done() for t in longs)
+        assert await asyncio.gather(*longs) == ["ok"] * 2
+        assert router.held_count == 0
+        assert proxy.scheduler.counts["queue_full"] == 1 and proxy.scheduler.counts["queue_timeout"] == 2
