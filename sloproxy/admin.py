@@ -30,6 +30,24 @@ class _BackendName(msgspec.Struct, forbid_unknown_fields=True):
     backend: str
 
 
+def _placement_state(placement: Any) -> dict[str, Any]:
+    """What placement measured and last decided (None before its first evaluation)."""
+    last = placement.last
+    return {
+        "demand_rps": placement.demand(),
+        "interval_s": placement.interval.interval_s,
+        "outcomes": dict(placement.outcomes),
+        "last": None
+        if last is None
+        else {
+            "groups": {g: sorted(models) for g, models in last.groups.items()},
+            "swaps": [list(s) for s in last.swaps],
+            "adopted": last.adopt,
+            "reason": last.reason,
+        },
+    }
+
+
 def _backend_state(backend: Any) -> dict[str, Any]:
     load = backend.load
     return {
@@ -89,6 +107,8 @@ class AdminAPI:
             "queues": queues,
             "counts": dict(scheduler.counts),
         }
+        if proxy.placement is not None:
+            body["placement"] = _placement_state(proxy.placement)
         response.send(200, msgspec.json.encode(body), JSON)
 
     async def policy(self, request: Request, response: Response) -> None:

@@ -20,6 +20,7 @@ from .estimates import LengthEstimates
 from .forward import Forwarder
 from .http_server import HTTPServer, Request, Response
 from .outlier import OutlierDetector
+from .placement_loop import PlacementCollector, PlacementLoop
 from .plugins import load_policy
 from .proxy_metrics import ProxyMetrics
 from .ratelimit import TenantLimits
@@ -41,7 +42,7 @@ class Proxy:
     """Everything one proxy replica runs: backend pool, forwarder, metrics."""
 
     # Config sections a reload applies live; any other change is reported as needing a restart.
-    LIVE_SECTIONS = ("policy", "slo_classes", "default_class", "tenants", "models", "admin")
+    LIVE_SECTIONS = ("policy", "slo_classes", "default_class", "tenants", "models", "admin", "regions")
 
     def __init__(self, config: ProxyConfig, tracing: Tracing | None = None, config_path: Path | None = None) -> None:
         self.config = config
@@ -82,6 +83,11 @@ class Proxy:
             self.swapper.on_routable = self.scheduler.dispatch_for
             self.scheduler.swapper = self.swapper
             self.metrics.registry.register(SwapCollector(self.swapper))
+        # Proactive placement over those groups (placement_loop.py): off unless swapping.placement.enabled.
+        placement = PlacementLoop(self.swapper, config.swapping.placement)
+        self.placement: PlacementLoop | None = placement if placement.enabled else None
+        if self.placement is not None:
+            self.metrics.registry.register(PlacementCollector(self.placement))
         self.forwarder = Forwarder(self.pool, self.scheduler, config.limits, self.metrics, self.outlier)
         self.estimates = LengthEstimates.from_config(config.predictor, self.policy.uses_predictions)
         self.metrics.attach_predictor(self.estimates)
@@ -97,6 +103,8 @@ class Proxy:
             await self.coordinator.start()  # Redis down: degraded, not an error (the log says so)
             self.scheduler.shares_changed()
         await self.swapper.start()  # reads who sleeps; before the first request is scheduled
+        if self.placement is not None:
+            self.placement.start()
         self.scheduler.start()
         self.estimates.start()
         warning = self.authenticator.warning()
@@ -107,6 +115,8 @@ class Proxy:
 
     async def stop(self) -> None:
         await self.scheduler.stop()
+        if self.placement is not None:
+            await self.placement.stop()
         await self.swapper.stop()
         await self.estimates.stop()
         await self.forwarder.stop()
@@ -140,6 +150,8 @@ class Proxy:
             proxy_request.received_at = started
             proxy_request.trace = trace
             check_model_allowed(tenant, proxy_request.model)
+            if self.placement is not None:
+                self.placement.observe(proxy_request.model)
             if self.estimates.enabled:
                 self.estimates.prior(proxy_request)  # before classify: deadlines depend on the estimate
             name, slo = self.classifier.classify(tenant, http.headers, proxy_request.model)
@@ -198,7 +210,9 @@ class Proxy:
     # ----- reload -------------------------------------------------------------------------------
     def reload(self) -> tuple[list[str], list[str]]:
         """Re-read the config file and apply its live sections; returns (applied, needing a restart).
-        A config that does not load changes nothing (the error says why)."""
+        A config that does not load changes nothing (the error says why). Of the backends, their
+        ``region`` and ``pool`` tags apply live (the region router is rebuilt; held work moves to it);
+        any other backend change needs a restart."""
         if self.config_path is None:
             raise ProxyError(409, "This proxy was not started from a config file: nothing to reload.")
         new = load_config(self.config_path)
@@ -206,6 +220,12 @@ class Proxy:
         changed = [f for f in ProxyConfig.__struct_fields__ if f != "listen" and getattr(new, f) != getattr(old, f)]
         live = [f for f in changed if f in self.LIVE_SECTIONS]
         policy = load_policy(new.policy.name, new.policy.params) if "policy" in live else None
+        tags = {b.name: (b.region, b.pool) for b in new.backends}
+        backends = [
+            msgspec.structs.replace(b, region=tags[b.name][0], pool=tags[b.name][1]) if b.name in tags else b
+            for b in old.backends
+        ]
+        retagged = backends != old.backends
         classifier = Classifier(new.slo_classes, new.default_class, new.tenants, new.models)
         authenticator = Authenticator(new.tenants, new.admin.api_keys)
         # Nothing above changed anything: from here on every step succeeds.
@@ -215,8 +235,18 @@ class Proxy:
             self.policy = policy
             if self.tracing is not None:
                 self.tracing.policy = new.policy.name
-        self.config = msgspec.structs.replace(old, **{f: getattr(new, f) for f in live})
-        restart = [f for f in changed if f not in self.LIVE_SECTIONS]
+        if retagged:
+            by_name = {b.name: b for b in backends}
+            for backend in self.pool.backends:
+                backend.config = by_name[backend.name]
+        if retagged or "regions" in live or "slo_classes" in live:  # held classes follow the SLO classes
+            router = RegionRouter(new.regions, self.pool.backends, new.slo_classes or DEFAULT_CLASSES)
+            self.regions = router if router.active else None
+            self.scheduler.replace_regions(self.regions)
+        self.config = msgspec.structs.replace(old, **{f: getattr(new, f) for f in live}, backends=backends)
+        restart = [f for f in changed if f not in self.LIVE_SECTIONS and (f != "backends" or backends != new.backends)]
+        if retagged:
+            live.append("backends.region/pool")
         log.warning(
             "config reloaded from %s: applied %s%s",
             self.config_path,

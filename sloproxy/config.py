@@ -140,6 +140,20 @@ class AdminConfig(msgspec.Struct, forbid_unknown_fields=True):
     api_keys: list[str] = msgspec.field(default_factory=list)  # "sha256:<hex>" digests (`sloproxy hash-key`)
 
 
+class PlacementConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """Proactive placement (placement_loop.py): which model each GPU group keeps awake, from demand."""
+
+    enabled: bool = False  # off: only the reactive rule swaps (a model waits, nothing routable)
+    window_s: float = 60.0  # demand is arrivals per second, decaying over this window
+    min_interval_s: float = 5.0  # re-evaluate this often while the demand mix moves...
+    max_interval_s: float = 120.0  # ...and at least this often while it is stable
+    shift: float = 0.2  # a mix this far (total variation) from the placed one counts as moved
+    horizon_s: float = 60.0  # a placement must repay its swaps within this long...
+    margin: float = 1.5  # ...by this factor (hysteresis: similar demand never ping-pongs)
+    default_swap_s: float = 30.0  # swap cost assumed until one is measured
+    capacity_rps: dict[str, float] = msgspec.field(default_factory=dict)  # per model, one instance; default 1
+
+
 class SwappingConfig(msgspec.Struct, forbid_unknown_fields=True):
     """Model swapping between backends that share a ``gpu_group`` (swapping.py, docs/fleet.md)."""
 
@@ -148,6 +162,7 @@ class SwappingConfig(msgspec.Struct, forbid_unknown_fields=True):
     call_timeout_s: float = 600.0  # one sleep or wake call (or hook command, or /health wait after it)
     min_awake_s: float = 10.0  # a busy instance is not swapped out sooner after waking (no ping-pong)
     cost_smoothing: float = 0.3  # EWMA weight of the newest measured sleep / wake duration
+    placement: PlacementConfig = msgspec.field(default_factory=PlacementConfig)
 
 
 class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -323,6 +338,21 @@ def _check_swapping(config: ProxyConfig, source: str) -> None:
         raise ConfigError(f"{source}: `$.swapping.min_awake_s` must not be negative")
     if not 0 < swapping.cost_smoothing <= 1:
         raise ConfigError(f"{source}: `$.swapping.cost_smoothing` must be in (0, 1]")
+    _check_placement(swapping.placement, source)
+
+
+def _check_placement(placement: PlacementConfig, source: str) -> None:
+    where = "`$.swapping.placement"
+    for name in ("window_s", "min_interval_s", "horizon_s", "default_swap_s"):
+        if not getattr(placement, name) > 0:
+            raise ConfigError(f"{source}: {where}.{name}` must be positive")
+    if placement.max_interval_s < placement.min_interval_s:
+        raise ConfigError(f"{source}: {where}.max_interval_s` must be at least `min_interval_s`")
+    if not 0 < placement.shift <= 1 or placement.margin < 0:
+        raise ConfigError(f"{source}: {where}.shift` must be in (0, 1] and `margin` not negative")
+    for model, rps in placement.capacity_rps.items():
+        if not rps > 0:
+            raise ConfigError(f"{source}: {where}.capacity_rps.{model}` must be positive")
 
 
 def _check_regions(config: ProxyConfig, source: str) -> None:

@@ -13,7 +13,9 @@ from sloproxy.fleet.profile import load_profile
 from sloproxy.fleet.profiler import nonce_word, prompt_text
 from sloproxy.processes import EmulatorProcess
 
-SPEEDUP = 10.0
+# Wall-clock jitter on a shared machine is multiplied by the speedup in the scaled-back figures: at 10x a
+# 3 ms scheduling hiccup became 30 emulated ms of TTFT and failed the comparison, so keep it moderate.
+SPEEDUP = 5.0
 
 
 def test_prompts_have_the_asked_size_and_distinct_first_words():
