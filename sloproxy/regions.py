@@ -252,6 +252,22 @@ class RegionRouter:
                     entry[1].set_exception(error)
                 return
 
+    def hand_back(self) -> list[ProxyRequest]:
+        """This router is being replaced (a reload): every held request leaves its queue and its
+        waiter gets False, so its ``acquire`` holds it again with the new router. Returns them."""
+        requests = []
+        for queue in self.held.values():
+            while queue:
+                request, waiter = self._take(queue)
+                if not waiter.done():
+                    waiter.set_result(False)
+                    requests.append(request)
+        return requests
+
+    def order(self, preference: Sequence[str] | None) -> tuple[str, ...]:
+        """``preference`` (from another router) for this one: its regions that still exist, then the rest."""
+        return tuple(r for r in dict.fromkeys([*(preference or ()), *self.regions]) if r in self.known)
+
     def depths(self) -> dict[tuple[str, str], int]:
         return {key: len(queue) for key, queue in self.held.items()}
 

@@ -133,7 +133,7 @@ class Scheduler:
                 self.start()
             self.dispatch_all()
             return
-        if self._timer is not None:
+        if self._timer is not None and self.regions is None:  # held-back work still needs the timer
             self._timer.cancel()
             self._timer = None
         snapshot = self.snapshot()
@@ -149,6 +149,25 @@ class Scheduler:
                 waiter.set_exception(error)
             else:
                 waiter.set_result(self._dispatched(request, backend))  # type: ignore[arg-type]
+
+    def replace_regions(self, regions: RegionRouter | None) -> None:
+        """Route by ``regions`` from now on (reload: the ``regions:`` section or backends' region or pool
+        tags changed; None: one region). No held request is lost: each is handed back to its
+        :meth:`acquire`, which pins and holds it again under the new router (or, without one, goes on
+        to the queue). Waiting requests take the new router's region order."""
+        old = self.regions
+        held = old.hand_back() if old is not None else []  # their acquires resume on the loop's next turn
+        if regions is not None:
+            if old is not None:
+                regions.chosen.update(old.chosen)  # a counter in the metrics: it never goes back
+            default = old.regions if old is not None else None
+            for request in (*held, *self.waiting()):  # the fleet's old order becomes the new one
+                request.regions = None if request.regions == default else regions.order(request.regions)
+        self.regions = regions
+        if regions is not None and self._timer is None:
+            self.start()
+        if self.policy.queued:
+            self.dispatch_all()
 
     # ----- the request side -----------------------------------------------------------------------
     def snapshot(self) -> Snapshot:

@@ -220,3 +220,44 @@ async def test_max_queue_counts_held_work_and_refuses_with_the_queue_full_error(
     finally:
         await scheduler.stop()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_new_router_takes_over_held_work_none_lost_new_order_and_tags_apply():
+    p = pool()
+    scheduler = Scheduler(load_policy("fcfs"), p, SchedulingConfig(budget_initial=64, queue_timeout_s=5))
+    scheduler.regions = router(p, preference=["eu", "us"])
+    scheduler.start()
+    set_kv(p, eu_1=0.65, eu_2=0.65, us_1=0.65, ap_1=0.65)  # everywhere over the release threshold
+    fleet_ordered = [request("batch") for _ in range(3)]
+    by_header = request("batch")
+    by_header.regions = scheduler.regions.preference(None, {"x-sloproxy-region": "ap"})
+    tasks = {id(r): asyncio.ensure_future(scheduler.acquire(r)) for r in (*fleet_ordered, by_header)}
+    try:
+        await asyncio.sleep(0)
+        assert scheduler.regions.depths() == {("m", "eu"): 3, ("m", "ap"): 1}
+        first = await scheduler.acquire(request())
+        assert first.config.region == "eu"
+        # reload: the fleet's order changes; work that followed it follows the new one, the header's stays
+        scheduler.replace_regions(router(p, preference=["us", "eu"]))
+        await asyncio.sleep(0)
+        assert scheduler.regions.depths() == {("m", "us"): 3, ("m", "ap"): 1}
+        assert scheduler.regions.held_count == 4 and not any(t.done() for t in tasks.values())
+        assert scheduler.regions.chosen[("m", "eu")] == 1  # the counters carry over
+        # reload: ap-1 is retagged into us; ap no longer exists, so the header's order falls back to eu
+        ap = next(b for b in p.backends if b.name == "ap-1")
+        ap.config = msgspec.structs.replace(ap.config, region="us", pool="reserved")
+        scheduler.replace_regions(router(p, preference=["us", "eu"]))
+        await asyncio.sleep(0)
+        assert scheduler.regions.regions == ("us", "eu")
+        assert scheduler.regions.depths() == {("m", "us"): 3, ("m", "eu"): 1}
+        set_kv(p, us_1=0.1, ap_1=0.0)  # room in us (now us-1 and ap-1): the timer releases its held work
+        done = await asyncio.wait_for(asyncio.gather(*(tasks[id(r)] for r in fleet_ordered)), 2)
+        assert {b.name for b in done} <= {"us-1", "ap-1"}
+        assert not tasks[id(by_header)].done()
+        # reload down to one router-less fleet: what is still held goes on to the scheduler at once
+        scheduler.replace_regions(None)
+        assert (await asyncio.wait_for(tasks[id(by_header)], 1)).name in {b.name for b in p.backends}
+        assert scheduler.regions is None and scheduler.counts["queue_timeout"] == 0
+    finally:
+        await scheduler.stop()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)

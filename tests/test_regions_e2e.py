@@ -15,15 +15,19 @@ import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
+import yaml
 
 from sloproxy.app import Proxy, build_server
+from sloproxy.auth import hash_key
 from sloproxy.config import parse_config
 from sloproxy.processes import EmulatorProcess
-from tests.helpers import get, metric_samples
+from tests.helpers import get, metric_samples, post_json
 
 MODEL = "m"
 REGIONS = {"eu-1": "eu", "us-1": "us"}
@@ -67,8 +71,13 @@ def config_for(fleet: EmulatorProcess, **regions: Any) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def running_proxy(config: dict[str, Any]) -> AsyncIterator[tuple[Proxy, openai.AsyncOpenAI]]:
-    proxy = Proxy(parse_config(config))
+async def running_proxy(
+    config: dict[str, Any], config_path: Path | None = None
+) -> AsyncIterator[tuple[Proxy, openai.AsyncOpenAI]]:
+    """The proxy in this loop (from ``config_path`` when given: reloads re-read it) and an openai client."""
+    if config_path is not None:
+        config_path.write_text(yaml.safe_dump(config))
+    proxy = Proxy(parse_config(config), config_path=config_path)
     server = build_server(proxy)
     await proxy.start()
     await server.start("127.0.0.1", 0)
@@ -223,3 +232,76 @@ async def test_held_work_past_max_queue_or_its_timeout_gets_openai_errors(fleet)
         assert await asyncio.gather(*longs) == ["ok"] * 2
         assert router.held_count == 0
         assert proxy.scheduler.counts["queue_full"] == 1 and proxy.scheduler.counts["queue_timeout"] == 2
+
+
+ADMIN_KEY = "sk-admin-regions-0000"
+
+
+def admin_url(client: openai.AsyncOpenAI, route: str) -> str:
+    return f"http://127.0.0.1:{client.base_url.port}/admin/{route}"
+
+
+async def reload(client: openai.AsyncOpenAI, path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite the config file and POST /admin/reload (what SIGHUP also runs)."""
+    path.write_text(yaml.safe_dump(config))
+    status, body, _ = await post_json(admin_url(client, "reload"), {}, {"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert status == 200, body
+    return body
+
+
+async def admin_fleet(client: openai.AsyncOpenAI) -> dict[str, dict[str, Any]]:
+    async with aiohttp.ClientSession() as session:
+        url = admin_url(client, "fleet")
+        async with session.get(url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as response:
+            assert response.status == 200
+            return {b["name"]: b for b in (await response.json())["backends"]}
+
+
+async def test_reload_applies_regions_and_backend_tags_and_keeps_held_work(fleet, tmp_path):
+    path = tmp_path / "proxy.yaml"
+    config = {**config_for(fleet), "admin": {"api_keys": [hash_key(ADMIN_KEY)]}}
+    async with running_proxy(config, path) as (proxy, client):
+        longs = [
+            asyncio.ensure_future(ask(client, content=long_prompt(20 + i), max_tokens=LONG_REPLY_TOKENS))
+            for i in range(2)
+        ]
+        await wait_for(lambda: len(proxy.scheduler._running) == 2)  # eu-1 at ~0.46: held work waits
+        batch = asyncio.ensure_future(ask(client, headers={"x-slo-class": "batch"}))
+        await wait_for(lambda: proxy.scheduler.regions.depths().get((MODEL, "eu")) == 1)
+
+        # 1. The fleet's order changes: the held request follows it to us (idle) and is served there.
+        before = await served(fleet)
+        config["regions"] = {**config["regions"], "preference": ["us", "eu"]}
+        body = await reload(client, path, config)
+        assert (body["applied"], body["needs_restart"]) == (["regions"], [])
+        assert await batch == "ok"
+        after = await served(fleet)
+        assert (after["eu-1"] - before["eu-1"], after["us-1"] - before["us-1"]) == (0, 1)
+        assert proxy.scheduler.regions.held_count == 0
+
+        # 2. A request held for eu by its header, then eu and us swap their backends (tags only).
+        batch = asyncio.ensure_future(ask(client, headers={"x-slo-class": "batch", "x-sloproxy-region": "eu"}))
+        await wait_for(lambda: proxy.scheduler.regions.depths().get((MODEL, "eu")) == 1)
+        before = await served(fleet)
+        swapped = {"eu-1": ("us", "spot"), "us-1": ("eu", "reserved")}
+        for backend in config["backends"]:
+            backend["region"], backend["pool"] = swapped[backend["name"]]
+        body = await reload(client, path, config)
+        assert (body["applied"], body["needs_restart"]) == (["backends.region/pool"], [])
+        assert await batch == "ok"  # still wants eu, which is now us-1 (idle): released, not lost
+        assert await ask(client) == "ok"  # fleet order us first: us is now eu-1, at ~0.46 < 0.6
+        after = await served(fleet)
+        assert (after["eu-1"] - before["eu-1"], after["us-1"] - before["us-1"]) == (1, 1)
+        state = await admin_fleet(client)
+        assert {n: (b["region"], b["pool"]) for n, b in state.items()} == swapped
+        assert proxy.config.backends == parse_config(config).backends
+        assert not any(t.done() for t in longs)  # all of the above happened under load
+
+        # 3. A change beyond the tags is not applied, and is listed as needing a restart.
+        config["backends"][0] = {**config["backends"][0], "url": fleet.url("us-1")}  # eu-1's
+        config["backends"][1] = {**config["backends"][1], "pool": "preemptible"}  # us-1's
+        body = await reload(client, path, config)
+        assert (body["applied"], body["needs_restart"]) == (["backends.region/pool"], ["backends"])
+        eu_1, us_1 = proxy.pool.backends
+        assert (eu_1.url, us_1.config.pool) == (fleet.url("eu-1"), "preemptible")
+        assert await asyncio.gather(*longs) == ["ok"] * 2
