@@ -120,20 +120,22 @@ class _SchedulerCollector:
                 "sloproxy_region_held_requests", "Requests in the hold-back queue.", labels=["model", "region"]
             )
             used = GaugeMetricFamily(
-                "sloproxy_region_kv_utilisation", "KV utilisation the region router reads (0..1).",
+                "sloproxy_region_kv_utilisation",
+                "KV utilisation the region router reads (0..1).",
                 labels=["model", "region"],
             )
             chosen = CounterMetricFamily(
                 "sloproxy_region_dispatched",
-                "Requests dispatched to backends of the region.",
-                labels=["model", "region"],
+                "Requests dispatched to backends of the region, by the backends' pool tag (empty: none).",
+                labels=["model", "region", "pool"],
             )
             depths = regions.depths()
             for model, by_region in sorted(regions.by_model.items()):
                 for region in sorted(by_region):
                     held.add_metric([model, region], depths.get((model, region), 0))
                     used.add_metric([model, region], regions.utilisation(model, region))
-                    chosen.add_metric([model, region], regions.chosen[(model, region)])
+            for labels, count in regions.dispatched():
+                chosen.add_metric(list(labels), count)
             yield from (held, used, chosen)
 
 

@@ -93,7 +93,8 @@ class RegionRouter:
         self.held: dict[tuple[str, str], deque[Held]] = {}
         self.held_count = 0  # requests in every hold-back queue: the scheduler's max_queue counts them
         self.held_bytes = 0  # their bodies (max_queue_bytes)
-        self.chosen: Counter[tuple[str, str]] = Counter()  # (model, region) -> requests dispatched there
+        # (model, region, pool or "") -> requests dispatched there; pools come from the config (bounded)
+        self.chosen: Counter[tuple[str, str, str]] = Counter()
 
     @property
     def active(self) -> bool:
@@ -267,6 +268,15 @@ class RegionRouter:
     def order(self, preference: Sequence[str] | None) -> tuple[str, ...]:
         """``preference`` (from another router) for this one: its regions that still exist, then the rest."""
         return tuple(r for r in dict.fromkeys([*(preference or ()), *self.regions]) if r in self.known)
+
+    def dispatched(self) -> list[tuple[tuple[str, str, str], int]]:
+        """Requests dispatched per (model, region, pool): every combination the backends have now (0
+        until used), and any counted under tags a reload has since changed (counters never vanish)."""
+        keys = set(self.chosen)
+        for model, by_region in self.by_model.items():
+            for region, backends in by_region.items():
+                keys.update((model, region, b.config.pool or "") for b in backends)
+        return [(key, self.chosen[key]) for key in sorted(keys)]
 
     def depths(self) -> dict[tuple[str, str], int]:
         return {key: len(queue) for key, queue in self.held.items()}

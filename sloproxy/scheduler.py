@@ -399,7 +399,8 @@ class Scheduler:
         self._reserve_kv(backend, request, kv_footprint(request))
         self._running[id(request)] = request
         if self.regions is not None:
-            self.regions.chosen[(request.model, backend.config.region)] += 1
+            config = backend.config
+            self.regions.chosen[(request.model, config.region, config.pool or "")] += 1
         breaker = backend.breaker
         if breaker is not None and breaker.half_open:  # one of the trials that decide whether it returns
             breaker.trial_started(id(request))

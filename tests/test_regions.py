@@ -12,11 +12,13 @@ from sloproxy.backends import BackendPool
 from sloproxy.config import BackendConfig, ConfigError, HealthConfig, LoadPolling, parse_config
 from sloproxy.errors import ProxyError
 from sloproxy.plugins import load_policy
+from sloproxy.proxy_metrics import ProxyMetrics
 from sloproxy.regions import RegionRouter, RegionsConfig
 from sloproxy.request import parse_request
 from sloproxy.scheduler import Scheduler
 from sloproxy.scheduler_config import SchedulingConfig
 from sloproxy.slo import DEFAULT_CLASSES, TenantConfig
+from tests.helpers import metric_samples
 
 LAYOUT = {"eu-1": "eu", "eu-2": "eu", "us-1": "us", "ap-1": "ap"}
 
@@ -140,7 +142,8 @@ async def test_interactive_routed_in_region_and_batch_held_until_utilisation_dro
         assert sum(t.done() for t in tasks) == 2
         done = await asyncio.wait_for(asyncio.gather(*tasks), 2)  # the timer releases the last
         assert {b.config.region for b in done} == {"us"}
-        assert scheduler.regions.chosen[("m", "us")] == 4 and scheduler.regions.chosen[("m", "eu")] == 4
+        chosen = scheduler.regions.chosen
+        assert chosen == {("m", "us", "spot"): 4, ("m", "eu", "spot"): 4}
     finally:
         await scheduler.stop()
 
@@ -242,7 +245,7 @@ async def test_a_new_router_takes_over_held_work_none_lost_new_order_and_tags_ap
         await asyncio.sleep(0)
         assert scheduler.regions.depths() == {("m", "us"): 3, ("m", "ap"): 1}
         assert scheduler.regions.held_count == 4 and not any(t.done() for t in tasks.values())
-        assert scheduler.regions.chosen[("m", "eu")] == 1  # the counters carry over
+        assert scheduler.regions.chosen == {("m", "eu", "spot"): 1}  # the counters carry over
         # reload: ap-1 is retagged into us; ap no longer exists, so the header's order falls back to eu
         ap = next(b for b in p.backends if b.name == "ap-1")
         ap.config = msgspec.structs.replace(ap.config, region="us", pool="reserved")
@@ -261,3 +264,39 @@ async def test_a_new_router_takes_over_held_work_none_lost_new_order_and_tags_ap
     finally:
         await scheduler.stop()
         await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+
+async def test_region_metrics_label_dispatches_by_pool():
+    tags = {"eu-1": ("eu", "spot"), "eu-2": ("eu", "reserved"), "us-1": ("us", None)}
+    configs = [
+        BackendConfig(name=n, engine="vllm", url="http://127.0.0.1:9", models=["m"], region=r, pool=tag)
+        for n, (r, tag) in tags.items()
+    ]
+    p = BackendPool(configs, HealthConfig(), LoadPolling())
+    scheduler = Scheduler(load_policy("round-robin"), p, SchedulingConfig())
+    scheduler.regions = router(p, preference=["eu", "us"])
+    metrics = ProxyMetrics(p)
+    metrics.attach(scheduler)
+    set_kv(p, eu_1=0.1, eu_2=0.1, us_1=0.0)
+    for preference in [("eu", "us")] * 3 + [("us", "eu")]:
+        r = request()
+        r.regions = preference
+        scheduler.release(r, await scheduler.acquire(r))
+
+    def dispatched() -> dict[tuple[str, str, str], float]:
+        samples = metric_samples(metrics.render().decode())["sloproxy_region_dispatched_total"]
+        return {(labels["model"], labels["region"], labels["pool"]): value for labels, value in samples}
+
+    assert dispatched() == {("m", "eu", "reserved"): 1.0, ("m", "eu", "spot"): 2.0, ("m", "us", ""): 1.0}
+    samples = metric_samples(metrics.render().decode())
+    assert {tuple(sorted(labels)) for labels, _ in samples["sloproxy_region_held_requests"]} == {("model", "region")}
+    # a retag (reload) starts new series and keeps the old ones: counters never go back
+    eu_2 = p.backends[1]
+    eu_2.config = msgspec.structs.replace(eu_2.config, pool="spot")
+    scheduler.replace_regions(router(p, preference=["eu", "us"]))
+    assert dispatched() == {("m", "eu", "reserved"): 1.0, ("m", "eu", "spot"): 2.0, ("m", "us", ""): 1.0}
+    r = request()
+    r.regions = ("eu",)
+    scheduler.release(r, await scheduler.acquire(r))
+    assert dispatched()[("m", "eu", "spot")] == 3.0
+    await scheduler.stop()

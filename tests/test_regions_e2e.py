@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -26,7 +27,7 @@ import yaml
 from sloproxy.app import Proxy, build_server
 from sloproxy.auth import hash_key
 from sloproxy.config import parse_config
-from sloproxy.processes import EmulatorProcess
+from sloproxy.processes import EmulatorProcess, ProxyProcess
 from tests.helpers import get, metric_samples, post_json
 
 MODEL = "m"
@@ -208,8 +209,9 @@ async def test_interactive_prefers_region_spills_when_full_and_batch_waits_for_r
         assert (after["eu-1"] - before["eu-1"], after["us-1"] - before["us-1"]) == (4, 0)
         assert router.depths()[(MODEL, "eu")] == 0
         dispatched = metric_samples(proxy.metrics.render().decode())["sloproxy_region_dispatched_total"]
-        by_region = {labels["region"]: value for labels, value in dispatched}
-        assert by_region == {"eu": 8.0, "us": 2.0}  # 3 + 2 long + 1 + 1 long + batch; header + spilled
+        by_region = {(labels["region"], labels["pool"]): value for labels, value in dispatched}
+        # eu: 3 + 2 long + 1 + 1 long + batch; us: the header's and the spilled one
+        assert by_region == {("eu", "reserved"): 8.0, ("us", "spot"): 2.0}
 
 
 async def test_held_work_past_max_queue_or_its_timeout_gets_openai_errors(fleet):
@@ -305,3 +307,33 @@ async def test_reload_applies_regions_and_backend_tags_and_keeps_held_work(fleet
         eu_1, us_1 = proxy.pool.backends
         assert (eu_1.url, us_1.config.pool) == (fleet.url("eu-1"), "preemptible")
         assert await asyncio.gather(*longs) == ["ok"] * 2
+
+
+async def test_sighup_reload_retags_backends_in_a_served_proxy(fleet):
+    config = {**config_for(fleet), "admin": {"api_keys": [hash_key(ADMIN_KEY)]}}
+    with ProxyProcess(config) as proxy:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0, timeout=HANG_LIMIT_S)
+        try:
+            before = await served(fleet)
+            assert await ask(client) == "ok"
+            for backend in config["backends"]:
+                backend["region"] = {"eu": "us", "us": "eu"}[backend["region"]]
+                backend["pool"] = "flex"
+            (proxy.workdir / "proxy.yaml").write_text(yaml.safe_dump({**config, "listen": proxy.config["listen"]}))
+            proxy.process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while (await admin_fleet(client))["us-1"]["region"] != "eu":
+                assert time.monotonic() < deadline, "SIGHUP did not reload the config"
+                await asyncio.sleep(0.05)
+            assert await ask(client) == "ok"  # eu first: now us-1
+            after = await served(fleet)
+            assert (after["eu-1"] - before["eu-1"], after["us-1"] - before["us-1"]) == (1, 1)
+            _, raw, _ = await get(proxy.url + "/metrics")
+            dispatched = metric_samples(raw.decode())["sloproxy_region_dispatched_total"]
+            assert sorted((s["region"], s["pool"], v) for s, v in dispatched) == [
+                ("eu", "flex", 1.0),  # us-1, since the reload
+                ("eu", "reserved", 1.0),  # eu-1, before it (kept: a counter); us/spot never counted: gone
+                ("us", "flex", 0.0),  # eu-1 now
+            ]
+        finally:
+            await client.close()
