@@ -491,52 +491,45 @@ class Scheduler:
 
     def expire(self, now: float) -> None:
         """Shed sheddable work whose deadline passed; time out anything waiting too long."""
-        timeout = self.config.queue_timeout_s
         if self.regions is not None:
-            self._expire_held(now, timeout)
-        for model, queue in self.queues.items():
-            doomed = [r for r in queue if self.hopeless(r, now) or now - r.received_at > timeout]
-            for request in doomed:
+            self._expire_held(now)
+        for queue in self.queues.values():
+            doomed = [(r, error) for r in queue if (error := self._expired(r, now, "queue")) is not None]
+            for request, error in doomed:
                 queue.remove(request)
-                self.counts["queue_timeout" if now - request.received_at > timeout else "deadline_exceeded"] += 1
-                if now - request.received_at > timeout:
-                    error = ProxyError(
-                        503 if not (request.slo and request.slo.sheddable) else 429,
-                        f"The request waited {timeout:g}s in the queue for model `{model}`.",
-                        code="queue_timeout",
-                        headers=self._retry_after(),
-                    )
-                else:
-                    error = ProxyError(
-                        429,
-                        "The request can no longer meet its deadline; shed.",
-                        code="deadline_exceeded",
-                        headers=self._retry_after(),
-                    )
                 self._fail(request, error)
 
-    def _expire_held(self, now: float, timeout: float) -> None:
+    def _expire_held(self, now: float) -> None:
         """Held-back work keeps the queue's semantics: a timeout or a lost deadline is an explicit error."""
         assert self.regions is not None
-        for (model, _), request, _ in list(self.regions.waiting()):
-            if now - request.received_at > timeout:
-                self.counts["queue_timeout"] += 1
-                error = ProxyError(
-                    503 if not (request.slo and request.slo.sheddable) else 429,
-                    f"The request waited {timeout:g}s in the hold-back queue for model `{model}`.",
-                    code="queue_timeout",
-                    headers=self._retry_after(),
-                )
-            elif self.hopeless(request, now):
-                self.counts["deadline_exceeded"] += 1
-                error = ProxyError(
-                    429, "The request can no longer meet its deadline; shed.", code="deadline_exceeded",
-                    headers=self._retry_after(),
-                )
-            else:
-                continue
-            self.regions.fail(request, error)
+        for _, request, _ in list(self.regions.waiting()):
+            error = self._expired(request, now, "hold-back queue")
+            if error is not None:
+                self.regions.fail(request, error)
         self.regions.release_all()
+
+    def _expired(self, request: ProxyRequest, now: float, queue: str) -> ProxyError | None:
+        """The one way a waiting request (queued or held back) times out: the error it gets, counted,
+        when it has waited past ``queue_timeout_s`` (429 if sheddable, else 503) or can no longer meet
+        its deadline (429); None while it may wait on."""
+        timeout = self.config.queue_timeout_s
+        if now - request.received_at > timeout:
+            self.counts["queue_timeout"] += 1
+            return ProxyError(
+                429 if request.slo and request.slo.sheddable else 503,
+                f"The request waited {timeout:g}s in the {queue} for model `{request.model}`.",
+                code="queue_timeout",
+                headers=self._retry_after(),
+            )
+        if self.hopeless(request, now):
+            self.counts["deadline_exceeded"] += 1
+            return ProxyError(
+                429,
+                "The request can no longer meet its deadline; shed.",
+                code="deadline_exceeded",
+                headers=self._retry_after(),
+            )
+        return None
 
     def overrun(self, request: ProxyRequest, now: float) -> bool:
         """Work that is not sheddable but has a first-token target, whose on-time queue ahead (at the

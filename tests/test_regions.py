@@ -300,3 +300,31 @@ async def test_region_metrics_label_dispatches_by_pool():
     scheduler.release(r, await scheduler.acquire(r))
     assert dispatched()[("m", "eu", "spot")] == 3.0
     await scheduler.stop()
+
+
+async def test_queued_and_held_work_time_out_the_same_way():
+    p = pool()
+    scheduler = Scheduler(load_policy("fcfs"), p, SchedulingConfig(budget_initial=1, queue_timeout_s=0.2))
+    scheduler.regions = router(p)
+    scheduler.start()
+    try:
+        set_kv(p, eu_1=0.8, eu_2=0.8, us_1=0.8, ap_1=0.8)  # over both thresholds
+        running = [request(), request()]
+        backends = [await scheduler.acquire(r) for r in running]  # eu (all tie: the first) is at its budgets
+        assert {b.name for b in backends} == {"eu-1", "eu-2"}
+        errors = []
+        for slo in ("interactive", "batch"):  # one waits in the queue, one in the hold-back queue
+            with pytest.raises(ProxyError) as caught:
+                await asyncio.wait_for(scheduler.acquire(request(slo)), 3)
+            errors.append(caught.value)
+        queued, held = errors
+        assert (queued.status, queued.code) == (503, "queue_timeout")  # not sheddable
+        assert (held.status, held.code) == (429, "queue_timeout")  # sheddable
+        assert queued.message == "The request waited 0.2s in the queue for model `m`."
+        assert held.message == "The request waited 0.2s in the hold-back queue for model `m`."
+        assert queued.headers == held.headers == {"Retry-After": str(scheduler.config.retry_after_s)}
+        assert scheduler.counts["queue_timeout"] == 2 and scheduler.regions.held_count == 0
+        for r, b in zip(running, backends, strict=True):
+            scheduler.release(r, b)
+    finally:
+        await scheduler.stop()
