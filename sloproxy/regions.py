@@ -143,28 +143,40 @@ class RegionRouter:
     ) -> str | None:
         """The first region in ``preference`` with routable backends of ``model`` under the
         interactive threshold, else the least utilised region with any; None if there is none."""
+        chosen = self._choose(model, preference, excluded)
+        return chosen[0] if chosen is not None else None
+
+    def _choose(
+        self, model: str, preference: Sequence[str], excluded: set[str] | frozenset[str]
+    ) -> tuple[str, list[Backend]] | None:
+        """:meth:`choose`, with the chosen region's routable backends."""
         threshold = self.config.interactive_kv_threshold
-        least: tuple[float, str] | None = None
+        least: tuple[float, str, list[Backend]] | None = None
         for region in preference:
             backends = self.routable(model, region, excluded)
             if not backends:
                 continue
             used = utilisation(backends)
             if used < threshold:
-                return region
+                return region, backends
             if least is None or used < least[0]:
-                least = (used, region)
-        return least[1] if least is not None else None
+                least = (used, region, backends)
+        return (least[1], least[2]) if least is not None else None
 
-    def serving(self, request: ProxyRequest, serving: Sequence[Backend]) -> Sequence[Backend]:
-        """The backends ``request`` may go to now: those of its pinned region (held work), else of
-        the region chosen for it. Falls back to all of ``serving`` when no region can take it."""
+    def serving(self, request: ProxyRequest, serving: Sequence[Backend]) -> list[Backend]:
+        """The routable backends (healthy, not excluded) ``request`` may go to now: those of its pinned
+        region (held work), else of the region chosen for it. The one region decision per scheduling
+        decision: callers filter no further by region. Falls back to the routable ones of ``serving``
+        when no region can take it."""
         region = request.region
-        if region is None or not self.routable(request.model, region, request.excluded):
-            region = self.choose(request.model, request.regions or self.regions, request.excluded)
-            if region is None:
-                return serving
-        return self.by_model[request.model][region]
+        if region is not None:
+            backends = self.routable(request.model, region, request.excluded)
+            if backends:
+                return backends
+        chosen = self._choose(request.model, request.regions or self.regions, request.excluded)
+        if chosen is None:
+            return [b for b in serving if b.healthy and b.name not in request.excluded]
+        return chosen[1]
 
     # ----- hold-back ------------------------------------------------------------------------------
     def holds(self, request: ProxyRequest) -> bool:

@@ -174,9 +174,10 @@ class Scheduler:
         return Snapshot(self.clock(), self.pool.backends)
 
     def candidates(self, request: ProxyRequest) -> list[Backend]:
+        """The backends ``request`` may go to now: routable, not excluded, in its region (one region
+        choice; :meth:`_place` takes these as they are)."""
         if self.regions is not None:
-            serving = self.regions.serving(request, self.pool.by_model.get(request.model, ()))
-            return [b for b in serving if b.healthy and b.name not in request.excluded]
+            return self.regions.serving(request, self.pool.by_model.get(request.model, ()))
         return [b for b in self.pool.candidates(request.model) if b.name not in request.excluded]
 
     async def acquire(self, request: ProxyRequest) -> Backend:
@@ -213,7 +214,7 @@ class Scheduler:
             return self._dispatched(request, backend)  # type: ignore[arg-type]
         queue = self.queues.get(request.model)
         if not queue:  # nothing waiting for the model: it would be the queue's head, so place it now
-            backend = self._place(request, self.pool.by_model[request.model], self.snapshot())
+            backend = self._place(request, candidates, self.snapshot())
             if backend is not None:
                 return self._dispatched(request, backend)
         if self.shared is not None:  # another sync may move share here from idle replicas
@@ -346,7 +347,8 @@ class Scheduler:
             request = queue.peek()
             if request is None:
                 return
-            backend = self._place(request, serving, snapshot)
+            regional = serving if self.regions is None else self.regions.serving(request, serving)
+            backend = self._place(request, regional, snapshot)
             if backend is None:
                 if not any(b.healthy and b.name not in request.excluded for b in serving) and not self._wakeable(model):
                     queue.pop()
@@ -365,11 +367,10 @@ class Scheduler:
             waiter.set_result(self._dispatched(request, backend))  # type: ignore[arg-type]
 
     def _place(self, request: ProxyRequest, serving: Iterable[Backend], snapshot: Snapshot) -> Backend | None:
-        """The backend the policy gives ``request`` now, or None if no backend with room admits it."""
+        """The backend the policy gives ``request`` now among ``serving`` (already narrowed to its region
+        by the caller), or None if no backend with room admits it."""
         # A backend at its budget takes nothing (that is what a budget is); with a long queue that
         # is most of the fleet, so only the few with room go through admission and routing.
-        if self.regions is not None:
-            serving = self.regions.serving(request, serving)  # type: ignore[arg-type]
         if request.band == 0:
             with_room = [b for b in serving if b.mine < b.urgent_cap and b.healthy]
         else:

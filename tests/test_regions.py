@@ -328,3 +328,32 @@ async def test_queued_and_held_work_time_out_the_same_way():
             scheduler.release(r, b)
     finally:
         await scheduler.stop()
+
+
+async def test_one_region_choice_per_scheduling_decision():
+    p = pool()
+    scheduler = Scheduler(load_policy("fcfs"), p, SchedulingConfig(budget_initial=1, queue_timeout_s=5))
+    regions = scheduler.regions = router(p, preference=["eu", "us"])
+    calls = []
+    choose = regions._choose
+
+    def counted(*args):
+        calls.append(args[0])
+        return choose(*args)
+
+    regions._choose = counted
+    set_kv(p, eu_1=0.1, eu_2=0.1, us_1=0.1, ap_1=0.1)
+    first = [request(), request()]
+    placed = []
+    for r in first:  # placed on arrival: one choice each (acquire's candidates are what _place gets)
+        placed.append(await scheduler.acquire(r))
+    assert len(calls) == 2 and {b.name for b in placed} == {"eu-1", "eu-2"}
+    waiting = request()
+    task = asyncio.ensure_future(scheduler.acquire(waiting))  # eu is at its budgets: it waits
+    await asyncio.sleep(0)
+    assert len(calls) == 4  # the arrival decision, and the dispatch attempt once it joined the queue
+    scheduler.release(first[0], placed[0])  # one dispatch attempt: one choice
+    assert len(calls) == 5 and (await task).name == placed[0].name
+    scheduler.release(waiting, placed[0])
+    scheduler.release(first[1], placed[1])
+    await scheduler.stop()
