@@ -71,6 +71,11 @@ class PlacementLoop:
     def enabled(self) -> bool:
         return self.config.enabled and self.swapper.enabled
 
+    def rate(self, model: str) -> float:
+        """Measured requests per second for ``model`` (0 for a model no group serves)."""
+        rate = self._rates.get(model)
+        return 0.0 if rate is None else rate.rate(self.clock())
+
     def observe(self, model: str) -> None:
         """One request for ``model`` arrived (called for every request; a dict lookup when unknown)."""
         rate = self._rates.get(model)
@@ -150,6 +155,7 @@ class PlacementLoop:
     # ----- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
         if self.enabled and self._task is None:
+            self.swapper.demand_rate = self.rate  # the reactive rule spares the most asked-for residents
             self._task = asyncio.create_task(self._loop(), name="placement")
 
     async def stop(self) -> None:

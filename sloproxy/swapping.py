@@ -22,6 +22,11 @@ Otherwise swap out the group's awake member that is, in this order of preference
 3. less urgent: awake at least ``min_awake_s`` (no ping-pong), and nothing waits for its models
    or the most urgent waiting request of the wanted model outranks theirs (band, then deadline).
 
+With placement on (placement_loop.py), measured demand comes first: the group whose least
+asked-for resident is least asked for is tried first, and in it the least asked-for eligible
+member goes, so a model with steady traffic is not evicted for a rare one just because it was
+idle at that instant.
+
 None qualifies: the requests wait, and the rule runs again on the next timer turn. A policy can ask
 for a swap (:class:`~sloproxy.policies.base.Swap`) naming the victim; it is carried out when the
 victim is idle, served elsewhere or past ``min_awake_s`` (the policy judged urgency itself).
@@ -87,31 +92,47 @@ class VictimView:
     demand: Demand  # waiting for any of its models
     served_elsewhere: bool  # each of its models has another routable backend
     awake_for_s: float
+    demand_rps: float = 0.0  # measured arrivals for its models (placement on; else 0 for all)
 
 
 def choose_victim(
-    wanted: Demand, members: Sequence[VictimView], min_awake_s: float, forced: str | None = None
+    wanted: Demand,
+    members: Sequence[VictimView],
+    min_awake_s: float,
+    forced: str | None = None,
+    wanted_rps: float | None = None,
 ) -> tuple[str, str] | None:
     """The member to swap out for a model with demand ``wanted``, and why; None: none may go.
-    ``forced``: a policy's choice, accepted unless it is busy and woke less than ``min_awake_s`` ago."""
-    best: tuple[int, int, str, str] | None = None
+    ``forced``: a policy's choice, accepted unless it is busy and woke less than ``min_awake_s`` ago.
+
+    ``wanted_rps``: the wanted model's measured requests/s (placement on). Then the least asked-for
+    eligible member goes first, and a busy member is only drained for a model asked for at least as
+    often: draining a model with steady traffic for a rare request only brings its next requests
+    back for another swap (thrash); the rare request waits for an idle member instead."""
+    best: tuple[float, int, int, str, str] | None = None
     for member in members:
         if member.in_flight == 0 and member.demand.waiting == 0:
             rank, reason = 0, "idle"
         elif member.served_elsewhere:
             rank, reason = 1, "its models are served elsewhere"
-        elif member.awake_for_s >= min_awake_s and (
-            forced == member.name or member.demand.waiting == 0 or wanted.urgency < member.demand.urgency
+        elif (
+            member.awake_for_s >= min_awake_s
+            and (forced == member.name or member.demand.waiting == 0 or wanted.urgency < member.demand.urgency)
+            and (forced == member.name or wanted_rps is None or member.demand_rps <= wanted_rps)
         ):
             rank, reason = 2, "planned by the policy" if forced == member.name else "less urgent demand"
         else:
             continue
         if forced is not None and member.name != forced:
             continue
-        key = (rank, member.in_flight, member.name, reason)
+        key = (0.0 if wanted_rps is None else member.demand_rps, rank, member.in_flight, member.name, reason)
         if best is None or key < best:
             best = key
-    return None if best is None else (best[2], best[3])
+    return None if best is None else (best[3], best[4])
+
+
+def _no_demand(model: str) -> float:  # the default: nothing measures demand (placement off)
+    return 0.0
 
 
 class SwapCosts:
@@ -149,6 +170,8 @@ class Swapper:
         # Set by the scheduler: requests waiting in its queues; dispatch when a backend becomes routable.
         self.waiting: Callable[[], Iterable[ProxyRequest]] = lambda: ()
         self.on_routable: Callable[[Backend], None] = lambda backend: None
+        # Set by placement when it runs: measured requests/s of a model, to spare busy-by-rate victims.
+        self.demand_rate: Callable[[str], float] = _no_demand
         self._held: dict[int, ProxyRequest] = {}  # requests of unqueued policies waiting in routable()
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -278,10 +301,31 @@ class Swapper:
         yield from self._held.values()
 
     def _targets(self, model: str) -> list[Backend]:
-        """Sleeping backends of ``model`` whose group is free, the cheapest to wake first."""
+        """Sleeping backends of ``model`` whose group is free: with measured demand, in the group whose
+        residents are least asked for first; then the cheapest to wake."""
         targets = [b for b in self.pool.by_model.get(model, ()) if self._can_wake(b)]
         targets = [b for b in targets if self.group_of[b.name] not in self.busy]
-        return sorted(targets, key=lambda b: (self.costs.wake.get(b.name, b.config.sleep_level * 1e6), b.name))
+        return sorted(
+            targets,
+            key=lambda b: (
+                self._resident_demand(self.group_of[b.name]),
+                self.costs.wake.get(b.name, b.config.sleep_level * 1e6),
+                b.name,
+            ),
+        )
+
+    def _measured_rps(self, backend: Backend) -> float | None:
+        """Measured requests/s for ``backend``'s models; None while nothing measures demand."""
+        if self.demand_rate is _no_demand:
+            return None
+        return sum(self.demand_rate(model) for model in backend.models)
+
+    def _resident_demand(self, group: str) -> float:
+        """Measured requests/s of the least asked-for awake member (0 with room, or without placement)."""
+        awake = [b for b in self.groups[group] if not b.asleep]
+        if len(awake) < self.config.awake_per_group:
+            return 0.0
+        return min(sum(self.demand_rate(m) for m in b.models) for b in awake)
 
     def _try_swap(self, target: Backend, wanted: Demand, demand: dict[str, Demand], forced: str | None) -> bool:
         group = self.group_of[target.name]
@@ -292,7 +336,8 @@ class Swapper:
         reason = "the group has room"
         if len(awake) >= self.config.awake_per_group:
             views = [self._view(b, demand) for b in awake]
-            chosen = choose_victim(wanted, views, self.config.min_awake_s, forced)
+            wanted_rps = self._measured_rps(target)
+            chosen = choose_victim(wanted, views, self.config.min_awake_s, forced, wanted_rps)
             if chosen is None:
                 return False
             name, reason = chosen
@@ -314,7 +359,12 @@ class Swapper:
             any(b.healthy and b is not backend for b in self.pool.by_model.get(model, ())) for model in backend.models
         )
         return VictimView(
-            backend.name, backend.in_flight, mine, elsewhere, self.clock() - self.awake_since.get(backend.name, 0.0)
+            backend.name,
+            backend.in_flight,
+            mine,
+            elsewhere,
+            self.clock() - self.awake_since.get(backend.name, 0.0),
+            sum(self.demand_rate(model) for model in backend.models),
         )
 
     # ----- swapping ----------------------------------------------------------------------------------

@@ -40,8 +40,10 @@ MESSAGES = [{"role": "user", "content": "Tell me about GPUs."}]
 
 
 # ----- the swap rule ------------------------------------------------------------------------------
-def view(name: str, in_flight: int = 0, waiting: int = 0, urgency=(1, math.inf), elsewhere=False, awake_for=100.0):
-    return VictimView(name, in_flight, Demand(waiting, urgency), elsewhere, awake_for)
+def view(
+    name: str, in_flight: int = 0, waiting: int = 0, urgency=(1, math.inf), elsewhere=False, awake_for=100.0, rps=0.0
+):
+    return VictimView(name, in_flight, Demand(waiting, urgency), elsewhere, awake_for, rps)
 
 
 def test_rule_prefers_an_idle_member_then_one_served_elsewhere():
@@ -69,6 +71,20 @@ def test_rule_takes_a_policys_victim_unless_it_just_woke():
     assert choose_victim(wanted, members, 10.0, forced="a") == ("a", "planned by the policy")
     assert choose_victim(wanted, [view("a", 2, 1, (0, 5.0), awake_for=1.0)], 10.0, forced="a") is None
     assert choose_victim(wanted, members, 10.0, forced="b") == ("b", "idle")
+
+
+def test_with_measured_demand_a_busy_popular_model_is_not_drained_for_a_rare_one():
+    wanted = Demand(1, (0, 10.0))
+    hot_busy = view("hot", in_flight=3, rps=0.5)
+    assert choose_victim(wanted, [hot_busy], 10.0) == ("hot", "less urgent demand")  # without demand: taken
+    assert choose_victim(wanted, [hot_busy], 10.0, wanted_rps=0.05) is None  # the rare request waits
+    assert choose_victim(wanted, [hot_busy], 10.0, wanted_rps=0.6) == ("hot", "less urgent demand")
+    # the least asked-for eligible member goes first, even busy, before an idle popular one
+    members = [view("hot-idle", rps=0.5), view("cold-busy", in_flight=1, rps=0.01)]
+    assert choose_victim(wanted, members, 10.0, wanted_rps=0.05) == ("cold-busy", "less urgent demand")
+    assert choose_victim(wanted, members, 10.0) == ("hot-idle", "idle")  # without demand: idle first
+    # a policy's named victim is still honoured
+    assert choose_victim(wanted, [hot_busy], 10.0, forced="hot", wanted_rps=0.05) == ("hot", "planned by the policy")
 
 
 # ----- configuration ------------------------------------------------------------------------------

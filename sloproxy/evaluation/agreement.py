@@ -32,9 +32,26 @@ def scaled_config(config: ProxyConfig, speedup: float) -> ProxyConfig:
     classes = [
         replace(c, ttft_s=div(c.ttft_s), tpot_s=div(c.tpot_s), deadline_s=div(c.deadline_s)) for c in config.slo_classes
     ]
-    s, p = config.scheduling, config.load_polling
+    s, p, w = config.scheduling, config.load_polling, config.swapping
+    placement = w.placement
+    swapping = replace(
+        w,
+        drain_timeout_s=w.drain_timeout_s / k,
+        call_timeout_s=w.call_timeout_s / k,
+        min_awake_s=w.min_awake_s / k,
+        placement=replace(
+            placement,
+            window_s=placement.window_s / k,
+            min_interval_s=placement.min_interval_s / k,
+            max_interval_s=placement.max_interval_s / k,
+            horizon_s=placement.horizon_s / k,
+            default_swap_s=placement.default_swap_s / k,
+            capacity_rps={m: rps * k for m, rps in placement.capacity_rps.items()},  # a rate: K times faster
+        ),
+    )
     return replace(
         config,
+        swapping=swapping,
         slo_classes=classes,
         scheduling=replace(
             s, queue_timeout_s=s.queue_timeout_s / k, tick_s=s.tick_s / k, shed_tpot_s=s.shed_tpot_s / k
