@@ -8,7 +8,10 @@ Measures, in one run side by side:
   apart, and chunks forwarded per second at concurrency 64 (16 chunks back to back);
 * how fast a client disconnect reaches the engine as an abort (emulated vLLM, polled).
 
-    .venv/bin/python bench/proxy_overhead.py [--seconds 10] [--litellm PATH_TO_litellm]
+    .venv/bin/python bench/proxy_overhead.py [--seconds 10] [--litellm PATH_TO_litellm] [--regions]
+
+``--regions`` adds ``sl+region``: sloproxy with two regions (``eu`` preferred, ``us``) configured over
+the same fast backend (one backend entry per region), side by side with sloproxy with regions off.
 
 Needs ``wrk`` and ``nginx`` (apt). LiteLLM is optional: install it in its own venv and pass
 its ``litellm`` executable.
@@ -214,6 +217,11 @@ def main() -> int:
     )
     parser.add_argument("--sample", type=float, default=1.0, help="with --tracing: the share of requests traced")
     parser.add_argument(
+        "--regions",
+        action="store_true",
+        help="also run sloproxy with two regions over the same backend (region routing on), beside regions off",
+    )
+    parser.add_argument(
         "--tracing",
         action="store_true",
         help="also run sloproxy with tracing on (OTLP/HTTP to a sink that drops spans), side by side with off",
@@ -253,6 +261,8 @@ def main() -> int:
             procs.append(pinned(1, [sys.executable, str(HERE / "fast_backend.py"), "--port", str(sink_port)]))
             wait_http(f"http://127.0.0.1:{sink_port}/health")
             variants.append(("sl+trace", sink_port))
+        if args.regions:
+            variants.append(("sl+region", None))
         proxies = [
             (f"{v}{suffix}", b, sink) for v, sink in variants for suffix, b in (("", fast_port), ("-slow", slow_port))
         ]
@@ -260,19 +270,20 @@ def main() -> int:
             target = label.removesuffix("-slow")
             port = free_port()
             config = workdir / f"{label}.yaml"
+            backend = {"engine": "vllm", "url": f"http://127.0.0.1:{backend_port}", "models": ["bench"]}
+            regional = {}
+            if target == "sl+region":  # the same backend once per region: the region router is built
+                backends = [{"name": f"b-{r}", "region": r, **backend} for r in ("eu", "us")]
+                regional = {"regions": {"preference": ["eu", "us"]}}
+            else:
+                backends = [{"name": "b", **backend}]
             config.write_text(
                 json.dumps(
                     {
                         "listen": {"host": "127.0.0.1", "port": port},
-                        "backends": [
-                            {
-                                "name": "b",
-                                "engine": "vllm",
-                                "url": f"http://127.0.0.1:{backend_port}",
-                                "models": ["bench"],
-                            }
-                        ],
+                        "backends": backends,
                         "policy": {"name": args.policy},
+                        **regional,
                         **json.loads(args.extra),
                     }
                 )
