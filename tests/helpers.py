@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import aiohttp
+import openai
 from prometheus_client.parser import text_string_to_metric_families
 
 
@@ -52,3 +53,19 @@ def metric_samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
 
 def metric_types(text: str) -> dict[str, str]:
     return {family.name: family.type for family in text_string_to_metric_families(text)}
+
+
+async def stream_to_end(base_url: str, model: str, max_tokens: int, messages: list[dict]) -> tuple[int, str | None]:
+    """Stream one chat reply (``ignore_eos``: exactly ``max_tokens``) with the official openai client to its
+    end; (content chunks, finish reason)."""
+    client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=60.0)
+    stream = await client.chat.completions.create(
+        model=model, messages=messages, max_tokens=max_tokens, stream=True, extra_body={"ignore_eos": True}
+    )
+    chunks, finish = 0, None
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            chunks += 1
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+    return chunks, finish

@@ -11,14 +11,13 @@ import json
 from collections.abc import Iterator
 from types import SimpleNamespace
 
-import openai
 import pytest
 
 from sloproxy.config import ConfigError, PlacementConfig, parse_config
 from sloproxy.placement_loop import DecayingRate, PlacementLoop
 from sloproxy.policies.base import Swap
 from sloproxy.processes import EmulatorProcess, ProxyProcess
-from tests.helpers import get, metric_samples
+from tests.helpers import get, metric_samples, stream_to_end
 
 
 # ----- the loop over a stand-in swapper --------------------------------------------------------------
@@ -186,17 +185,7 @@ def proxy(fleet: EmulatorProcess) -> Iterator[ProxyProcess]:
 
 
 async def stream_all(proxy: ProxyProcess, model: str, max_tokens: int) -> tuple[int, str | None]:
-    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0, timeout=60.0)
-    stream = await client.chat.completions.create(
-        model=model, messages=MESSAGES, max_tokens=max_tokens, stream=True, extra_body={"ignore_eos": True}
-    )
-    chunks, finish = 0, None
-    async for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            chunks += 1
-        if chunk.choices and chunk.choices[0].finish_reason:
-            finish = chunk.choices[0].finish_reason
-    return chunks, finish
+    return await stream_to_end(proxy.url, model, max_tokens, MESSAGES)
 
 
 async def asleep(fleet: EmulatorProcess) -> dict[str, bool]:

@@ -14,7 +14,6 @@ import math
 from collections.abc import Iterator
 from types import SimpleNamespace
 
-import openai
 import pytest
 
 from sloproxy.backends import BackendPool
@@ -25,7 +24,7 @@ from sloproxy.policies.qlm import GroupState, QLMPlanner, Throughput
 from sloproxy.processes import EmulatorProcess, ProxyProcess
 from sloproxy.scheduler import Scheduler
 from sloproxy.swapping import Demand, VictimView, choose_victim
-from tests.helpers import get, metric_samples
+from tests.helpers import get, metric_samples, stream_to_end
 
 SPEEDUP = 8.0
 PROFILE = get_profile("h100-llama3-8b")
@@ -195,22 +194,8 @@ def proxy(fleet: EmulatorProcess) -> Iterator[ProxyProcess]:
         yield running
 
 
-def client(proxy: ProxyProcess) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="unused", max_retries=0, timeout=60.0)
-
-
 async def stream_all(proxy: ProxyProcess, model: str, max_tokens: int) -> tuple[int, str | None]:
-    """Stream one chat reply to its end; (content chunks, finish reason)."""
-    stream = await client(proxy).chat.completions.create(
-        model=model, messages=MESSAGES, max_tokens=max_tokens, stream=True, extra_body={"ignore_eos": True}
-    )
-    chunks, finish = 0, None
-    async for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            chunks += 1
-        if chunk.choices and chunk.choices[0].finish_reason:
-            finish = chunk.choices[0].finish_reason
-    return chunks, finish
+    return await stream_to_end(proxy.url, model, max_tokens, MESSAGES)
 
 
 async def swap_metrics(proxy: ProxyProcess) -> dict[str, dict[str, float]]:
