@@ -119,7 +119,9 @@ def static_partition(requests: list[WorkloadRequest]) -> dict[str, list[str]]:
     return layout
 
 
-def proxy_config(fleet: EmulatorProcess, variant: str, layout: dict[str, list[str]], capacity: float, swap_s: float):
+def proxy_config(
+    fleet: EmulatorProcess, variant: str, layout: dict[str, list[str]], capacity: float, swap_s: float, speedup: float
+) -> dict:
     if variant == "static":
         pairs = [(group, model) for group, models in layout.items() for model in models]
     else:
@@ -140,18 +142,14 @@ def proxy_config(fleet: EmulatorProcess, variant: str, layout: dict[str, list[st
         capacity_rps=dict.fromkeys(MODELS, capacity),
     )
     config = msgspec.structs.replace(base_config(), backends=backends, swapping=SwappingConfig(placement=placement))
-    return msgspec.to_builtins(scaled_config(config, SPEEDUP))
+    return msgspec.to_builtins(scaled_config(config, speedup))
 
 
 def attainment(records, classes) -> float:
     return sum(slo_met(r, classes) for r in records) / max(1, len(records))
 
 
-SPEEDUP = 8.0
-
-
 def main() -> None:
-    global SPEEDUP
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--speedup", type=float, default=8.0)
     parser.add_argument("--phase-s", type=float, default=120.0, help="emulated seconds per phase")
@@ -159,7 +157,7 @@ def main() -> None:
     parser.add_argument("--variants", default="static,reactive,placement")
     parser.add_argument("--verbose", action="store_true", help="print the commonest errors of each variant")
     args = parser.parse_args()
-    SPEEDUP = args.speedup
+    speedup = args.speedup
     requests = workload(args.phase_s, args.rate)
     layout = static_partition(requests)
     # One instance's capacity within the interactive SLO at the workload's mean request, from the
@@ -175,18 +173,19 @@ def main() -> None:
     counts = Counter(r.model for r in requests)
     print(f"{len(requests)} requests over {len(PHASES)} phases of {args.phase_s:g}s: {dict(sorted(counts.items()))}")
     print(
-        f"static partition: {layout}; capacity {capacity:.2f} req/s per instance at the mean request ({prompt} + {output} tokens), swap {swap_s:.2f}s"
+        f"static partition: {layout}; capacity {capacity:.2f} req/s per instance at the mean request "
+        f"({prompt} + {output} tokens), swap {swap_s:.2f}s"
     )
     rows = {}
     with tempfile.TemporaryDirectory(prefix="placement-") as directory:
         path = Path(directory) / "workload.jsonl"
         write_workload(path, requests)
         for variant in args.variants.split(","):
-            with EmulatorProcess(instances(), speedup=SPEEDUP, extra={"lengths": str(path)}) as fleet:
-                config = proxy_config(fleet, variant, layout, capacity, swap_s)
+            with EmulatorProcess(instances(), speedup=speedup, extra={"lengths": str(path)}) as fleet:
+                config = proxy_config(fleet, variant, layout, capacity, swap_s, speedup)
                 with ProxyProcess(config) as proxy:
                     _, records = asyncio.run(
-                        replay_run(requests, proxy.url, workload=str(path), label=variant, speedup=SPEEDUP)
+                        replay_run(requests, proxy.url, workload=str(path), label=variant, speedup=speedup)
                     )
                     metrics = asyncio.run(_swaps(proxy.url))
                     if args.verbose:
@@ -213,7 +212,7 @@ def main() -> None:
                 flush=True,
             )
     OUT.mkdir(parents=True, exist_ok=True)
-    summary = {"speedup": SPEEDUP, "phase_s": args.phase_s, "rate": args.rate, "layout": layout, "results": rows}
+    summary = {"speedup": speedup, "phase_s": args.phase_s, "rate": args.rate, "layout": layout, "results": rows}
     (OUT / "placement.json").write_text(json.dumps(summary, indent=1))
 
 
