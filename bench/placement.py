@@ -12,7 +12,7 @@ vLLM A10 instances (speedup K; every proxy duration divided by K), three ways:
   with nothing routable (issue 10, item 1);
 * ``placement``: the same plus proactive placement from measured demand (placement_loop.py).
 
-    .venv/bin/python bench/placement.py [--speedup 8] [--phase-s 120] [--rate 2.2]
+    .venv/bin/python bench/placement.py [--speedup 8] [--phase-s 120] [--rate 1.0]
 
 Prints SLO attainment overall and per phase, and writes bench/out/placement.json.
 """
@@ -153,7 +153,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--speedup", type=float, default=8.0)
     parser.add_argument("--phase-s", type=float, default=120.0, help="emulated seconds per phase")
-    parser.add_argument("--rate", type=float, default=2.2, help="requests per emulated second, all models")
+    parser.add_argument("--rate", type=float, default=1.0, help="requests per emulated second, all models")
     parser.add_argument("--variants", default="static,reactive,placement")
     parser.add_argument("--verbose", action="store_true", help="print the commonest errors of each variant")
     args = parser.parse_args()
