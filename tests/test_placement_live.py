@@ -196,6 +196,15 @@ async def asleep(fleet: EmulatorProcess) -> dict[str, bool]:
     return states
 
 
+async def settles_to(fleet: EmulatorProcess, expected: dict[str, bool], within_s: float = 5.0) -> dict[str, bool]:
+    """Who sleeps, once it equals ``expected`` or ``within_s`` has passed: placement acts on its interval,
+    and a swap it started may still be under way when the traffic ends."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while (states := await asleep(fleet)) != expected and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    return states
+
+
 async def steady(proxy: ProxyProcess, model: str, seconds: float, per_second: float, tokens: int) -> list:
     """Open-loop arrivals for ``model``: ``per_second`` requests a second for ``seconds``."""
     tasks = []
@@ -214,12 +223,14 @@ async def test_demand_shifts_are_followed_by_placement_without_stranding_anythin
     replies = await steady(proxy, "model-a", seconds=3.0, per_second=8.0, tokens=8)
     assert replies == [(8, "length")] * 24
     assert await long_b == (300, "length")  # it ran to its end: the drain waited for it
-    assert await asleep(fleet) == {"vllm-a0": False, "vllm-b0": True, "sglang-b1": True, "sglang-a1": False}
+    moved = {"vllm-a0": False, "vllm-b0": True, "sglang-b1": True, "sglang-a1": False}
+    assert await settles_to(fleet, moved) == moved
     # The demand moves to model-b: the reactive rule brings it back at once (model-a is served
     # elsewhere), and placement gives it the second group too as model-a's demand decays.
     replies = await steady(proxy, "model-b", seconds=4.0, per_second=8.0, tokens=8)
     assert replies == [(8, "length")] * 32
-    assert await asleep(fleet) == {"vllm-a0": True, "vllm-b0": False, "sglang-b1": False, "sglang-a1": True}
+    back = {"vllm-a0": True, "vllm-b0": False, "sglang-b1": False, "sglang-a1": True}
+    assert await settles_to(fleet, back) == back
     _, text, _ = await get(proxy.url + "/metrics")
     samples = metric_samples(text.decode())
     outcomes = {labels["outcome"]: value for labels, value in samples["sloproxy_placement_outcomes_total"]}
