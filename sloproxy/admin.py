@@ -35,6 +35,7 @@ def _placement_state(placement: Any) -> dict[str, Any]:
     last = placement.last
     return {
         "demand_rps": placement.demand(),
+        "capacity_rps": placement.capacity(),
         "interval_s": placement.interval.interval_s,
         "outcomes": dict(placement.outcomes),
         "last": None

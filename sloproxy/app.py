@@ -151,7 +151,7 @@ class Proxy:
             proxy_request.trace = trace
             check_model_allowed(tenant, proxy_request.model)
             if self.placement is not None:
-                self.placement.observe(proxy_request.model)
+                self.placement.observe(proxy_request.model, proxy_request.est_prompt_tokens)
             if self.estimates.enabled:
                 self.estimates.prior(proxy_request)  # before classify: deadlines depend on the estimate
             name, slo = self.classifier.classify(tenant, http.headers, proxy_request.model)

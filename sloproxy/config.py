@@ -12,6 +12,7 @@ from typing import Any, Literal
 import msgspec
 
 from .auth import stored_form
+from .fleet.profile import load_profile
 from .regions import RegionsConfig
 from .scheduler_config import SchedulingConfig
 from .slo import DEFAULT_CLASSES, ModelDefaults, SLOClass, TenantConfig
@@ -151,7 +152,8 @@ class PlacementConfig(msgspec.Struct, forbid_unknown_fields=True):
     horizon_s: float = 60.0  # a placement must repay its swaps within this long...
     margin: float = 1.5  # ...by this factor (hysteresis: similar demand never ping-pongs)
     default_swap_s: float = 30.0  # swap cost assumed until one is measured
-    capacity_rps: dict[str, float] = msgspec.field(default_factory=dict)  # per model, one instance; default 1
+    capacity_rps: dict[str, float] = msgspec.field(default_factory=dict)  # per model, one instance (wins)
+    profiles: list[str] = msgspec.field(default_factory=list)  # `sloproxy profile` files: capacity otherwise 1
 
 
 class SwappingConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -353,6 +355,11 @@ def _check_placement(placement: PlacementConfig, source: str) -> None:
     for model, rps in placement.capacity_rps.items():
         if not rps > 0:
             raise ConfigError(f"{source}: {where}.capacity_rps.{model}` must be positive")
+    for index, path in enumerate(placement.profiles):
+        try:
+            load_profile(path)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{source}: {where}.profiles[{index}]`: {exc}") from None
 
 
 def _check_regions(config: ProxyConfig, source: str) -> None:

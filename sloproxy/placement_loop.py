@@ -23,12 +23,13 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .config import PlacementConfig
 from .fleet.placement import GroupView, IntervalController, Placement, place
+from .fleet.profile import InstanceProfile, load_profile
 from .policies.base import Swap
 from .swapping import Swapper
 
@@ -53,15 +54,45 @@ class DecayingRate:
         return self._mass * math.exp(-(now - self._at) / self.window_s) / self.window_s
 
 
+PROMPT_SMOOTHING = 0.05  # EWMA weight of each request's prompt size in a model's mean (capacity depends on it)
+
+
+def load_profiles(paths: Sequence[str]) -> dict[str, list[InstanceProfile]]:
+    """`sloproxy profile` files by the model they measured (config.py has checked that they load)."""
+    profiles: dict[str, list[InstanceProfile]] = {}
+    for path in paths:
+        profile = load_profile(path)
+        profiles.setdefault(profile.model, []).append(profile)
+    return profiles
+
+
+def profile_capacity(profiles: Sequence[InstanceProfile], prompt_tokens: float) -> float:
+    """One instance's requests/s within its profile's SLO at this mean prompt size, in the proxy's seconds
+    (a profile of an emulator at speedup K recorded K-times-slower figures: ``time_scale``), derated by
+    its calibration; the mean over the model's profiles (its groups may hold different GPU types)."""
+    rates = [p.capacity_at(prompt_tokens).rps * p.time_scale * p.derating(p.slo) for p in profiles]
+    return sum(rates) / len(rates)
+
+
 class PlacementLoop:
     """Proactive placement over the swapper's GPU groups (one per proxy; idle without groups)."""
 
-    def __init__(self, swapper: Swapper, config: PlacementConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        swapper: Swapper,
+        config: PlacementConfig,
+        clock: Callable[[], float] = time.monotonic,
+        profiles: Mapping[str, Sequence[InstanceProfile]] | None = None,
+    ) -> None:
         self.swapper = swapper
         self.config = config
         self.clock = clock
         self.models = frozenset(m for members in swapper.groups.values() for b in members for m in b.models)
         self._rates: dict[str, DecayingRate] = {m: DecayingRate(config.window_s) for m in self.models}
+        if profiles is None:
+            profiles = load_profiles(config.profiles) if config.enabled else {}
+        self.profiles = {m: list(ps) for m, ps in profiles.items() if m in self.models}
+        self._prompt_tokens: dict[str, float] = {}  # mean prompt size per model, for profile capacity
         self.interval = IntervalController(config.min_interval_s, config.max_interval_s, config.shift)
         self.outcomes: Counter[str] = Counter()  # evaluations by outcome; swaps handed over / declined
         self.last: Placement | None = None
@@ -76,11 +107,28 @@ class PlacementLoop:
         rate = self._rates.get(model)
         return 0.0 if rate is None else rate.rate(self.clock())
 
-    def observe(self, model: str) -> None:
+    def observe(self, model: str, prompt_tokens: int = 0) -> None:
         """One request for ``model`` arrived (called for every request; a dict lookup when unknown)."""
         rate = self._rates.get(model)
         if rate is not None:
             rate.add(self.clock())
+            if model in self.profiles:
+                mean = self._prompt_tokens.get(model)
+                self._prompt_tokens[model] = (
+                    float(prompt_tokens) if mean is None else mean + PROMPT_SMOOTHING * (prompt_tokens - mean)
+                )
+
+    def capacity(self) -> dict[str, float]:
+        """Requests/s one instance serves per model: configured, else from its profiles, else 1."""
+        capacity = {}
+        for model in self.models:
+            if model in self.config.capacity_rps:
+                capacity[model] = self.config.capacity_rps[model]
+            elif model in self.profiles:
+                capacity[model] = max(profile_capacity(self.profiles[model], self._prompt_tokens.get(model, 1.0)), 1e-6)
+            else:
+                capacity[model] = 1.0
+        return capacity
 
     def demand(self) -> dict[str, float]:
         """Requests per second per model; below one request per window counts as none."""
@@ -116,11 +164,10 @@ class PlacementLoop:
             self.outcomes["postponed"] += 1
             return None
         demand = self.demand()
-        capacity = {m: self.config.capacity_rps.get(m, 1.0) for m in self.models}
         decision = place(
             self.groups(),
             demand,
-            capacity,
+            self.capacity(),
             self.swap_costs(),
             self.config.default_swap_s,
             self.config.horizon_s,
@@ -204,3 +251,11 @@ class PlacementCollector:
         for model in sorted(self.loop.models):
             demand.add_metric([model], measured.get(model, 0.0))
         yield demand
+        capacity = GaugeMetricFamily(
+            "sloproxy_placement_capacity_rps",
+            "Requests per second one instance serves, per grouped model (config, profile or 1).",
+            labels=["model"],
+        )
+        for model, rps in sorted(self.loop.capacity().items()):
+            capacity.add_metric([model], rps)
+        yield capacity

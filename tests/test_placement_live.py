@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from sloproxy.config import ConfigError, PlacementConfig, parse_config
+from sloproxy.fleet.profile import InstanceProfile, SloCapacity, save_profile
 from sloproxy.placement_loop import DecayingRate, PlacementLoop
 from sloproxy.policies.base import Swap
 from sloproxy.processes import EmulatorProcess, ProxyProcess
@@ -117,6 +118,55 @@ def test_a_declined_swap_is_counted():
         loop.observe("a")
     loop.evaluate()
     assert len(swapper.asked) == 1 and loop.outcomes["swap_declined"] == 1
+
+
+def profile_file(tmp_path, model: str, gpu: str, rps_at: dict[int, float], time_scale: float = 1.0) -> str:
+    capacity = [
+        SloCapacity(
+            prompt_tokens=p,
+            concurrency=8,
+            throughput_rps=r,
+            output_tokens_per_s=100 * r,
+            ttft_mean_s=0.2,
+            tpot_mean_s=0.03,
+        )
+        for p, r in rps_at.items()
+    ]
+    profile = InstanceProfile(model=model, engine="vllm", gpu_type=gpu, capacity=capacity, time_scale=time_scale)
+    path = tmp_path / f"{model}-{gpu}.yaml"
+    save_profile(path, profile)
+    return str(path)
+
+
+def test_capacity_comes_from_config_then_profiles_at_the_measured_prompt_size_then_one(tmp_path):
+    groups = two_groups()
+    groups["g0"].append(member("c0", "c", asleep=True))
+    swapper = stand_in(groups)
+    paths = [
+        profile_file(tmp_path, "a", "a10", {256: 4.0, 1024: 2.0}),
+        profile_file(tmp_path, "a", "h100", {256: 8.0, 1024: 4.0}, time_scale=2.0),  # emulated at speedup 2
+        profile_file(tmp_path, "b", "a10", {256: 3.0}),
+    ]
+    config = PlacementConfig(enabled=True, capacity_rps={"b": 5.0}, profiles=paths)
+    loop = PlacementLoop(swapper, config, FakeClock())  # type: ignore[arg-type]
+    for _ in range(200):
+        loop.observe("a", prompt_tokens=1024)
+    capacity = loop.capacity()
+    # a: the mean of 2.0 (a10) and 4.0 x 2 (h100, in the proxy's seconds) at 1,024 prompt tokens
+    assert capacity["a"] == pytest.approx((2.0 + 8.0) / 2)
+    assert capacity["b"] == 5.0 and capacity["c"] == 1.0  # config wins; no profile: 1
+    for _ in range(400):
+        loop.observe("a", prompt_tokens=256)  # the mean prompt moves: so does the capacity
+    assert loop.capacity()["a"] == pytest.approx((4.0 + 16.0) / 2, rel=0.02)
+
+
+def test_a_profile_that_does_not_load_is_refused_naming_the_field(tmp_path):
+    backends = [{"name": "a", "engine": "vllm", "url": "http://127.0.0.1:1", "models": ["a"], "gpu_group": "g"}]
+    (tmp_path / "bad.yaml").write_text("version: 999\n")
+    for path, reason in ((tmp_path / "missing.yaml", "No such file"), (tmp_path / "bad.yaml", "profile version")):
+        with pytest.raises(ConfigError) as caught:
+            parse_config({"backends": backends, "swapping": {"placement": {"profiles": [str(path)]}}})
+        assert "`$.swapping.placement.profiles[0]`" in str(caught.value) and reason in str(caught.value)
 
 
 @pytest.mark.parametrize(
@@ -239,6 +289,8 @@ async def test_demand_shifts_are_followed_by_placement_without_stranding_anythin
     assert swaps["failed"] == 0 and swaps["abandoned"] == 0
     demand = {labels["model"]: value for labels, value in samples["sloproxy_placement_demand_rps"]}
     assert demand["model-b"] > demand["model-a"]
+    capacity = {labels["model"]: value for labels, value in samples["sloproxy_placement_capacity_rps"]}
+    assert capacity == {"model-a": 2.0, "model-b": 2.0}
     _, raw, _ = await get(proxy.url + "/admin/fleet")
     placement = json.loads(raw)["placement"]
     assert placement["last"]["groups"] == {"gpu0": ["model-b"], "gpu1": ["model-b"]}
