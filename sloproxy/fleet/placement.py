@@ -1,10 +1,11 @@
 """Placement (SeaLLM-style): which model each GPU group should keep awake, from measured demand.
 
 The swapper's reactive rule wakes a model only once its requests wait. Placement is the proactive
-half: from per-model demand (tokens/s over a window) and per-model capacity (tokens/s one instance
-serves), it decides in two stages which model(s) each group holds:
+half: from per-model demand and per-model capacity (what one instance serves, in the same unit; the
+proxy uses requests/s), it decides in two stages which model(s) each group holds:
 
-1. how many instances each model gets, in proportion to demand / capacity (largest remainder; a
+1. how many instances each model gets, in proportion to demand / capacity (each further instance goes
+   where the need per instance is largest, and only while a model's need exceeds its instances; a
    model with demand gets at least one while instances last; a model without demand gets none);
 2. which group holds which model: only groups with a backend for the model are candidates; groups
    keep what they hold when it is still wanted (fewest swaps), the rest go to the model with the
@@ -15,8 +16,8 @@ A new placement is adopted only if the load it serves over ``horizon_s`` beats w
 same or similar demand never ping-pongs. :class:`IntervalController` re-evaluates sooner when the
 demand mix moves away from the one the current placement was made for, later while it is stable.
 
-Pure: no I/O, no clock. Not wired into the proxy yet: nothing measures demand for it or carries its
-swaps out through the swapper (issue 10, item 2, is open).
+Pure: no I/O, no clock. ``sloproxy/placement_loop.py`` measures the demand, calls :func:`place` and
+hands adopted swaps to the swapper (drain first).
 """
 
 from __future__ import annotations
