@@ -450,7 +450,7 @@ class Scheduler:
         now = self.clock()
         self.drain.advance(now)
         self.expire(now)
-        if now - self._outwait_checked >= OUTWAIT_CHECK_S:
+        if self.config.shed_outwaited and now - self._outwait_checked >= OUTWAIT_CHECK_S:
             self._outwait_checked = now
             self.shed_outwaited(now)
         self.fleet_actions()
@@ -598,7 +598,7 @@ class Scheduler:
         Refused at arrival with 429 + Retry-After, instead of waiting until :meth:`hopeless` sheds it
         near its deadline (5x overload, measured: 52 s of a 60 s deadline spent in the queue for a 429)."""
         slo = request.slo
-        if not (slo and slo.sheddable and request.deadline is not None):
+        if not (self.config.shed_outwaited and slo and slo.sheddable and request.deadline is not None):
             return False
         wait = self.drain.wait_s((request.model, slo.name))
         return wait is not None and now + wait + request.est_output_tokens * self.config.shed_tpot_s >= request.deadline

@@ -20,6 +20,10 @@ class SchedulingConfig(msgspec.Struct, forbid_unknown_fields=True):
     # of it outlasts its deadline (sloproxy/drain.py): long enough to smooth engine bursts, short enough
     # to follow capacity changes.
     drain_half_life_s: float = 20.0
+    # Sheddable work whose queue's drain rate says it would wait out its deadline is refused at arrival
+    # and shed from the queue. Off: it waits, and only work that cannot finish even if dispatched now is
+    # shed. The estimate is pessimistic behind higher bands on large-KV engines (docs/policies.md).
+    shed_outwaited: bool = True
     # Work that is not sheddable but has a first-token target is refused at arrival (429, Retry-After)
     # when the on-time requests ahead of it, at its queue's drain rate, outlast that target: past
     # capacity, the share the fleet can carry is served on time and the rest hears at once, instead of

@@ -259,6 +259,15 @@ def test_shedding_predicts_whether_the_deadline_can_still_be_met():
     assert not s.hopeless(request(max_tokens=200), 1e12)  # interactive work is never shed
 
 
+def test_outwaited_sheddable_work_is_refused_unless_that_shedding_is_off():
+    for shed, refused in ((True, True), (False, False)):
+        s = scheduler(shed_tpot_s=0.05, shed_outwaited=shed)
+        batch = request(slo="batch", max_tokens=200)  # 10 s of work, deadline in 60 s
+        s.drain.wait_s = lambda key: 55.0  # type: ignore[method-assign]  # the queue ahead drains in 55 s
+        assert s.outwaited(batch, batch.received_at) is refused
+        assert not s.hopeless(batch, batch.received_at)  # dispatched now, it would still finish in time
+
+
 def test_priority_scheduling_backends_take_urgent_work_past_the_budget_instead_of_evicting():
     from sloproxy.policies.base import Snapshot
     from sloproxy.policies.parts import BudgetAdmission, EvictForUrgent
