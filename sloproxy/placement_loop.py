@@ -96,6 +96,7 @@ class PlacementLoop:
         self.interval = IntervalController(config.min_interval_s, config.max_interval_s, config.shift)
         self.outcomes: Counter[str] = Counter()  # evaluations by outcome; swaps handed over / declined
         self.last: Placement | None = None
+        self.last_demand: dict[str, float] = {}  # what the last evaluation decided on
         self._task: asyncio.Task | None = None
 
     @property
@@ -163,7 +164,7 @@ class PlacementLoop:
         if self.swapper.busy:
             self.outcomes["postponed"] += 1
             return None
-        demand = self.demand()
+        demand = self.last_demand = self.demand()
         decision = place(
             self.groups(),
             demand,
@@ -221,7 +222,7 @@ class PlacementLoop:
             except Exception:  # a bug here must not stop placement for good; the reactive rule still runs
                 log.exception("placement evaluation failed")
                 decision = None
-            wait = self.config.min_interval_s if decision is None else self.interval.next_interval(self.demand())
+            wait = self.config.min_interval_s if decision is None else self.interval.next_interval(self.last_demand)
 
 
 class PlacementCollector:
