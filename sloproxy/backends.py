@@ -64,6 +64,7 @@ class Backend:
     remote_kv_tokens: int = 0
     ceiling: int | None = None  # the engine's capacity as last observed (it queued beyond it)
     quiet_updates: int = 0
+    probe_step: int = 1  # how far above the ceiling the next probe goes (doubles while probes hold)
     load: BackendLoad | None = None
     load_read_at: float | None = None  # monotonic seconds
     stale_after_s: float = 5.0

@@ -10,6 +10,13 @@ The rate is requests leaving the queue for a backend per second *while the queue
 (idle time says nothing about capacity), over an exponentially decaying window so it follows the
 fleet as capacity changes. Events cost O(1); the window advances on the scheduler's timer, which
 visits only the (model, class) pairs seen (a handful).
+
+The window of a queue fits the horizon its rate is projected over. A queue whose class has a
+deadline projects waits up to that deadline, so its window is at least that long and its rate is
+trusted only after half the deadline of busy time. Trusted after 2 s, a batch queue behind an
+interactive burst drained at 0.2-1 requests/s and projected waits of 55-330 s for work that was
+then served within 5-15 s, once the burst had passed (demo fleet, Azure conv x4): shedding on that
+early rate refused half the batch that would have met its 60 s deadline (``bench/shedding.py``).
 """
 
 from __future__ import annotations
@@ -20,16 +27,37 @@ from collections import Counter
 Key = tuple[str, str]  # (model, class)
 
 
+class _Window:
+    """One queue's decaying record: dispatches and busy seconds, with its own memory."""
+
+    __slots__ = ("busy_s", "half_life_s", "served", "trust_s")
+
+    def __init__(self, half_life_s: float, trust_s: float) -> None:
+        self.half_life_s = half_life_s
+        self.trust_s = trust_s  # busy seconds observed before the rate is trusted
+        self.served = 0.0  # decayed count of dispatches from the queue
+        self.busy_s = 0.0  # decayed seconds with at least one waiter
+
+
 class DrainRates:
     def __init__(self, half_life_s: float = 20.0) -> None:
         self.half_life_s = half_life_s
-        self.min_busy_s = 0.1 * half_life_s  # busy time observed before the rate is trusted
         self.waiting: Counter[Key] = Counter()
-        self._served: dict[Key, float] = {}  # decayed count of dispatches from the queue
-        self._busy_s: dict[Key, float] = {}  # decayed seconds with at least one waiter
+        self._windows: dict[Key, _Window] = {}
         self._last: float | None = None
 
-    def joined(self, key: Key) -> None:
+    def _window(self, key: Key, horizon_s: float | None = None) -> _Window:
+        window = self._windows.get(key)
+        if window is None:
+            half_life = max(self.half_life_s, horizon_s or 0.0)
+            trust = max(0.1 * half_life, 0.5 * (horizon_s or 0.0))
+            window = self._windows[key] = _Window(half_life, trust)
+        return window
+
+    def joined(self, key: Key, horizon_s: float | None = None) -> None:
+        """A request of ``key`` started waiting. ``horizon_s``: the longest wait its class's rate is
+        projected over (its deadline), read when the key is first seen."""
+        self._window(key, horizon_s)
         self.waiting[key] += 1
 
     def left(self, key: Key) -> None:
@@ -37,28 +65,26 @@ class DrainRates:
 
     def served(self, key: Key) -> None:
         """A waiting request of ``key`` was dispatched (call :meth:`left` too)."""
-        self._served[key] = self._served.get(key, 0.0) + 1.0
+        self._window(key).served += 1.0
 
     def advance(self, now: float) -> None:
-        """Age the window to ``now``; time since the last call counts as busy for queues with waiters."""
+        """Age the windows to ``now``; time since the last call counts as busy for queues with waiters."""
         last, self._last = self._last, now
         if last is None or now <= last:
             return
-        keep = 0.5 ** ((now - last) / self.half_life_s)
-        busy = self.half_life_s / math.log(2) * (1.0 - keep)  # the interval's busy time, decayed as it passed
-        for key in self._busy_s:
-            self._busy_s[key] *= keep
-            self._served[key] = self._served.get(key, 0.0) * keep
-        for key, count in self.waiting.items():
-            if count > 0:
-                self._busy_s[key] = self._busy_s.get(key, 0.0) + busy
+        for key, window in self._windows.items():
+            keep = 0.5 ** ((now - last) / window.half_life_s)
+            window.busy_s *= keep
+            window.served *= keep
+            if self.waiting[key] > 0:  # the interval's busy time, decayed as it passed
+                window.busy_s += window.half_life_s / math.log(2) * (1.0 - keep)
 
     def rate(self, key: Key) -> float | None:
         """Requests per second ``key``'s queue drained at while it had waiters (None: too little seen)."""
-        busy = self._busy_s.get(key, 0.0)
-        if busy < self.min_busy_s:
+        window = self._windows.get(key)
+        if window is None or window.busy_s < window.trust_s:
             return None
-        return self._served.get(key, 0.0) / busy
+        return window.served / window.busy_s
 
     def wait_s(self, key: Key) -> float | None:
         """Expected wait of a request joining ``key``'s queue now: those already waiting divided by the
@@ -67,8 +93,7 @@ class DrainRates:
         ahead = self.waiting[key]
         if ahead <= 0:
             return 0.0
-        busy = self._busy_s.get(key, 0.0)
-        if busy < self.min_busy_s:
+        window = self._windows.get(key)
+        if window is None or window.busy_s < window.trust_s:
             return None
-        served = self._served.get(key, 0.0)
-        return ahead * busy / served if served > 0 else math.inf
+        return ahead * window.busy_s / window.served if window.served > 0 else math.inf

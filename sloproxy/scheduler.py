@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from .swapping import Swapper
 
 log = logging.getLogger("sloproxy.scheduler")
+WAITING_READINGS = 2
 OUTWAIT_CHECK_S = 1.0  # how often waiting sheddable work is re-judged against its queue's drain rate
 
 
@@ -76,7 +77,7 @@ class Scheduler:
         self.drain = DrainRates(self.config.drain_half_life_s)  # per (model, class) queue: how fast it is served
         self._outwait_checked = 0.0
         self._preemptions_seen: dict[str, int] = {}  # backend -> the engine's preemption counter last read
-        self._waiting_seen: dict[str, int] = {}  # backend -> engine-reported waiting at the last reading
+        self._waiting_seen: dict[str, int] = {}  # backend -> consecutive readings with work waiting in the engine
         self.predict_many: Callable[[Sequence[ProxyRequest]], None] | None = None  # see the module doc
         # Model swapping (swapping.py): a request whose model's backends all sleep waits for a wake.
         self.swapper: Swapper | None = None
@@ -231,7 +232,7 @@ class Scheduler:
         self._queued_bytes += len(request.raw)
         queue.push(request)
         self.state.queue_changed(request.model, self._class_name(request), 1)
-        self.drain.joined((request.model, self._class_name(request)))
+        self.drain.joined((request.model, self._class_name(request)), request.slo and request.slo.deadline_s)
         self.dispatch(request.model)
         try:
             return await waiter
@@ -628,20 +629,26 @@ class Scheduler:
             # One reading with work waiting is often just a prefill the engine has not reached yet
             # (chunked prefill admits a few thousand tokens per step): only waiting seen twice in a
             # row, or with the KV cache nearly full, or a preemption says the engine is over capacity.
-            waited_before = self._waiting_seen.get(backend.name, 0) > 0
-            self._waiting_seen[backend.name] = load.waiting
+            waited = self._waiting_seen[backend.name] = (
+                self._waiting_seen.get(backend.name, 0) + 1 if load.waiting > 0 else 0
+            )
             kv_full = load.kv_usage is not None and load.kv_usage > 0.9
-            if (load.waiting > 0 and (waited_before or kv_full)) or preempted:
+            if (waited >= WAITING_READINGS or (waited and kv_full)) or preempted:
                 budget = max(config.budget_min, min(budget, load.running))
                 backend.ceiling = max(budget, (backend.ceiling or budget) - 1)
                 backend.quiet_updates = 0
+                backend.probe_step = 1
             elif load.waiting == 0 and backend.in_flight >= 0.7 * budget:  # the budget, not the engine, limits
                 backend.quiet_updates += 1
                 ceiling = backend.ceiling or config.budget_max
                 if budget < ceiling:
                     budget = min(ceiling, budget + max(1, budget // 8))
                 elif backend.quiet_updates >= config.probe_after_updates:
-                    backend.ceiling = budget = min(config.budget_max, budget + 1)
+                    # A probe the engine kept up with doubles the next one: an engine far below its
+                    # capacity (an A100 at 8% KV, its ceiling set by one early drop) gets there in a
+                    # few probes instead of one request per probe; a failed probe starts again at one.
+                    backend.ceiling = budget = min(config.budget_max, budget + backend.probe_step)
+                    backend.probe_step *= 2
                     backend.quiet_updates = 0
             if budget != backend.budget:
                 self._set_budget(backend, budget)

@@ -118,3 +118,30 @@ def test_drain_rate_estimates_the_wait_behind_a_class_queue():
         drain.left(key)
     drain.advance(400.0)
     assert drain.wait_s(key) == 0.0
+
+
+def test_a_deadline_class_rate_is_trusted_only_after_half_its_deadline_of_busy_time():
+    """Batch starved by an interactive burst drains slowly for a while, then all at once: a rate
+    judged on a few seconds of that would refuse work that meets its deadline."""
+    from sloproxy.drain import DrainRates
+
+    drain, batch, interactive = DrainRates(half_life_s=20.0), ("m", "batch"), ("m", "interactive")
+    drain.advance(0.0)
+    for _ in range(30):
+        drain.joined(batch, 60.0)
+    drain.joined(interactive)
+    for second in range(1, 29):  # one batch request served every 4 s: 0.25/s
+        if second % 4 == 0:
+            drain.served(batch)
+            drain.left(batch)
+        drain.advance(float(second))
+    assert drain.rate(interactive) is not None  # a class without a deadline: 2 s of busy time is enough
+    assert drain.wait_s(batch) is None  # 28 busy seconds of a 60 s deadline: too little to judge by
+    for second in range(29, 41):
+        if second % 4 == 0:
+            drain.served(batch)
+            drain.left(batch)
+        drain.advance(float(second))
+    rate = drain.rate(batch)
+    assert rate is not None and abs(rate - 0.25) < 0.03
+    assert abs(drain.wait_s(batch) - drain.waiting[batch] / rate) < 1e-6
