@@ -44,7 +44,7 @@ WORKLOADS = {
     "code": {"trace": "azure_code_2023.csv", "start_s": 0.0, "duration_s": 300.0, "seed": 3},
 }
 PRESETS = ["edf", "ecoserve", "seallm", "uellm", "qlm", "slo"]
-SCALES = [0.25, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25]
+SCALES = [0.25, 0.5, 0.625, 0.75, 0.875, 1.0, 1.125, 1.25]  # 1.125: 1.5x a capacity of 0.75
 
 
 def workload(name: str, rate_scale: float = 1.0) -> list:
