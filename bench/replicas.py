@@ -10,11 +10,12 @@ replayed open loop through ``slo``:
 
 Every proxy duration is divided by the speedup, as in ``make demo``; the state's lease and sync
 interval are not (they are real-time machinery), which makes the shared runs' coordination lag K
-times longer in emulated time than in a real deployment. Prints each run's report and the engines'
-peak of requests inside against the budget; writes ``bench/out/replicas.json``.
+times longer in emulated time than in a real deployment. Prints each run's report, the engines'
+peak of requests inside, and what the replicas may hold on each backend (their caps added up, sampled
+every 0.5 s); writes ``bench/out/replicas.json``.
 
     .venv/bin/python bench/replicas.py [--seconds 120] [--speedup 10] [--replicas 3] [--rate-scale 1.0]
-                                       [--sync-interval 0.05]
+                                       [--sync-interval 0.05] [--only embedded|redis|uncoordinated]
 """
 
 from __future__ import annotations
@@ -54,6 +55,32 @@ async def peaks(fleet: EmulatorProcess, names: list[str]) -> dict[str, int]:
         return out
 
 
+async def sample_caps(urls: list[str], into: dict[str, list[int]], every_s: float = 0.5) -> None:
+    """What the fleet may hold on each backend, every ``every_s``: the replicas' caps added up (one
+    replica: its budget; on Redis: the shares of the fleet's budget; uncoordinated: each its own)."""
+    async with aiohttp.ClientSession() as session:
+        while True:
+            caps: dict[str, int] = {}
+            for url in urls:
+                try:
+                    async with session.get(url + "/metrics") as response:
+                        text = await response.text()
+                except aiohttp.ClientError:
+                    continue
+                for line in text.splitlines():
+                    if line.startswith("sloproxy_backend_cap_requests{"):
+                        name = line.split('backend="', 1)[1].split('"', 1)[0]
+                        caps[name] = caps.get(name, 0) + int(float(line.rsplit(" ", 1)[1]))
+            for name, total in caps.items():
+                into.setdefault(name, []).append(total)
+            await asyncio.sleep(every_s)
+
+
+def cap_summary(series: dict[str, list[int]]) -> dict[str, str]:
+    """Per backend: median and largest of the sampled caps."""
+    return {name: f"p50 {sorted(v)[len(v) // 2]} max {max(v)}" for name, v in sorted(series.items()) if v}
+
+
 async def one_run(label: str, replicas: int, shared: bool, workload: list, workload_path: Path, args) -> dict:
     specs = [
         InstanceSpec(name=name, engine=engine, model=model, profile=profile, port=free_port())
@@ -76,12 +103,19 @@ async def one_run(label: str, replicas: int, shared: bool, workload: list, workl
         proxies = [stack.enter_context(ProxyProcess(dict(config))) for _ in range(replicas)]
         if shared:
             await asyncio.sleep(1.5)  # a new fleet on an empty Redis holds dispatch for one lease
-        meta, records = await replay_run(
-            workload, ",".join(p.url for p in proxies), workload=str(workload_path), label=label, speedup=args.speedup
-        )
+        caps: dict[str, list[int]] = {}
+        sampler = asyncio.ensure_future(sample_caps([p.url for p in proxies], caps))
+        try:
+            urls = ",".join(p.url for p in proxies)
+            meta, records = await replay_run(
+                workload, urls, workload=str(workload_path), label=label, speedup=args.speedup
+            )
+        finally:
+            sampler.cancel()
         inside = await peaks(fleet, [s.name for s in specs])
     summary = summarize(meta, records)
     summary["engine_peaks"] = inside
+    summary["caps"] = cap_summary(caps)
     return summary
 
 
@@ -93,6 +127,9 @@ async def main() -> int:
     parser.add_argument("--rate-scale", type=float, default=1.0)
     parser.add_argument(
         "--sync-interval", type=float, default=0.05, help="state sync interval, real seconds (0.05: the default)"
+    )
+    parser.add_argument(
+        "--only", choices=("embedded", "redis", "uncoordinated"), help="run one of the three setups (default: all)"
     )
     args = parser.parse_args()
     data = find_data_dir()
@@ -117,16 +154,22 @@ async def main() -> int:
     workload_path = out / "replicas-workload.jsonl"
     write_workload(workload_path, workload)
     n = args.replicas
+    setups = {
+        "embedded": ("1 embedded", 1, False),
+        "redis": (f"{n} redis", n, True),
+        "uncoordinated": (f"{n} embedded", n, False),
+    }
     summaries = [
-        await one_run("1 embedded", 1, False, workload, workload_path, args),
-        await one_run(f"{n} redis", n, True, workload, workload_path, args),
-        await one_run(f"{n} embedded", n, False, workload, workload_path, args),
+        await one_run(label, replicas, shared, workload, workload_path, args)
+        for key, (label, replicas, shared) in setups.items()
+        if args.only in (None, key)
     ]
     print(render_text(summaries))
     for summary in summaries:
         overall = summary["overall"]["slo_attainment"]
         peaks_seen = summary["engine_peaks"]
         print(f"{summary['label']:12} overall SLO attainment {100 * overall:.1f}%  engine peaks {peaks_seen}")
+        print(f"{'':12} caps added up over replicas {summary['caps']}")
     (out / "replicas.json").write_text(json.dumps(summaries, indent=1, default=str))
     return 0
 
