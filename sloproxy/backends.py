@@ -65,6 +65,7 @@ class Backend:
     ceiling: int | None = None  # the engine's capacity as last observed (it queued beyond it)
     quiet_updates: int = 0
     probe_step: int = 1  # how far above the ceiling the next probe goes (doubles while probes hold)
+    dispatched_since_reading: int = 0  # requests sent since the engine's last load reading
     load: BackendLoad | None = None
     load_read_at: float | None = None  # monotonic seconds
     stale_after_s: float = 5.0

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sloproxy.scheduler")
 WAITING_READINGS = 2
+URGENT_DEMAND_WEIGHT = 4  # see Scheduler._report_to_fleet
 OUTWAIT_CHECK_S = 1.0  # how often waiting sheddable work is re-judged against its queue's drain rate
 
 
@@ -76,6 +77,7 @@ class Scheduler:
         self.counts: Counter[str] = Counter()  # shed / timed out / evicted, by reason
         self.drain = DrainRates(self.config.drain_half_life_s)  # per (model, class) queue: how fast it is served
         self._outwait_checked = 0.0
+        self._class_band: dict[str, int] = {}  # SLO class -> band, as its requests joined a queue
         self._preemptions_seen: dict[str, int] = {}  # backend -> the engine's preemption counter last read
         self._waiting_seen: dict[str, int] = {}  # backend -> consecutive readings with work waiting in the engine
         self.predict_many: Callable[[Sequence[ProxyRequest]], None] | None = None  # see the module doc
@@ -83,8 +85,8 @@ class Scheduler:
         self.swapper: Swapper | None = None
         # Regions (regions.py): set by the proxy when backends span several regions; None costs one check.
         self.regions: RegionRouter | None = None
-        self._to_predict: list[tuple[ProxyRequest, Backend | None]] = []  # (request, its backend if placed)
-        self._predicted: asyncio.Future[None] | None = None  # resolves when the pending batch has run
+        # (request, its backend if placed, resolved once predicted): the batch of the loop's next turn
+        self._to_predict: list[tuple[ProxyRequest, Backend | None, asyncio.Future[None]]] = []
         for backend in pool.backends:
             self._set_budget(backend, self.state.budget(backend.name, self.config.budget_initial))
             backend.mine = backend.in_flight = self.state.in_flight(backend.name)
@@ -232,7 +234,9 @@ class Scheduler:
         self._queued_bytes += len(request.raw)
         queue.push(request)
         self.state.queue_changed(request.model, self._class_name(request), 1)
-        self.drain.joined((request.model, self._class_name(request)), request.slo and request.slo.deadline_s)
+        name = self._class_name(request)
+        self._class_band[name] = request.band
+        self.drain.joined((request.model, name), request.slo and request.slo.deadline_s)
         self.dispatch(request.model)
         try:
             return await waiter
@@ -279,29 +283,32 @@ class Scheduler:
         self._predict_soon(request, backend)
 
     def _predict_soon(self, request: ProxyRequest, backend: Backend | None) -> asyncio.Future[None]:
-        """Add ``request`` to the batch predicted on the loop's next turn; the future says when."""
-        self._to_predict.append((request, backend))
-        if self._predicted is None:
-            loop = asyncio.get_running_loop()
-            self._predicted = loop.create_future()
+        """Add ``request`` to the batch predicted on the loop's next turn; its own future says when.
+
+        One future per request, not one per batch: a task awaiting a future that is cancelled (its
+        client went away) cancels that future, which with a shared one failed every other request
+        of the batch with CancelledError (found in the simulator, which raised on it)."""
+        loop = asyncio.get_running_loop()
+        if not self._to_predict:
             loop.call_soon(self._predict_batch)
-        return self._predicted
+        future: asyncio.Future[None] = loop.create_future()
+        self._to_predict.append((request, backend, future))
+        return future
 
     def _predict_batch(self) -> None:
         batch, self._to_predict = self._to_predict, []
-        done, self._predicted = self._predicted, None
         try:
             assert self.predict_many is not None
-            self.predict_many([request for request, _ in batch])
+            self.predict_many([request for request, _, _ in batch])
         except Exception:  # a predictor failure must not fail requests: they keep their priors
             log.exception("length prediction failed for %d requests; they keep their models' priors", len(batch))
-        for request, backend in batch:
+        for request, backend, done in batch:
             if backend is not None and id(request) in self._running:  # placed: its reservation follows
                 self._reserve_kv(backend, request, kv_footprint(request))
                 tokens = request.est_prompt_tokens + request.est_output_tokens
                 self.state.reserve(backend.name, request.id, tokens)
-        if done is not None and not done.done():
-            done.set_result(None)
+            if not done.done():
+                done.set_result(None)
 
     def _check_room(self, request: ProxyRequest) -> None:
         waiting = sum(len(q) for q in self.queues.values())
@@ -398,6 +405,7 @@ class Scheduler:
         tokens = request.est_prompt_tokens + request.est_output_tokens
         backend.mine = self.state.reserve(backend.name, request.id, tokens)
         backend.in_flight = backend.mine + backend.remote_in_flight
+        backend.dispatched_since_reading += 1
         self._reserve_kv(backend, request, kv_footprint(request))
         self._running[id(request)] = request
         if self.regions is not None:
@@ -629,8 +637,20 @@ class Scheduler:
             # One reading with work waiting is often just a prefill the engine has not reached yet
             # (chunked prefill admits a few thousand tokens per step): only waiting seen twice in a
             # row, or with the KV cache nearly full, or a preemption says the engine is over capacity.
+            # With several replicas, requests dispatched since the previous reading may be waiting
+            # for their first prefill chunk, and shares granted at syncs send them in bursts: only
+            # waiting beyond them (the others' estimated in proportion to the fleet's in-flight
+            # count) has waited a whole interval. Without it three replicas on Redis held an A100 at
+            # 14-22 requests where one replica ran 90 (bench/replicas.py). One replica does without:
+            # on the bursty code trace it cost `slo` a scale step (bench/policy_capacity.py).
+            fresh = 0
+            if self.shared is not None:
+                fresh = backend.dispatched_since_reading
+                if backend.mine > 0 and backend.in_flight > backend.mine:
+                    fresh = fresh * backend.in_flight // backend.mine
+            backend.dispatched_since_reading = 0
             waited = self._waiting_seen[backend.name] = (
-                self._waiting_seen.get(backend.name, 0) + 1 if load.waiting > 0 else 0
+                self._waiting_seen.get(backend.name, 0) + 1 if load.waiting > fresh else 0
             )
             kv_full = load.kv_usage is not None and load.kv_usage > 0.9
             if (waited >= WAITING_READINGS or (waited and kv_full)) or preempted:
@@ -677,11 +697,17 @@ class Scheduler:
 
     # ----- several replicas ---------------------------------------------------------------------------
     def _report_to_fleet(self) -> None:
-        """Before a state sync: this replica's load, and its demand (in flight + waiting) per backend."""
+        """Before a state sync: this replica's load, and its demand per backend: in flight + waiting,
+        band-0 waiting counted ``URGENT_DEMAND_WEIGHT`` times, so shares move towards the replicas
+        holding urgent work, as one queue would serve it first."""
         assert self.shared is not None
-        waiting = {model: len(queue) for model, queue in self.queues.items()}
+        waiting: Counter[str] = Counter()
+        for (model, name), count in self.drain.waiting.items():
+            if count > 0:
+                weight = URGENT_DEMAND_WEIGHT if self._class_band.get(name, 1) == 0 else 1
+                waiting[model] += weight * count
         for b in self.pool.backends:
-            demand = b.mine + sum(waiting.get(model, 0) for model in b.models)
+            demand = b.mine + sum(waiting[model] for model in b.models)
             self.shared.update_local(b.name, b.mine, b.kv_mine, demand)
 
     def shares_changed(self) -> None:

@@ -196,6 +196,28 @@ async def test_requests_that_must_wait_are_predicted_together_before_they_join_t
     await asyncio.gather(*tasks[1:], return_exceptions=True)
 
 
+async def test_a_waiter_cancelled_during_prediction_leaves_the_rest_of_its_batch_unharmed():
+    """Its client went away while the batch it joined was being predicted: the others still queue."""
+    s = scheduler(budget=1)
+    s.predict_many = lambda batch: None
+    first = request()
+    backend = await s.acquire(first)
+    waiters = [request() for _ in range(3)]
+    for r in waiters:
+        r.estimate_source = "prior"
+    tasks = [asyncio.ensure_future(s.acquire(r)) for r in waiters]
+    await asyncio.sleep(0)
+    tasks[0].cancel()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert tasks[0].cancelled() and not tasks[1].done() and not tasks[2].done()
+    assert [r.id for r in s.queues["m"]] == [waiters[1].id, waiters[2].id]
+    s.release(first, backend)
+    assert (await tasks[1]).name == "b"
+    tasks[2].cancel()
+    await asyncio.gather(tasks[2], return_exceptions=True)
+
+
 async def test_with_a_queue_an_arrival_waits_its_turn_even_if_a_slot_is_free():
     s = scheduler(budget=1)
     first = request()
@@ -325,3 +347,68 @@ async def test_a_request_placed_with_the_prior_is_predicted_under_way_and_its_re
     assert predicted == [r.id]
     s.release(r, backend)
     assert backend.kv_reserved_tokens == 0 and backend.in_flight == 0
+
+
+# ----- budget adaptation --------------------------------------------------------------------------
+def _reading(s: Scheduler, running: int, waiting: int, in_flight: int | None = None, sent: int = 0) -> int:
+    """One load reading of backend ``b``; ``sent``: requests dispatched since the previous one."""
+    from sloproxy.adapters.base import BackendLoad
+
+    backend = s.pool.backends[0]
+    backend.mine = backend.in_flight = running + waiting if in_flight is None else in_flight
+    backend.dispatched_since_reading = sent
+    backend.load = BackendLoad(running=running, waiting=waiting, kv_usage=0.1)
+    s._on_load_update(backend)
+    return backend.budget
+
+
+def test_budget_probes_double_while_the_engine_keeps_up_and_restart_at_one_after_a_drop():
+    s = scheduler(budget=8, probe_after_updates=2)
+    backend = s.pool.backends[0]
+    assert [_reading(s, 8, 1), _reading(s, 8, 1)] == [8, 8]  # waiting on two readings: the ceiling is 8
+    assert backend.ceiling == 8
+    budgets = [_reading(s, backend.budget, 0) for _ in range(8)]  # full, nothing waiting: probe every 2 readings
+    assert budgets == [8, 9, 9, 11, 11, 15, 15, 23]  # +1, +2, +4, +8
+    _reading(s, 20, 3)
+    assert _reading(s, 20, 3) == 20 and backend.ceiling == 22  # the engine ran 20: budget there, ceiling one down
+    budgets = [_reading(s, backend.budget, 0) for _ in range(4)]
+    assert budgets == [22, 23, 23, 25]  # back to the ceiling at once, then probes from +1 again: +1, +2
+
+
+class _OneOfThree:
+    """A stand-in for the Redis coordinator: this replica may use the whole budget, and the fleet
+    holds three times what it holds."""
+
+    def share(self, backend: str) -> int:
+        return 1_000
+
+    def remote_in_flight(self, backend: str) -> int:
+        return 0
+
+
+def test_with_replicas_waiting_that_fresh_dispatches_explain_does_not_shrink_the_budget():
+    s = scheduler(budget=16)
+    s.shared = _OneOfThree()  # type: ignore[assignment]
+    # 3 waiting; this replica holds 5 of the fleet's 15 in flight and sent 1: the fleet sent about 3
+    for _ in range(4):
+        assert _reading_as(s, 12, 3, mine=5, in_flight=15, sent=1) == 16
+    assert _reading_as(s, 12, 4, mine=5, in_flight=15, sent=1) == 16  # 4 > 3 fresh: once is not evidence
+    assert _reading_as(s, 12, 4, mine=5, in_flight=15, sent=1) == 12  # twice in a row: the engine runs 12
+
+
+def test_one_replica_counts_all_waiting_as_evidence():
+    """On the bursty code trace, discounting fresh dispatches cost one replica a scale step."""
+    s = scheduler(budget=16)
+    _reading(s, 13, 3, sent=3)
+    assert _reading(s, 13, 3, sent=3) == 13
+
+
+def _reading_as(s: Scheduler, running: int, waiting: int, mine: int, in_flight: int, sent: int) -> int:
+    """A reading where this replica holds ``mine`` of the fleet's ``in_flight``."""
+    from sloproxy.adapters.base import BackendLoad
+
+    backend = s.pool.backends[0]
+    backend.mine, backend.in_flight, backend.dispatched_since_reading = mine, in_flight, sent
+    backend.load = BackendLoad(running=running, waiting=waiting, kv_usage=0.1)
+    s._on_load_update(backend)
+    return backend.budget

@@ -108,13 +108,13 @@ end
 local shares, remote, record = {}, {}, {}
 for name, mine in pairs(msg.b) do
   local in_flight, kv, demand, view, prev = mine[1], mine[2], mine[3], mine[4], mine[5]
-  local budget = view
+  local budget, leader = view, id
   local held, r_in_flight, r_kv = 0, 0, 0
   local ids, demands = {id}, {demand}
   for _, other in ipairs(others) do
     local o = other[2][name]
     if o then
-      if o[6] >= 0 and (budget < 0 or o[6] < budget) then budget = o[6] end
+      if o[6] >= 0 and (budget < 0 or other[1] < leader) then budget, leader = o[6], other[1] end
       held = held + math.max(o[1], o[2], o[3])
       r_in_flight = r_in_flight + o[3]
       r_kv = r_kv + o[4]

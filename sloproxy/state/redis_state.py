@@ -8,7 +8,9 @@ kept in this object and never waits for Redis; a background loop exchanges them 
 
 **The share rule** (per backend, computed in Redis for the replica that syncs, ``i``):
 
-* ``B`` = the smallest budget view among live replicas (views not set are ignored; none: 0).
+* ``B`` = the budget view of the live replica with the smallest id that has set one (none: 0):
+  one controller for the fleet (the smallest of the views followed the most pessimistic replica's
+  readings). A replica's share never exceeds its own view either.
 * target: with ``n`` live replicas serving the backend, each gets 1 slot if ``B >= n``, and the
   other ``B - n`` (all ``B`` if ``B < n``) are split in proportion to ``demand + 1``, largest
   remainder first, ties by replica id. Targets of one run sum to exactly ``B``; the ``+ 1`` keeps
