@@ -233,8 +233,8 @@ class Scheduler:
         self._waiters[id(request)] = waiter
         self._queued_bytes += len(request.raw)
         queue.push(request)
-        self.state.queue_changed(request.model, self._class_name(request), 1)
         name = self._class_name(request)
+        self.state.queue_changed(request.model, name, 1)
         self._class_band[name] = request.band
         self.drain.joined((request.model, name), request.slo and request.slo.deadline_s)
         self.dispatch(request.model)
