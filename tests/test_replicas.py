@@ -5,6 +5,10 @@ processes), a real redis-server, emulated engines, the official ``openai`` clien
   the budget the replicas share, while three replicas with embedded state (the control) overrun it.
 * A replica killed with SIGKILL and Redis killed and restarted mid-run fail no request on the
   surviving replicas, and the dead replica's share returns to them within the lease.
+* A stretch of the Azure conversation trace replayed over three replicas (requests alternating
+  between them) meets its SLOs within 3 points of one replica at the same total load, inside the
+  shared budget, and with a replica killed and Redis restarted mid-replay nothing sent to the
+  survivors fails. (``bench/replicas.py`` compares them under heavier load on the demo fleet.)
 """
 
 from __future__ import annotations
@@ -13,12 +17,17 @@ import asyncio
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
 
+from sloproxy.evaluation.build import BuildOptions, build_workload, parse_models
+from sloproxy.evaluation.replay import replay_run
+from sloproxy.evaluation.report import summarize
+from sloproxy.evaluation.workload import WorkloadRequest, write_workload
 from sloproxy.processes import EmulatorProcess, ProxyProcess
 from tests.redis_server import RedisServer
 
@@ -29,17 +38,22 @@ REPLICAS = 3
 STREAMS = 48
 
 
-def fleet() -> EmulatorProcess:
+REPLAY_BUDGET = 6  # per backend, fixed: a load near what two engines at 6 each serve on time
+REPLAY_RATE = 1.2  # x the trace's rate: one replica meets ~100% of SLOs, x2.6 ~96% (it saturates)
+
+
+def fleet(lengths: Path | None = None) -> EmulatorProcess:
     instances = [{"name": f"v{i}", "engine": "vllm", "model": "m"} for i in (1, 2)]
-    return EmulatorProcess(instances, speedup=SPEEDUP)
+    extra = {"lengths": str(lengths)} if lengths is not None else None
+    return EmulatorProcess(instances, speedup=SPEEDUP, extra=extra)
 
 
-def replica_config(engines: EmulatorProcess, redis: RedisServer | None) -> dict[str, Any]:
+def replica_config(engines: EmulatorProcess, redis: RedisServer | None, budget: int = BUDGET) -> dict[str, Any]:
     config: dict[str, Any] = {
         "backends": [{"name": n, "engine": "vllm", "url": engines.url(n), "models": ["m"]} for n in ("v1", "v2")],
         "policy": {"name": "slo"},
         "predictor": {"mode": "off"},
-        "scheduling": {"budget_initial": BUDGET, "budget_min": BUDGET, "budget_max": BUDGET, "tick_s": 0.005},
+        "scheduling": {"budget_initial": budget, "budget_min": budget, "budget_max": budget, "tick_s": 0.005},
         "load_polling": {"interval_s": 0.1},
     }
     if redis is not None:
@@ -95,10 +109,10 @@ async def sees_live_replicas(url: str, count: int) -> bool:
     return await metric(url, "sloproxy_state_live_replicas") == count
 
 
-async def caps_sum_to_budget(urls: list[str]) -> bool:
+async def caps_sum_to_budget(urls: list[str], budget: int = BUDGET) -> bool:
     for backend in ("v1", "v2"):
         caps = [await metric(u, f'sloproxy_backend_cap_requests{{backend="{backend}"}}') for u in urls]
-        if sum(caps) != BUDGET:
+        if sum(caps) != budget:
             return False
     return True
 
@@ -155,3 +169,80 @@ async def test_replicas_share_the_budget_and_survive_a_replica_kill_and_a_redis_
         for replica in survivors:
             assert await metric(replica.url, "sloproxy_state_degraded") == 0.0
             assert await metric(replica.url, "sloproxy_state_sync_failures_total") >= 1  # it saw the outage
+
+
+# ----- a replayed trace ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def conv_workload(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[WorkloadRequest], Path]:
+    """90 s of the Azure conversation trace at REPLAY_RATE, for model ``m`` (Llama-3-8B reply lengths);
+    the file also tells the emulators each reply's length."""
+    workload = build_workload(
+        BuildOptions(
+            trace=str(shared_data / "traces" / "azure_conv_2023.csv"),
+            lengths_dir=str(shared_data / "lengths"),
+            models=parse_models("m=Meta-Llama-3-8B-Instruct"),
+            duration_s=90.0,
+            rate_scale=REPLAY_RATE,
+            max_context=4096,
+            seed=1,
+        )
+    )
+    path = tmp_path_factory.mktemp("replay") / "workload.jsonl"
+    write_workload(path, workload)
+    return workload, path
+
+
+async def replay_through(replicas: list[ProxyProcess], workload: list[WorkloadRequest]) -> tuple[float, list[str]]:
+    """Replay ``workload`` alternating over ``replicas``: overall SLO attainment, and each request's
+    status in workload order (request ``i`` went to replica ``i % len(replicas)``)."""
+    meta, records = await replay_run(
+        workload, ",".join(r.url for r in replicas), workload="conv", label="replicas", speedup=SPEEDUP
+    )
+    value = summarize(meta, records)["overall"]["slo_attainment"]
+    print(f"attainment {value:.3f} over {len(replicas)}")
+    return value, [r.status for r in records]
+
+
+async def test_a_replayed_trace_over_three_replicas_meets_one_replicas_slos_within_the_budget(conv_workload, redis):
+    workload, lengths = conv_workload
+    with ExitStack() as stack:  # the reference: one replica, embedded state
+        engines = stack.enter_context(fleet(lengths))
+        one = [stack.enter_context(ProxyProcess(replica_config(engines, None, REPLAY_BUDGET)))]
+        alone, alone_statuses = await replay_through(one, workload)
+    with ExitStack() as stack:
+        engines = stack.enter_context(fleet(lengths))
+        replicas = start_replicas(stack, replica_config(engines, redis, REPLAY_BUDGET))
+        await wait_for(lambda: sees_live_replicas(replicas[0].url, REPLICAS), 10)
+        await wait_for(lambda: caps_sum_to_budget([r.url for r in replicas], REPLAY_BUDGET), 10)
+        shared, shared_statuses = await replay_through(replicas, workload)
+        inside = await peaks(engines)
+    assert alone_statuses == ["ok"] * len(workload)
+    assert shared_statuses == ["ok"] * len(workload)
+    assert max(inside.values()) <= REPLAY_BUDGET  # the engines' own count: the fleet's budget held
+    assert alone >= 0.95, alone  # a load one replica serves (else the comparison says little)
+    assert shared >= alone - 0.03, f"three replicas {shared:.3f}, one {alone:.3f}"
+
+
+async def test_a_replayed_trace_survives_a_replica_kill_and_a_redis_restart(conv_workload, redis):
+    workload, lengths = conv_workload
+    with ExitStack() as stack:
+        engines = stack.enter_context(fleet(lengths))
+        replicas = start_replicas(stack, replica_config(engines, redis, REPLAY_BUDGET))
+        victim = replicas[2]
+        await wait_for(lambda: sees_live_replicas(replicas[0].url, REPLICAS), 10)
+        await wait_for(lambda: caps_sum_to_budget([r.url for r in replicas], REPLAY_BUDGET), 10)
+        replay = asyncio.ensure_future(replay_through(replicas, workload))
+        span_s = workload[-1].arrival_s / SPEEDUP  # wall seconds of sending
+        await asyncio.sleep(0.3 * span_s)
+        victim.kill()
+        await asyncio.sleep(0.1 * span_s)
+        redis.kill()
+        await asyncio.sleep(0.5)
+        redis.start()
+        _, statuses = await replay
+        inside = await peaks(engines)
+    on_survivors = [s for i, s in enumerate(statuses) if i % REPLICAS != 2]
+    assert on_survivors == ["ok"] * len(on_survivors)
+    on_victim = [s for i, s in enumerate(statuses) if i % REPLICAS == 2]
+    assert "error" in on_victim  # it did die mid-replay (the requests sent to it after fail)
+    assert max(inside.values()) <= REPLAY_BUDGET

@@ -242,6 +242,10 @@ class RedisCoordinator:
             depths[key] = depths.get(key, 0) + n
         return depths
 
+    def remote_queue_depths(self) -> dict[tuple[str, str], int]:
+        """Waiting requests by (model, class) at the other replicas, as of the last sync."""
+        return self._remote_queues
+
     def add_tenant_tokens(self, tenant: str, tokens: int) -> int:
         self._tenant_pending[tenant] += tokens
         return self.tenant_tokens(tenant)
@@ -303,7 +307,13 @@ class RedisCoordinator:
             before = [self.share(name) for name in self._backends]
             ok = await self._sync()
             self._attempted = True
-            if [self.share(name) for name in self._backends] != before and self.on_change is not None:
+            after = [self.share(name) for name in self._backends]
+            if ok and any(a < b for a, b in zip(after, before, strict=True)):
+                # Redis counts the old share as held until the next sync says it is in force no
+                # more: say so a quarter interval from now, not a whole one, so what this replica
+                # gave up reaches the replica that asked for it sooner.
+                self.request_sync()
+            if after != before and self.on_change is not None:
                 try:
                     self.on_change()
                 except Exception:
