@@ -26,7 +26,8 @@ grows only while below the share in force. A sync replaces ``held_i`` by ``max(s
 in_flight_i)``: ``prev_i`` and ``in_flight_i`` are bounded by the old ``held_i``, and ``share_i``
 comes only out of capacity no other replica holds, so the sum stays ``<= B`` (for a fixed ``B``;
 when ``B`` falls, shares shrink and the fleet drains down to it). Because ``prev`` counts, a
-shrinking replica releases capacity to the others one sync later.
+shrinking replica releases capacity to the others one sync later (it asks for that sync at once, so
+it comes a quarter interval later).
 
 **Leases**: each sync renews the replica's entry in a sorted set scored by lease expiry (Redis
 time). Any sync first removes expired replicas and their records: a killed replica's capacity
