@@ -115,6 +115,20 @@ async def test_shares_converge_to_demand_proportional_split(fleet: Fleet):
     assert sum(shares(a, b, c)) == 12
 
 
+async def test_a_replica_whose_share_shrank_syncs_again_soon(fleet: Fleet):
+    """Redis counts a shrinking replica's old share as held until its next sync: that sync is asked
+    for at once (a quarter interval later, not a whole one), so the slots reach the asking replica."""
+    a, b = await fleet.add("a", start=False), await fleet.add("b", start=False)
+    await sync_until([a, b], lambda: not a.metrics()["epoch_frozen"], "the new epoch's freeze to end")
+    await sync_until([a, b], lambda: shares(a, b) == (6, 6), "an even split")
+    assert not a._wake.is_set()  # nothing shrank: no early sync asked for
+    b.update_local("b", in_flight=0, kv_tokens=0, demand=9)
+    assert await b.sync_now() and await a.sync_now()
+    assert a.share("b") < 6 and a._wake.is_set()  # a gave up slots: it asked to say so soon
+    assert await a.sync_now() and await b.sync_now()
+    assert shares(a, b) == (2, 10)  # one more sync each, and b holds what a gave up
+
+
 async def test_the_fleet_budget_is_the_view_of_the_replica_with_the_smallest_id(fleet: Fleet):
     """One controller for the fleet: with the smallest of three views the fleet followed whichever
     replica's readings were most pessimistic. A replica still never takes more than its own view."""

@@ -16,7 +16,7 @@ from sloproxy.config import BackendConfig, HealthConfig, LoadPolling
 from sloproxy.errors import ProxyError
 from sloproxy.plugins import load_policy
 from sloproxy.request import parse_request
-from sloproxy.scheduler import Scheduler
+from sloproxy.scheduler import URGENT_DEMAND_WEIGHT, Scheduler
 from sloproxy.scheduler_config import SchedulingConfig
 from sloproxy.slo import DEFAULT_CLASSES, Classifier, ModelDefaults, SLOClass, TenantConfig, tenant_named
 
@@ -412,3 +412,72 @@ def _reading_as(s: Scheduler, running: int, waiting: int, mine: int, in_flight: 
     backend.load = BackendLoad(running=running, waiting=waiting, kv_usage=0.1)
     s._on_load_update(backend)
     return backend.budget
+
+
+class _Fleet:
+    """A stand-in for the Redis coordinator: a share of 4 slots, and what the other replicas have
+    waiting as of the last sync (set by the test)."""
+
+    def __init__(self) -> None:
+        self.remote_waiting: dict[tuple[str, str], int] = {}
+        self.reported: dict[str, int] = {}  # backend -> demand at the last report
+        self.syncs_asked = 0
+
+    def share(self, backend: str) -> int:
+        return 4
+
+    def remote_in_flight(self, backend: str) -> int:
+        return 0
+
+    def remote_kv_tokens(self, backend: str) -> int:
+        return 0
+
+    def remote_queue_depths(self) -> dict[tuple[str, str], int]:
+        return self.remote_waiting
+
+    def request_sync(self) -> None:
+        self.syncs_asked += 1
+
+    def update_local(self, backend: str, in_flight: int, kv_tokens: int, demand: int) -> None:
+        self.reported[backend] = demand
+
+
+async def test_with_urgent_work_waiting_at_another_replica_lower_bands_wait_and_ask_for_no_slot():
+    """One queue for the fleet would serve band 0 first wherever it arrived: a replica leaves the
+    slots it frees to it instead of filling them with its own batch work."""
+    s = scheduler("priority-fair", budget=4)  # band 0 first; batch may fill 3 of the 4 slots
+    fleet = _Fleet()
+    s.shared = fleet  # type: ignore[assignment]
+    s.shares_changed()
+    held = [request() for _ in range(4)]
+    backends = [await s.acquire(r) for r in held]  # the share is full
+    lower = request(slo="batch")
+    batch = asyncio.ensure_future(s.acquire(lower))
+    interactive = request()
+    mine_urgent = asyncio.ensure_future(s.acquire(interactive))
+    await asyncio.sleep(0)
+    s._report_to_fleet()
+    assert fleet.reported["b"] == 4 + 1 + URGENT_DEMAND_WEIGHT  # in flight + batch + band 0 x4
+
+    fleet.remote_waiting = {("m", "interactive"): 3}  # another replica's interactive work waits
+    s.shares_changed()
+    s.release(held[0], backends[0])
+    await asyncio.sleep(0)
+    assert mine_urgent.done() and not batch.done()  # its own band 0 still goes first
+    for r, backend in zip(held[1:3], backends[1:3], strict=True):
+        s.release(r, backend)
+    await asyncio.sleep(0)
+    assert s.pool.backends[0].mine == 2 and not batch.done()  # the freed slots are left to the urgent work
+    asked = fleet.syncs_asked
+    s._report_to_fleet()
+    assert fleet.reported["b"] == 2  # in flight only: the held-back batch is not asked for
+    s.dispatch_all()
+    assert fleet.syncs_asked > asked  # holding back asks for a sync, so the slots move soon
+
+    fleet.remote_waiting = {("m", "batch"): 5}  # the urgent work was served: only batch waits there
+    s.shares_changed()
+    await asyncio.sleep(0)
+    assert batch.done()
+    for r, backend in ((held[3], backends[3]), (interactive, mine_urgent.result()), (lower, batch.result())):
+        s.release(r, backend)
+    assert s.pool.backends[0].mine == 0
