@@ -388,12 +388,14 @@ class Scheduler:
         # is most of the fleet, so only the few with room go through admission and routing.
         if request.band == 0:
             with_room = [b for b in serving if b.mine < b.urgent_cap and b.healthy]
-        elif request.model in self._urgent_elsewhere:
+        elif request.model in self._urgent_elsewhere and not self.shared.degraded:  # type: ignore[union-attr]
             # Another replica has urgent work of this model waiting: one queue would serve it first,
             # so this replica leaves what it frees for it (its held-back work is not reported as
-            # demand, so the next syncs move the slots there). With the early re-sync after a share
-            # shrinks (redis_state.py), three replicas sharing two engines at a budget of 6 went
-            # from 89.1 to 93.0% at x1.4 of the conv trace (one replica: 97.9%; test_replicas.py).
+            # demand, so the next syncs move the slots there). Not while Redis is unreachable: the
+            # last sync's view of the others would hold this work back for the whole outage. With
+            # the early re-sync after a share shrinks (redis_state.py), three replicas sharing two
+            # engines at a budget of 6 went from 89.1 to 93.0% at x1.4 of the conv trace (one
+            # replica: 97.9%; test_replicas.py's setup).
             assert self.shared is not None
             self.shared.request_sync()
             return None
@@ -715,7 +717,8 @@ class Scheduler:
     def _report_to_fleet(self) -> None:
         """Before a state sync: this replica's load, and its demand per backend: in flight + waiting,
         band-0 waiting counted ``URGENT_DEMAND_WEIGHT`` times, so shares move towards the replicas
-        holding urgent work, as one queue would serve it first."""
+        holding urgent work, as one queue would serve it first; work held back for another replica's
+        urgent work (see :meth:`_place`) is not counted."""
         assert self.shared is not None
         waiting: Counter[str] = Counter()
         held_back = self._urgent_elsewhere

@@ -422,6 +422,7 @@ class _Fleet:
         self.remote_waiting: dict[tuple[str, str], int] = {}
         self.reported: dict[str, int] = {}  # backend -> demand at the last report
         self.syncs_asked = 0
+        self.degraded = False
 
     def share(self, backend: str) -> int:
         return 4
@@ -478,6 +479,20 @@ async def test_with_urgent_work_waiting_at_another_replica_lower_bands_wait_and_
     s.shares_changed()
     await asyncio.sleep(0)
     assert batch.done()
-    for r, backend in ((held[3], backends[3]), (interactive, mine_urgent.result()), (lower, batch.result())):
-        s.release(r, backend)
+
+    # Redis goes away while the last sync said urgent work waits elsewhere: that view is no reason
+    # to hold work back for the whole outage.
+    s.release(held[3], backends[3])
+    fleet.remote_waiting = {("m", "interactive"): 3}
+    s.shares_changed()
+    later = request(slo="batch")
+    batch_in_outage = asyncio.ensure_future(s.acquire(later))
+    await asyncio.sleep(0)
+    assert not batch_in_outage.done()
+    fleet.degraded = True
+    s.dispatch_all()
+    await asyncio.sleep(0)
+    assert batch_in_outage.done()
+    for r, future in ((interactive, mine_urgent), (lower, batch), (later, batch_in_outage)):
+        s.release(r, future.result())
     assert s.pool.backends[0].mine == 0
