@@ -394,7 +394,7 @@ class Scheduler:
             # demand, so the next syncs move the slots there). Not while Redis is unreachable: the
             # last sync's view of the others would hold this work back for the whole outage. With
             # the early re-sync after a share shrinks (redis_state.py), three replicas sharing two
-            # engines at a budget of 6 went from 89.1 to 93.0% at x1.4 of the conv trace (one
+            # engines at a budget of 6 went from 89.1 to 93.0% at x1.4 of the conv trace, speedup 10 (one
             # replica: 97.9%; test_replicas.py's setup).
             assert self.shared is not None
             self.shared.request_sync()
