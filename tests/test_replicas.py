@@ -24,10 +24,10 @@ import aiohttp
 import openai
 import pytest
 
-from sloproxy.evaluation.build import BuildOptions, build_workload, parse_models
+from sloproxy.evaluation.build import BuildOptions, build_to_file, parse_models
 from sloproxy.evaluation.replay import replay_run
 from sloproxy.evaluation.report import summarize
-from sloproxy.evaluation.workload import WorkloadRequest, write_workload
+from sloproxy.evaluation.workload import WorkloadRequest
 from sloproxy.processes import EmulatorProcess, ProxyProcess
 from tests.redis_server import RedisServer
 
@@ -176,7 +176,8 @@ async def test_replicas_share_the_budget_and_survive_a_replica_kill_and_a_redis_
 def conv_workload(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[WorkloadRequest], Path]:
     """90 s of the Azure conversation trace at REPLAY_RATE, for model ``m`` (Llama-3-8B reply lengths);
     the file also tells the emulators each reply's length."""
-    workload = build_workload(
+    path = tmp_path_factory.mktemp("replay") / "workload.jsonl"
+    workload = build_to_file(
         BuildOptions(
             trace=str(shared_data / "traces" / "azure_conv_2023.csv"),
             lengths_dir=str(shared_data / "lengths"),
@@ -185,10 +186,9 @@ def conv_workload(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -
             rate_scale=REPLAY_RATE,
             max_context=4096,
             seed=1,
-        )
+        ),
+        path,
     )
-    path = tmp_path_factory.mktemp("replay") / "workload.jsonl"
-    write_workload(path, workload)
     return workload, path
 
 
