@@ -19,7 +19,7 @@ from sloproxy.predictor.features import (
     featurise,
     tokenize,
 )
-from sloproxy.predictor.text import HEAD_CHARS, TAIL_CHARS, split_prompt, window
+from sloproxy.predictor.text import HEAD_CHARS, REQUEST_CHARS, TAIL_CHARS, closing_request, split_prompt, window
 
 
 def _same(a, b) -> bool:
@@ -27,16 +27,39 @@ def _same(a, b) -> bool:
 
 
 def test_huge_prompt_uses_only_head_and_tail() -> None:
-    head = "Summarise the following report in three sentences.\n" + "alpha beta gamma " * 60
-    tail = "\nWhat is the main finding? " + "delta " * 60
+    """A message of a window or less is read whole; a huge one only through its bounded ends."""
+    head = "Summarise the following report in three sentences.\n" + "alpha beta gamma " * 20
+    tail = "\nWhat is the main finding? " + "delta " * 20
+    assert window(head + tail) == head + tail
     middle_a = "x" * 800_000
     middle_b = "lorem ipsum " * 70_000
-    a = featurise(head + middle_a + tail)
-    b = featurise(head + middle_b + tail)
-    assert _same(a, b)  # n-grams see the same window whatever sits in the middle
-    assert len(a.words) <= 2 * (HEAD_CHARS + TAIL_CHARS)
-    assert window(head + middle_a + tail) == window(head + middle_b + tail)
+    assert window(head + middle_a + tail) == window(head + middle_a[:HEAD_CHARS] + tail)
+    assert window(head + middle_a + tail) != window(head + middle_b + tail)  # the head window includes some middle
+    assert len(window(head + middle_a + tail)) == HEAD_CHARS + 1 + TAIL_CHARS
+
+
+def test_a_long_message_is_read_from_its_closing_request() -> None:
+    """Past the window, a message is context then its request: what the context says does not move
+    the n-grams, and the size cue counts the request's share of the prompt, not the context."""
+    request = "Summarise the report above in three sentences. What is the main finding?"
+    a = featurise("x" * 800_000 + "\n\n" + request, prompt_tokens_estimate=200_000)
+    b = featurise("lorem ipsum " * 70_000 + "\n\n" + request, prompt_tokens_estimate=210_000)
+    alone = featurise(request)
+    assert _same(a, b) and _same(a, alone)
     assert a.cues[CUE_NAMES.index("req_sentences")] == 3.0
+    assert a.cues[CUE_NAMES.index("log_request_tokens")] < math.log1p(40)  # ~18 tokens of 200,000
+    assert a.prompt_tokens == 200_000.0  # the whole prompt still counts where size matters (baselines)
+
+
+def test_the_closing_request_is_the_last_paragraph_block_of_a_sentence_or_more() -> None:
+    context = "Earlier notes about the quarterly numbers.\n" * 40
+    assert closing_request("Short prompt.\n\nWith an input.") == ("Short prompt.\n\nWith an input.", 0)
+    text = context + "\n\nTranslate the greeting below into French, keeping its tone.\n\nGood morning"
+    request, cut = closing_request(text)  # its short tail ("Good morning") joins the block before
+    assert request == "Translate the greeting below into French, keeping its tone.\n\nGood morning"
+    assert text[cut:] == request
+    no_break = "word " * 400
+    assert closing_request(no_break) == (no_break[-REQUEST_CHARS:], len(no_break) - REQUEST_CHARS)
 
 
 def test_odd_inputs_do_not_raise() -> None:

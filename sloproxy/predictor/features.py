@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from .text import split_prompt, window
+from .text import closing_request, split_prompt, window
 
-FEATURE_SPEC_VERSION = 6  # bump whenever a feature's definition, order or hashing changes
+FEATURE_SPEC_VERSION = 7  # bump whenever a feature's definition, order or hashing changes
 
 WORD_BITS = 18
 CHAR_BITS = 18
@@ -137,7 +137,7 @@ _LIST_RE = re.compile(r"\n[ \t]*(?:[-*\u2022]|\d{1,3}[.)])[ \t]")  # literal "\n
 _LIST_START = re.compile(r"[ \t]*(?:[-*\u2022]|\d{1,3}[.)])[ \t]")
 
 CUE_NAMES: tuple[str, ...] = (
-    "log_prompt_tokens",
+    "log_request_tokens",
     "log_instr_chars",
     "log_context_chars",
     "n_messages",
@@ -332,12 +332,18 @@ def featurise(
     prompt_tokens_estimate: int | None = None,
 ) -> PromptFeatures:
     """Features of one request from the prompt (string or chat messages) and its parameters."""
-    instr, context_chars, n_messages, has_system = split_prompt(prompt)
-    if not isinstance(instr, str):
-        instr = str(instr)
+    turn, context_chars, n_messages, has_system = split_prompt(prompt)
+    if not isinstance(turn, str):
+        turn = str(turn)
+    instr, _ = closing_request(turn)
     n_chars = len(instr)
+    whole_chars = len(turn) + context_chars
     if prompt_tokens_estimate is None or prompt_tokens_estimate < 0:
-        prompt_tokens_estimate = max(1, (n_chars + context_chars) // 4)
+        prompt_tokens_estimate = max(1, whole_chars // 4)
+    # The size cue is the request's own share of the prompt: the training prompts are single requests,
+    # so a size that counted history or pasted context would fall outside everything the heads saw
+    # (the conv workload's prompts, ~1,000 tokens of context each, ranked at tau ~0 with it).
+    request_tokens = prompt_tokens_estimate * n_chars / whole_chars if whole_chars > n_chars else prompt_tokens_estimate
     win = window(instr).lower()
     wb = win.encode("utf-8", "surrogatepass")
     tokens = tokenize(wb)
@@ -347,7 +353,7 @@ def featurise(
     head = instr[:256]
     n_upper_digit = len(head.encode("ascii", "ignore").translate(None, _NOT_UPPER_DIGIT))
     cues = [
-        math.log1p(prompt_tokens_estimate),
+        math.log1p(request_tokens),
         math.log1p(n_chars),
         math.log1p(context_chars),
         float(n_messages),

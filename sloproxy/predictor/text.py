@@ -12,6 +12,8 @@ from typing import Any
 HEAD_CHARS = 768  # the instruction usually opens the prompt...
 TAIL_CHARS = 256  # ...or closes it (a question after pasted context)
 MAX_MESSAGES = 64  # rendering reads at most this many trailing messages
+REQUEST_CHARS = 600  # a long message's closing request is looked for in its last REQUEST_CHARS characters...
+REQUEST_MIN_CHARS = 40  # ...as its last paragraph block of at least a sentence
 
 
 def _content_text(content: Any) -> str:
@@ -29,11 +31,31 @@ def _content_text(content: Any) -> str:
     return ""
 
 
+def closing_request(text: str) -> tuple[str, int]:
+    """(request, context_chars) of one message: a message longer than the window is read as context
+    followed by its request (retrieved passages, pasted history, then the question), and the request
+    is its last paragraph block of at least ``REQUEST_MIN_CHARS`` within the last ``REQUEST_CHARS``.
+
+    Why: a short prompt's instruction opens it, but a long message opens with context. The conv
+    workload puts its trace's input size of context lines before each instruction; read from the
+    head, the packaged model ranked those replies at Kendall tau 0.12 (llama) / 0.05 (qwen), and
+    from the closing request at 0.43 / 0.44 (``docs/predictor.md``). A long instruction that opens
+    with its request and pastes text after it is read from the pasted text's end instead.
+    """
+    if len(text) <= HEAD_CHARS + TAIL_CHARS:
+        return text, 0
+    start = len(text) - REQUEST_CHARS
+    cut = text.rfind("\n\n", start, len(text) - REQUEST_MIN_CHARS)
+    cut = start if cut < 0 else cut + 2
+    return text[cut:], cut
+
+
 def split_prompt(prompt: Any) -> tuple[str, int, int, bool]:
     """(instruction, context_chars, n_messages, has_system) from a prompt string or a chat message list.
 
     The instruction is the last user turn (what the reply answers); the context is everything
-    before it (system prompt, history), of which only the size is kept.
+    before it (system prompt, history), of which only the size is kept. A long instruction holds
+    context of its own: :func:`closing_request` finds its request.
     """
     if prompt is None:
         return "", 0, 0, False
