@@ -167,6 +167,14 @@ class FleetPolicy(ABC):
     ) -> list[FleetAction]: ...
 
 
+class Refusal(Protocol):
+    """Refuses queued work past capacity, fed by interactive outcomes (``policies/overload.py``)."""
+
+    def refuses(self, request: ProxyRequest) -> bool: ...
+
+    def outcome(self, model: str, met: bool) -> None: ...
+
+
 @dataclass(eq=False)
 class Policy:
     """A named composition of parts. ``queued=False`` means no proxy queue: dispatch at once."""
@@ -177,6 +185,10 @@ class Policy:
     filters: list[Filter] = field(default_factory=list)
     scorers: list[tuple[Scorer, float]] = field(default_factory=list)
     fleet: FleetPolicy | None = None
+    # Refuses queued interactive work when its model's first-token targets are being missed
+    # (``policies/overload.py``): ``refuses(request)`` as it is about to queue, ``outcome(model, met)``
+    # as each interactive request's first token comes (or it is refused as an overrun).
+    refusal: Refusal | None = None
     queued: bool = True
     uses_predictions: bool = False  # reads predicted reply lengths: the proxy runs the predictor for it
     _turn: Iterator[int] = field(default_factory=itertools.count, repr=False)

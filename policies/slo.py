@@ -4,7 +4,8 @@ Earliest deadline first (TTFT deadline for interactive work, end-to-end for batc
 reservation admission (prompt + predicted p90 reply against each instance's KV capacity, so KV-bound
 instances are not driven into preemption or into their own FIFO queues where the proxy can no
 longer reorder), least-load routing with a light length-bucket affinity, and eviction of silent
-batch work for interactive work about to miss its first deadline.
+batch work for interactive work about to miss its first deadline. Past a model's capacity, the
+queued interactive work predicted to run longest is refused first (``overload.py``).
 """
 
 from __future__ import annotations
@@ -14,16 +15,28 @@ import msgspec
 from .base import Policy, PolicySpec
 from .ecoserve import KVReserveParams, kv_reserving
 from .orderings import edf
+from .overload import LongestFirstRefusal
 
 
 class SLOParams(KVReserveParams, forbid_unknown_fields=True):
     kv_headroom: float = 1.5  # replies mostly end before p90 and engines admit by blocks used: overcommit KV
     length_edges: list[int] = msgspec.field(default_factory=lambda: [64, 256, 1024])
     length_affinity_weight: float = 0.1
+    # Past a model's capacity, refuse the queued interactive work predicted to run longest (overload.py):
+    # the share refused settles where about `refuse_longest_target` of interactive first tokens are late.
+    refuse_longest: bool = True
+    refuse_longest_target: float = 0.1
+    refuse_longest_step: float = 0.02
+    refuse_longest_share_max: float = 0.5
 
 
 def build(params: SLOParams) -> Policy:
-    return kv_reserving("slo", edf, params)
+    policy = kv_reserving("slo", edf, params)
+    if params.refuse_longest:
+        policy.refusal = LongestFirstRefusal(
+            params.refuse_longest_target, params.refuse_longest_step, params.refuse_longest_share_max
+        )
+    return policy
 
 
 SLO = PolicySpec(

@@ -53,6 +53,12 @@ URGENT_DEMAND_WEIGHT = 4  # see Scheduler._report_to_fleet
 OUTWAIT_CHECK_S = 1.0  # how often waiting sheddable work is re-judged against its queue's drain rate
 
 
+def _first_token_bound(request: ProxyRequest) -> bool:
+    """Interactive work: a first-token target, and not sheddable (what a policy's refusal judges)."""
+    slo = request.slo
+    return slo is not None and not slo.sheddable and slo.ttft_s is not None
+
+
 class Scheduler:
     def __init__(
         self,
@@ -280,6 +286,8 @@ class Scheduler:
     def first_token(self, request: ProxyRequest, backend: Backend) -> None:
         """Event: the request's first content reached its client (it can no longer be moved)."""
         request.first_token_at = self.clock()
+        if _first_token_bound(request) and request.urgent_deadline is not None:
+            self._outcome(request, request.first_token_at <= request.urgent_deadline)
         self.under_way(request, backend)
 
     def under_way(self, request: ProxyRequest, backend: Backend) -> None:
@@ -334,6 +342,7 @@ class Scheduler:
         now = self.clock()
         if self.hopeless(request, now) or self.outwaited(request, now):
             self.counts["deadline_exceeded"] += 1
+            self._outcome(request, False)
             raise ProxyError(
                 429,
                 "The request can no longer meet its deadline.",
@@ -342,10 +351,21 @@ class Scheduler:
             )
         if self.overrun(request, now):
             self.counts["over_capacity"] += 1
+            self._outcome(request, False)
             raise ProxyError(
                 429,
                 "The fleet is over capacity: this request would not start within its time-to-first-token "
                 "target; retry later.",
+                code="over_capacity",
+                headers=self._retry_after(),
+            )
+        refusal = self.policy.refusal
+        if refusal is not None and _first_token_bound(request) and refusal.refuses(request):
+            self.counts["longest_refused"] += 1
+            raise ProxyError(
+                429,
+                "The fleet is over capacity for this model: the requests predicted to run longest are "
+                "refused first; retry later.",
                 code="over_capacity",
                 headers=self._retry_after(),
             )
@@ -426,6 +446,8 @@ class Scheduler:
         backend.dispatched_since_reading += 1
         self._reserve_kv(backend, request, kv_footprint(request))
         self._running[id(request)] = request
+        if request.slo is not None and request.slo.sheddable:
+            self._outcome(request, True)
         if self.regions is not None:
             config = backend.config
             self.regions.chosen[(request.model, config.region, config.pool or "")] += 1
@@ -433,6 +455,13 @@ class Scheduler:
         if breaker is not None and breaker.half_open:  # one of the trials that decide whether it returns
             breaker.trial_started(id(request))
         return backend
+
+    def _outcome(self, request: ProxyRequest, met: bool) -> None:
+        """Tell the policy's refusal (if any) how a request of its model fared: interactive work at its
+        first token or refused as an overrun, sheddable work dispatched or shed for its deadline."""
+        refusal = self.policy.refusal
+        if refusal is not None:
+            refusal.outcome(request.model, met)
 
     @staticmethod
     def _reserve_kv(backend: Backend, request: ProxyRequest, tokens: int) -> None:
@@ -551,6 +580,7 @@ class Scheduler:
             )
         if self.hopeless(request, now):
             self.counts["deadline_exceeded"] += 1
+            self._outcome(request, False)
             return ProxyError(
                 429,
                 "The request can no longer meet its deadline; shed.",
@@ -601,6 +631,7 @@ class Scheduler:
                         continue
                     queue.remove(request)
                     self.counts["deadline_exceeded"] += 1
+                    self._outcome(request, False)
                     self._fail(
                         request,
                         ProxyError(
