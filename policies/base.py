@@ -168,7 +168,7 @@ class FleetPolicy(ABC):
 
 
 class Refusal(Protocol):
-    """Refuses queued work past capacity, fed by interactive outcomes (``policies/overload.py``)."""
+    """Refuses queued interactive work past capacity, fed by outcomes (``policies/overload.py``)."""
 
     def refuses(self, request: ProxyRequest) -> bool: ...
 
@@ -185,9 +185,9 @@ class Policy:
     filters: list[Filter] = field(default_factory=list)
     scorers: list[tuple[Scorer, float]] = field(default_factory=list)
     fleet: FleetPolicy | None = None
-    # Refuses queued interactive work when its model's first-token targets are being missed
-    # (``policies/overload.py``): ``refuses(request)`` as it is about to queue, ``outcome(model, met)``
-    # as each interactive request's first token comes (or it is refused as an overrun).
+    # Refuses queued interactive work while its model misses its targets (``policies/overload.py``):
+    # ``refuses(request)`` as the work is about to queue; ``outcome(model, met)`` at each interactive
+    # first token (on time or late) or overrun refusal, and as sheddable work is dispatched or shed.
     refusal: Refusal | None = None
     queued: bool = True
     uses_predictions: bool = False  # reads predicted reply lengths: the proxy runs the predictor for it

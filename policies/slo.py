@@ -23,7 +23,8 @@ class SLOParams(KVReserveParams, forbid_unknown_fields=True):
     length_edges: list[int] = msgspec.field(default_factory=lambda: [64, 256, 1024])
     length_affinity_weight: float = 0.1
     # Past a model's capacity, refuse the queued interactive work predicted to run longest (overload.py):
-    # the share refused settles where about `refuse_longest_target` of interactive first tokens are late.
+    # the share refused settles where about `refuse_longest_target` of the outcomes are misses (late
+    # first tokens, overrun refusals, sheddable work shed).
     refuse_longest: bool = True
     refuse_longest_target: float = 0.1
     refuse_longest_step: float = 0.02
