@@ -32,7 +32,7 @@ from sloproxy.processes import EmulatorProcess, ProxyProcess
 from tests.redis_server import RedisServer
 
 SPEEDUP = 10.0
-# The replayed-trace tests run slower: the state sync runs in real time, so a slot takes K times
+# The replayed-trace tests run at a lower speedup: the state sync runs in real time, so a slot takes K times
 # longer to move between replicas in emulated time. At 10 on a slower machine (a 10M-step Python
 # loop in 2.3 s) three replicas met 86-93% against one replica's 100% in every run; the same code
 # had held parity within 3 points at 10 on faster ones.
