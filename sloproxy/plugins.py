@@ -21,8 +21,12 @@ def load_adapter_class(engine: str) -> type[EngineAdapter]:
     return _load("sloproxy.adapters", engine)
 
 
-def load_policy(name: str, params: dict[str, Any] | None = None) -> Policy:
+def load_policy_spec(name: str) -> PolicySpec:
     spec = _load("sloproxy.policies", name)
     if not isinstance(spec, PolicySpec):
         raise ValueError(f"the {name!r} entry point is a {type(spec).__name__}, not a PolicySpec")
-    return spec.create(params)
+    return spec
+
+
+def load_policy(name: str, params: dict[str, Any] | None = None) -> Policy:
+    return load_policy_spec(name).create(params)

@@ -351,3 +351,18 @@ def test_live_replay_and_simulation_agree(shared_data: Path, tmp_path: Path) -> 
     # scheduling hiccup is that much. Within 10% or 0.02 trace s (5 wall ms), whichever is looser.
     assert sim_summary["ttft_s"]["p50"] == pytest.approx(live_summary["ttft_s"]["p50"], rel=0.10, abs=0.02)
     assert sim_summary["e2e_s"]["p50"] == pytest.approx(live_summary["e2e_s"]["p50"], rel=0.10)
+
+
+def test_a_replays_config_scales_the_policys_own_durations_and_rates() -> None:
+    """At speedup K every duration the proxy acts on is divided by K, the policy's own included: named
+    ``*_s`` / ``*_s_per_token`` (durations) or ``*_per_s`` (rates); a solver's time cap is compute time."""
+    from sloproxy.config import PolicyConfig
+    from sloproxy.evaluation.agreement import base_config, scaled_config
+
+    base = msgspec.structs.replace(base_config(), policy=PolicyConfig("qlm", {"model_swap_s": 16.0}))
+    params = scaled_config(base, 8.0).policy.params
+    assert params["model_swap_s"] == 2.0 and params["milp_every_s"] == 0.125 and params["evict_margin_s"] == 0.0625
+    assert params["default_tokens_per_s"] == 4000.0 and "milp_time_limit_s" not in params
+    slo = scaled_config(base_config(), 4.0)
+    assert slo.policy.name == "slo" and slo.policy.params["urgent_kv_half_life_s"] == 7.5
+    assert "refuse_longest_step" not in slo.policy.params and base_config().policy.params == {}
