@@ -28,7 +28,7 @@ def scaled_policy_params(name: str, params: dict[str, Any], speedup: float) -> d
     number named ``*_s`` or ``*_s_per_token`` is a duration (divided), ``*_per_s`` a rate (multiplied).
     A compute budget (``*time_limit*``) stays: the solver does not run faster. Unscaled, slo's band-0
     KV memory (``urgent_kv_half_life_s``) lasted 8x longer in emulated time at speedup 8 and live
-    conv x1.125 met 85.6-87.8% against 89.0-89.5% scaled (simulated: 90.8%)."""
+    conv x1.125 met 85.6-87.8% against 87.6-89.9% scaled (simulated: 90.8%; docs/policies.md)."""
     values = msgspec.structs.asdict(msgspec.convert(params or {}, load_policy_spec(name).params))
     scaled = dict(params or {})
     for field, value in values.items():

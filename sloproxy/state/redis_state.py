@@ -72,9 +72,9 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry  # the asyncio one: redis 8.2 warns on (and converts) the sync one
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
-from redis.retry import Retry
 
 from ..config import StateConfig
 from . import redis_scripts as scripts
