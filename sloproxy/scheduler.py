@@ -54,7 +54,7 @@ OUTWAIT_CHECK_S = 1.0  # how often waiting sheddable work is re-judged against i
 
 
 def _first_token_bound(request: ProxyRequest) -> bool:
-    """Interactive work: a first-token target, and not sheddable (what a policy's refusal judges)."""
+    """Interactive work: a first-token target, and not sheddable (what refuse_overrun and a policy's refusal judge)."""
     slo = request.slo
     return slo is not None and not slo.sheddable and slo.ttft_s is not None
 
@@ -446,7 +446,7 @@ class Scheduler:
         backend.dispatched_since_reading += 1
         self._reserve_kv(backend, request, kv_footprint(request))
         self._running[id(request)] = request
-        if request.slo is not None and request.slo.sheddable:
+        if self.policy.refusal is not None and request.slo is not None and request.slo.sheddable:
             self._outcome(request, True)
         if self.regions is not None:
             config = backend.config
@@ -593,7 +593,7 @@ class Scheduler:
         """Work that is not sheddable but has a first-token target, whose on-time queue ahead (at the
         rate its (model, class) queue drains) would outlast that target (``refuse_overrun``)."""
         slo = request.slo
-        if not self.config.refuse_overrun or slo is None or slo.sheddable or slo.ttft_s is None:
+        if not self.config.refuse_overrun or not _first_token_bound(request):
             return False
         queue = self.queues.get(request.model)
         ahead = queue.on_time_ahead(request) if queue is not None else 0
