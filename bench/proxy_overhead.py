@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import re
 import shutil
@@ -60,7 +61,25 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
             time.sleep(0.1)
 
 
-def wrk(url: str, body: dict, connections: int, seconds: float) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children (nginx's worker), from /proc."""
+    total = 0.0
+    pending = [pid]
+    while pending:
+        p = pending.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            for task in Path(f"/proc/{p}/task").iterdir():
+                pending += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def wrk(url: str, body: dict, connections: int, seconds: float, pid: int | None = None) -> dict:
+    """wrk's figures; with ``pid``, also the CPU that process (and its children) spent per request."""
+    cpu_before = cpu_seconds(pid) if pid is not None else 0.0
     script = Path(tempfile.mkstemp(suffix=".lua")[1])
     script.write_text(
         f'wrk.method = "POST"\nwrk.body = \'{json.dumps(body)}\'\nwrk.headers["Content-Type"] = "application/json"\n'
@@ -84,6 +103,7 @@ def wrk(url: str, body: dict, connections: int, seconds: float) -> dict:
         text=True,
         check=True,
     ).stdout
+    cpu_used = cpu_seconds(pid) - cpu_before if pid is not None else math.nan
     script.unlink()
 
     def latency(label: str) -> float:
@@ -92,8 +112,10 @@ def wrk(url: str, body: dict, connections: int, seconds: float) -> dict:
         return value * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
 
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
     return {
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "cpu_us_per_request": cpu_used / max(1, requests) * 1e6,
         "p50_ms": latency("50%"),
         "p99_ms": latency("99%"),
         "non_2xx": int(errors.group(1)) if errors else 0,
@@ -252,6 +274,7 @@ def main() -> int:
     targets: dict[str, tuple[str, str]] = {
         "direct": (f"http://127.0.0.1:{fast_port}", f"http://127.0.0.1:{slow_port}"),
     }
+    pids = {"direct": procs[0].pid}  # whose CPU per request is counted (the fast target's process)
     try:
         for port in (fast_port, slow_port):
             wait_http(f"http://127.0.0.1:{port}/health")
@@ -292,14 +315,15 @@ def main() -> int:
             if sink is not None:  # every span exported over OTLP/HTTP (the sink answers 200 to any POST)
                 env |= {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink}"}
                 env |= {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": str(args.sample)}
-            procs.append(
-                pinned(
-                    0,
-                    [sys.executable, "-m", "sloproxy.cli", "serve", "--config", str(config)],
-                    stdout=subprocess.DEVNULL,
-                    env=env,
-                )
+            proxy = pinned(
+                0,
+                [sys.executable, "-m", "sloproxy.cli", "serve", "--config", str(config)],
+                stdout=subprocess.DEVNULL,
+                env=env,
             )
+            procs.append(proxy)
+            if label == target:
+                pids[target] = proxy.pid
             wait_http(f"http://127.0.0.1:{port}/health")
             targets.setdefault(target, ("", ""))
             fast, slow = targets[target]
@@ -311,12 +335,14 @@ def main() -> int:
             directory = workdir / f"nginx{index}"
             directory.mkdir()
             procs.append(nginx_proxy(port, backend_port, directory))
+            pids.setdefault("nginx", procs[-1].pid)
             wait_http(f"http://127.0.0.1:{port}/health")
         targets["nginx"] = tuple(f"http://127.0.0.1:{p}" for p in nginx_ports)
         if args.litellm:
             ports = (free_port(), free_port())
             for port, backend_port in zip(ports, (fast_port, slow_port), strict=True):
                 procs.append(litellm_proxy(args.litellm, port, backend_port, workdir))
+                pids.setdefault("litellm", procs[-1].pid)
             for port in ports:
                 wait_http(f"http://127.0.0.1:{port}/health/liveliness", timeout=120)
             targets["litellm"] = tuple(f"http://127.0.0.1:{p}" for p in ports)
@@ -325,16 +351,18 @@ def main() -> int:
         for name, (fast, slow) in targets.items():
             route = "/v1/chat/completions"
             if args.ttfc_only:
-                nothing = {"rps": 0.0, "p50_ms": 0.0, "p99_ms": 0.0, "non_2xx": 0}
+                nothing = {"rps": 0.0, "cpu_us_per_request": 0.0, "p50_ms": 0.0, "p99_ms": 0.0, "non_2xx": 0}
                 throughput = single = streamed = nothing
             else:
-                throughput = wrk(fast + route, BODY, 64, args.seconds)
-                single = wrk(fast + route, BODY, 1, args.seconds)
+                throughput = wrk(fast + route, BODY, 64, args.seconds, pids[name])
+                single = wrk(fast + route, BODY, 1, args.seconds, pids[name])
                 streamed = wrk(fast + route, STREAM_BODY, 64, args.seconds)
             ttfc = asyncio.run(first_chunk_times(fast + route, args.streams))
             ttfc_paced = asyncio.run(first_chunk_times(slow + route, args.streams))
             results[name] = {
                 "rps_c64": throughput["rps"],
+                "cpu_us_c64": throughput["cpu_us_per_request"],
+                "cpu_us_c1": single["cpu_us_per_request"],
                 "non_2xx": throughput["non_2xx"] + single["non_2xx"],
                 "p50_ms_c1": single["p50_ms"],
                 "p99_ms_c1": single["p99_ms"],
@@ -363,17 +391,19 @@ def main() -> int:
         shutil.rmtree(workdir, ignore_errors=True)
 
     print(
-        f"{'target':10} {'req/s c64':>10} {'p50 c1 ms':>10} {'+p50 ms':>8} {'p99 c1 ms':>10} "
+        f"{'target':10} {'req/s c64':>10} {'CPU µs':>7} {'p50 c1 ms':>10} {'+p50 ms':>8} {'p99 c1 ms':>10} "
         f"{'TTFC p50':>9} {'+TTFC':>7} {'TTFC p99':>9} {'+paced':>7} {'chunks/s c64':>13}"
     )
     for name, row in results.items():
         if name == "abort_propagation":
             continue
         print(
-            f"{name:10} {row['rps_c64']:10.0f} {row['p50_ms_c1']:10.3f} {row['added_p50_ms_c1']:8.3f} "
+            f"{name:10} {row['rps_c64']:10.0f} {row['cpu_us_c64']:7.0f} {row['p50_ms_c1']:10.3f} "
+            f"{row['added_p50_ms_c1']:8.3f} "
             f"{row['p99_ms_c1']:10.3f} {row['ttfc_p50_ms']:9.2f} {row['added_ttfc_p50_ms']:7.2f} "
             f"{row['ttfc_p99_ms']:9.2f} {row['added_paced_ttfc_p50_ms']:7.2f} {row['chunks_per_s_c64']:13.0f}"
         )
+    print("CPU µs: the target process's CPU (user + system, with its children) per request at concurrency 64.")
     print("TTFC: back-to-back streams. +paced: added TTFC when the backend paces tokens 20 ms apart (the CPU")
     print("idles between tokens, so each request starts cold).")
     abort = results["abort_propagation"]

@@ -83,6 +83,10 @@ class LateLastEDF(Ordering):
         self._on_time = HeapOrdering(_deadline_key)
         self._on_time_bands: Counter[int] = Counter()  # bands of the on-time requests waiting
         self._late: dict[int, HeapOrdering] = {}  # band -> overdue requests
+        # How many overdue requests wait, over all bands: the scheduler asks for the length and the
+        # next request several times per request, and while nothing is overdue (the common case)
+        # neither needs to look at the late queues.
+        self._late_count = 0
 
     def _demote_overdue(self) -> None:
         on_time = self._on_time
@@ -94,9 +98,12 @@ class LateLastEDF(Ordering):
             if late is None:
                 late = self._late[head.band] = HeapOrdering(_deadline_key)
             late.push(head)
+            self._late_count += 1
 
     def _next(self) -> HeapOrdering | None:
         self._demote_overdue()
+        if not self._late_count:
+            return self._on_time if len(self._on_time) else None
         late_bands = [band for band, queue in self._late.items() if len(queue)]
         if late_bands:
             band = min(late_bands)
@@ -125,6 +132,8 @@ class LateLastEDF(Ordering):
         request = queue.pop()
         if queue is self._on_time:
             self._on_time_bands[request.band] -= 1
+        else:
+            self._late_count -= 1
         return request
 
     def remove(self, request: ProxyRequest) -> bool:
@@ -132,10 +141,13 @@ class LateLastEDF(Ordering):
             self._on_time_bands[request.band] -= 1
             return True
         late = self._late.get(request.band)
-        return late is not None and late.remove(request)
+        if late is not None and late.remove(request):
+            self._late_count -= 1
+            return True
+        return False
 
     def __len__(self) -> int:
-        return len(self._on_time) + sum(len(queue) for queue in self._late.values())
+        return len(self._on_time) + self._late_count
 
     def __iter__(self) -> Iterator[ProxyRequest]:
         yield from self._on_time

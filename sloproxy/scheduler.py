@@ -59,6 +59,20 @@ def _first_token_bound(request: ProxyRequest) -> bool:
     return slo is not None and not slo.sheddable and slo.ttft_s is not None
 
 
+def _all_full(serving: Iterable[Backend]) -> bool:
+    """Every healthy backend is at its most permissive cap (urgent work's), and one is healthy, so
+    :meth:`Scheduler._place` finds room for no request. With a queue held at the budget this is what
+    most dispatch calls find; checking it first skips ordering and admission. With no healthy
+    backend at all it is False: dispatch then fails the waiting requests it cannot serve."""
+    healthy = False
+    for b in serving:
+        if b.healthy:
+            if b.mine < b.urgent_cap:
+                return False
+            healthy = True
+    return healthy
+
+
 class Scheduler:
     def __init__(
         self,
@@ -379,6 +393,8 @@ class Scheduler:
         snapshot = self.snapshot()
         serving = self.pool.by_model.get(model, ())
         while True:
+            if _all_full(serving):  # nothing can be placed (see _place): the queue is not even looked at
+                return
             request = queue.peek()
             if request is None:
                 return

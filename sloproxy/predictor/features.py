@@ -267,18 +267,19 @@ def _cue_tables() -> tuple[np.ndarray, dict[int, tuple[int, str]]]:
 _CUE_TABLE, _CUE_FULL = _cue_tables()
 
 
-def _cues_and_requests(full: np.ndarray, tokens: list[bytes]) -> tuple[list[float], list[float]]:
+def _cues_and_requests(full: np.ndarray, words: np.ndarray, tokens: list[bytes]) -> tuple[list[float], list[float]]:
     """Distinct brief/long/code cue phrases present, and the numbers the prompt asks for.
 
     Requested lengths ("500 words", "3 short paragraphs", "ten ideas", "a sentence"): a unit word
     preceded by a number, or by a number and one other word; the first request per group counts
-    (words, sentences, paragraphs, items). Characters count as a fifth of a word.
+    (words, sentences, paragraphs, items). Characters count as a fifth of a word. ``words`` are the
+    buckets of the ``full`` hashes (:func:`word_buckets_of`), computed once for this and the text score.
     """
     seen: set[str] = set()
     counts = [0.0, 0.0, 0.0]
     req = [math.nan, math.nan, math.nan, math.nan]
     n_tok = len(tokens)
-    candidates = np.flatnonzero(_CUE_TABLE[full & _WORD_MASK])
+    candidates = _CUE_TABLE[words].nonzero()[0]  # not np.flatnonzero: its Python wrapper costs more here
     if not len(candidates):
         return counts, req
     for pos, value in zip(candidates.tolist(), full[candidates].tolist(), strict=True):
@@ -348,7 +349,8 @@ def featurise(
     wb = win.encode("utf-8", "surrogatepass")
     tokens = tokenize(wb)
     full = word_hashes(token_hashes(tokens), _first_line_tokens(wb))
-    (brief, long_, code), (req_w, req_s, req_p, req_i) = _cues_and_requests(full, tokens)
+    words = word_buckets_of(full)
+    (brief, long_, code), (req_w, req_s, req_p, req_i) = _cues_and_requests(full, words, tokens)
     n_list = len(_LIST_RE.findall(win)) + (1 if _LIST_START.match(win) else 0)
     head = instr[:256]
     n_upper_digit = len(head.encode("ascii", "ignore").translate(None, _NOT_UPPER_DIGIT))
@@ -382,7 +384,7 @@ def featurise(
         _category(tenant),
     ]
     return PromptFeatures(
-        words=word_buckets_of(full),
+        words=words,
         chars=char_buckets(wb),
         cues=cues,
         params=params,

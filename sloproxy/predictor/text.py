@@ -61,26 +61,31 @@ def split_prompt(prompt: Any) -> tuple[str, int, int, bool]:
         return "", 0, 0, False
     if isinstance(prompt, str):
         return prompt, 0, 1, False
-    if isinstance(prompt, list | tuple):
-        msgs = list(prompt[-MAX_MESSAGES:])
-        if msgs and all(isinstance(m, str) for m in msgs):  # completions API: list of prompts
+    if isinstance(prompt, (list, tuple)):
+        msgs = prompt[-MAX_MESSAGES:]
+        if msgs and isinstance(msgs[0], str) and all(isinstance(m, str) for m in msgs):  # completions: prompts
             return "\n".join(msgs), 0, len(msgs), False
         has_system = False
-        texts: list[tuple[str, str]] = []
-        for m in msgs:
+        last_user = -1
+        texts: list[str] = []
+        for i, m in enumerate(msgs):
             if isinstance(m, dict):
                 role = str(m.get("role", "user"))
                 content = m.get("content")
             else:  # msgspec structs or objects with attributes
                 role = str(getattr(m, "role", "user"))
                 content = getattr(m, "content", None)
-            has_system |= role == "system"
-            texts.append((role, _content_text(content)))
-        last_user = max((i for i, (role, _) in enumerate(texts) if role == "user"), default=len(texts) - 1)
-        if last_user < 0:
-            return "", 0, 0, has_system
-        context_chars = sum(len(t) + 1 for _, t in texts[:last_user])
-        return texts[last_user][1], context_chars, len(texts), has_system
+            if role == "user":
+                last_user = i
+            elif role == "system":
+                has_system = True
+            texts.append(content if isinstance(content, str) else _content_text(content))
+        if last_user < 0:  # no user turn: the last message is what the reply follows
+            last_user = len(texts) - 1
+            if last_user < 0:
+                return "", 0, 0, has_system
+        context_chars = sum(map(len, texts[:last_user])) + last_user  # each message and its separator
+        return texts[last_user], context_chars, len(texts), has_system
     return str(prompt), 0, 1, False
 
 
