@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -130,11 +131,14 @@ class Proxy:
             await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)
 
     # ----- routes -------------------------------------------------------------------------------
-    async def chat(self, request: Request, response: Response) -> None:
-        await self._openai(request, response, "chat")
+    def chat(self, request: Request, response: Response) -> Awaitable[None]:
+        """``POST /v1/chat/completions``. Returns the coroutine itself rather than awaiting it: one frame
+        less for every resumption of the request's task (a queued request resumes three times)."""
+        return self._openai(request, response, "chat")
 
-    async def completions(self, request: Request, response: Response) -> None:
-        await self._openai(request, response, "completions")
+    def completions(self, request: Request, response: Response) -> Awaitable[None]:
+        """``POST /v1/completions`` (see :meth:`chat`)."""
+        return self._openai(request, response, "completions")
 
     async def _openai(self, http: Request, response: Response, kind: Kind) -> None:
         started = time.monotonic()

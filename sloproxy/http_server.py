@@ -76,11 +76,11 @@ class Request:
 Handler = Callable[[Request, "Response"], Awaitable[None]]
 
 
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+
 def _reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b"Unknown"
+    return _REASONS.get(status, b"Unknown")
 
 
 def _header_line(name: str, value: str) -> bytes:
@@ -92,9 +92,14 @@ def _header_line(name: str, value: str) -> bytes:
     return line.encode("latin-1", "replace") + b"\r\n"
 
 
+_JSON_LINE = _header_line("Content-Type", JSON)
+
+
 def _head(status: int, content_type: str | None, headers: Mapping[str, str] | None, framing: bytes) -> bytes:
     parts = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
-    if content_type is not None:
+    if content_type == JSON:
+        parts.append(_JSON_LINE)
+    elif content_type is not None:
         parts.append(_header_line("Content-Type", content_type))
     if headers:
         parts.extend(_header_line(name, value) for name, value in headers.items())
