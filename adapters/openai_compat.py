@@ -44,6 +44,9 @@ class _AnyObject(msgspec.Struct):
 _object_decoder = msgspec.json.Decoder(_AnyObject)
 
 
+_LOOKED_AT = (b'"usage"', b"[DONE]", b'"error"')  # events holding one of these are parsed, not passed
+
+
 class PassThroughStream(StreamTranslator):
     checked = False  # the first event was parsed
 
@@ -51,13 +54,21 @@ class PassThroughStream(StreamTranslator):
         """Token chunks pass as they are; only usage, errors and the end need a look (C-speed scans).
         The first event is always parsed: a backend that answers 200 with something other than an
         OpenAI stream then fails before the client sees a byte, and the request can go elsewhere."""
-        return (
-            self.checked
-            and events.startswith(b"data: ")
-            and b'"usage"' not in events
-            and b"[DONE]" not in events
-            and b'"error"' not in events
-        )
+        return self.checked and events.startswith(b"data: ") and all(marker not in events for marker in _LOOKED_AT)
+
+    def unchanged_prefix(self, events: bytes) -> int:
+        """The events before the first one that mentions usage, ``[DONE]`` or an error pass as they are."""
+        if not self.checked or not events.startswith(b"data: "):
+            return 0
+        cut = len(events)
+        for marker in _LOOKED_AT:
+            found = events.find(marker, 0, cut)
+            if found >= 0:
+                cut = found
+        if cut == len(events):
+            return cut
+        boundary = events.rfind(b"\n\n", 0, cut)
+        return 0 if boundary < 0 else boundary + 2
 
     def feed(self, payload: bytes) -> bytes:
         if payload == b"[DONE]":

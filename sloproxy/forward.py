@@ -243,10 +243,14 @@ class Forwarder:
         try:
             async for chunk in upstream.chunks():
                 whole = chunk.endswith(b"\n\n") and b"\r" not in chunk and not decoder.pending
-                if whole and translator.unchanged(chunk):
+                keep = translator.unchanged_prefix(chunk) if whole else 0
+                if keep == len(chunk):
                     out = chunk  # whole plain events: forwarded without splitting them
-                else:
-                    out = b"".join([_translate(translator, payload) for payload in decoder.feed(chunk)])
+                else:  # the plain events first, as they are; the rest split and translated
+                    rest = [
+                        _translate(translator, payload) for payload in decoder.feed(chunk[keep:] if keep else chunk)
+                    ]
+                    out = b"".join([chunk[:keep], *rest] if keep else rest)
                 if out:
                     if not response.started:
                         failure = translator.failure

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -11,7 +14,9 @@ from sloproxy.adapters.openai_compat import OpenAICompatibleAdapter
 from sloproxy.adapters.sglang import SGLangAdapter
 from sloproxy.adapters.tgi import TGIAdapter
 from sloproxy.adapters.vllm import VLLMAdapter
+from sloproxy.processes import ProxyProcess, free_port
 from sloproxy.request import parse_request
+from tests.helpers import get, metric_samples, sse_events, stream_raw
 
 
 def chat_request(**fields):
@@ -105,6 +110,52 @@ def test_plain_token_events_are_marked_for_forwarding_unchanged_and_the_rest_are
     assert not translator.unchanged(b'data: {"error":{"message":"x"}}\n\n')
     assert not translator.unchanged(b": keep-alive comment\n\n")
     assert not TGIAdapter().stream_translator(request).unchanged(content)  # TGI's chunks are always rewritten
+
+
+def test_only_the_tail_of_a_read_from_the_first_looked_at_event_is_split():
+    request = chat_request(stream=True)
+    translator = VLLMAdapter().stream_translator(request)
+    content = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
+    usage = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n'
+    done = b"data: [DONE]\n\n"
+    assert translator.unchanged_prefix(content * 3) == 0  # nothing passes before the first event was parsed
+    translator.feed(content[len(b"data: ") : -2])
+    assert translator.unchanged_prefix(content * 3) == 3 * len(content)
+    assert translator.unchanged_prefix(content * 2 + usage + done) == 2 * len(content)
+    assert translator.unchanged_prefix(content + done) == len(content)
+    assert translator.unchanged_prefix(usage + content) == 0
+    assert translator.unchanged_prefix(b": keep-alive\n\n" + content) == 0
+    tgi = TGIAdapter().stream_translator(request)
+    assert tgi.unchanged_prefix(content * 2) == 0  # TGI's chunks are always rewritten
+
+
+async def test_a_burst_of_events_reaches_the_client_whole_with_usage_only_when_asked():
+    """Through a proxy: after the first event, a read holding tokens, usage and ``[DONE]`` passes its
+    tokens as they are and translates its tail; the usage the proxy asked for is dropped unless the
+    client asked too, and the proxy learns the true counts either way."""
+    port = free_port()
+    backend = subprocess.Popen([sys.executable, str(Path(__file__).with_name("burst_backend.py")), str(port), "6"])
+    try:
+        config = {"backends": [{"name": "b", "engine": "vllm", "url": f"http://127.0.0.1:{port}", "models": ["m"]}]}
+        with ProxyProcess(config) as proxy:
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+            status, raw = await stream_raw(proxy.url + "/v1/chat/completions", body)
+            assert status == 200
+            events = sse_events(raw)
+            assert [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:-1]] == [f"t{i}" for i in range(6)]
+            assert events[-1] == b"[DONE]"
+            body["stream_options"] = {"include_usage": True}
+            status, raw = await stream_raw(proxy.url + "/v1/chat/completions", body)
+            events = sse_events(raw)
+            assert status == 200 and len(events) == 8 and events[-1] == b"[DONE]"
+            assert json.loads(events[-2])["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}
+            _, metrics, _ = await get(proxy.url + "/metrics")
+            completion = metric_samples(metrics.decode())["sloproxy_tokens_total"]
+            assert {"model": "m", "kind": "completion"} in [labels for labels, _ in completion]
+            assert sum(v for labels, v in completion if labels.get("kind") == "completion") == 12
+    finally:
+        backend.terminate()
+        backend.wait(timeout=10)
 
 
 def test_a_first_stream_event_that_is_not_json_is_refused():
