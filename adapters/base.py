@@ -105,12 +105,12 @@ class StreamTranslator(ABC):
         they are, so the proxy can skip splitting and re-framing them. Default: never."""
         return False
 
-    def unchanged_prefix(self, events: bytes) -> int:
-        """How many leading bytes of these complete events go to the client as they are (a whole
-        number of events; 0: none). A read that holds many events (a backend sending faster than
-        the proxy reads, or the usage chunk and ``[DONE]`` behind the last tokens) then needs only
-        its tail split and translated. Default: all of them if :meth:`unchanged`, else none."""
-        return len(events) if self.unchanged(events) else 0
+    def unchanged_until(self, events: bytes, start: int = 0) -> int:
+        """Where the run of events from ``start`` that go to the client as they are ends (a whole
+        number of events; ``start``: none). A read that holds many events (a backend sending faster
+        than the proxy reads, the usage chunk and ``[DONE]`` behind the last tokens) then needs only
+        the events that need a look split and translated. Default: all or nothing, by :meth:`unchanged`."""
+        return len(events) if self.unchanged(events[start:] if start else events) else start
 
     def error(self, status: int, message: str) -> bytes:
         """The engine reported an error inside the stream: an OpenAI error frame, then [DONE]."""

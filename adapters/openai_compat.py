@@ -56,19 +56,19 @@ class PassThroughStream(StreamTranslator):
         OpenAI stream then fails before the client sees a byte, and the request can go elsewhere."""
         return self.checked and events.startswith(b"data: ") and all(marker not in events for marker in _LOOKED_AT)
 
-    def unchanged_prefix(self, events: bytes) -> int:
-        """The events before the first one that mentions usage, ``[DONE]`` or an error pass as they are."""
-        if not self.checked or not events.startswith(b"data: "):
-            return 0
-        cut = len(events)
+    def unchanged_until(self, events: bytes, start: int = 0) -> int:
+        """Events up to the first one that mentions usage, ``[DONE]`` or an error pass as they are."""
+        if not self.checked or not events.startswith(b"data: ", start):
+            return start
+        end = cut = len(events)
         for marker in _LOOKED_AT:
-            found = events.find(marker, 0, cut)
+            found = events.find(marker, start, cut)
             if found >= 0:
                 cut = found
-        if cut == len(events):
-            return cut
-        boundary = events.rfind(b"\n\n", 0, cut)
-        return 0 if boundary < 0 else boundary + 2
+        if cut == end:
+            return end
+        boundary = events.rfind(b"\n\n", start, cut)
+        return start if boundary < 0 else boundary + 2
 
     def feed(self, payload: bytes) -> bytes:
         if payload == b"[DONE]":

@@ -56,6 +56,22 @@ def _translate(translator: StreamTranslator, payload: bytes) -> bytes:
         return translator.error(502, "The backend sent a stream event the proxy could not read.")
 
 
+def _relay_events(translator: StreamTranslator, decoder: SSEDecoder, events: bytes) -> bytes:
+    """Client bytes for a read of whole events: runs of events the translator passes as they are
+    are forwarded without splitting them; each other event is split and translated on its own."""
+    pos = translator.unchanged_until(events)
+    if pos == len(events):
+        return events
+    parts = [events[:pos]] if pos else []
+    while pos < len(events):
+        end = events.find(b"\n\n", pos) + 2
+        parts += [_translate(translator, payload) for payload in decoder.feed(events[pos:end])]
+        pos = translator.unchanged_until(events, end)
+        if pos > end:
+            parts.append(events[end:pos])
+    return b"".join(parts)
+
+
 async def _client_write(response: Response, data: bytes) -> None:
     try:
         await response.write(data)
@@ -242,15 +258,10 @@ class Forwarder:
         started = time.monotonic()
         try:
             async for chunk in upstream.chunks():
-                whole = chunk.endswith(b"\n\n") and b"\r" not in chunk and not decoder.pending
-                keep = translator.unchanged_prefix(chunk) if whole else 0
-                if keep == len(chunk):
-                    out = chunk  # whole plain events: forwarded without splitting them
-                else:  # the plain events first, as they are; the rest split and translated
-                    rest = [
-                        _translate(translator, payload) for payload in decoder.feed(chunk[keep:] if keep else chunk)
-                    ]
-                    out = b"".join([chunk[:keep], *rest] if keep else rest)
+                if chunk.endswith(b"\n\n") and b"\r" not in chunk and not decoder.pending:  # whole events
+                    out = _relay_events(translator, decoder, chunk)
+                else:
+                    out = b"".join([_translate(translator, payload) for payload in decoder.feed(chunk)])
                 if out:
                     if not response.started:
                         failure = translator.failure

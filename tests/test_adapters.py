@@ -14,8 +14,10 @@ from sloproxy.adapters.openai_compat import OpenAICompatibleAdapter
 from sloproxy.adapters.sglang import SGLangAdapter
 from sloproxy.adapters.tgi import TGIAdapter
 from sloproxy.adapters.vllm import VLLMAdapter
+from sloproxy.forward import _relay_events, _translate
 from sloproxy.processes import ProxyProcess, free_port
 from sloproxy.request import parse_request
+from sloproxy.sse import SSEDecoder
 from tests.helpers import get, metric_samples, sse_events, stream_raw
 
 
@@ -112,21 +114,36 @@ def test_plain_token_events_are_marked_for_forwarding_unchanged_and_the_rest_are
     assert not TGIAdapter().stream_translator(request).unchanged(content)  # TGI's chunks are always rewritten
 
 
-def test_only_the_tail_of_a_read_from_the_first_looked_at_event_is_split():
+def test_runs_of_plain_events_pass_as_they_are_up_to_the_first_that_needs_a_look():
     request = chat_request(stream=True)
     translator = VLLMAdapter().stream_translator(request)
     content = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
     usage = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}\n\n'
     done = b"data: [DONE]\n\n"
-    assert translator.unchanged_prefix(content * 3) == 0  # nothing passes before the first event was parsed
+    assert translator.unchanged_until(content * 3) == 0  # nothing passes before the first event was parsed
     translator.feed(content[len(b"data: ") : -2])
-    assert translator.unchanged_prefix(content * 3) == 3 * len(content)
-    assert translator.unchanged_prefix(content * 2 + usage + done) == 2 * len(content)
-    assert translator.unchanged_prefix(content + done) == len(content)
-    assert translator.unchanged_prefix(usage + content) == 0
-    assert translator.unchanged_prefix(b": keep-alive\n\n" + content) == 0
+    assert translator.unchanged_until(content * 3) == 3 * len(content)
+    assert translator.unchanged_until(content * 2 + usage + done) == 2 * len(content)
+    assert translator.unchanged_until(content + done) == len(content)
+    assert translator.unchanged_until(usage + content) == 0
+    assert translator.unchanged_until(usage + content * 2 + done, len(usage)) == len(usage) + 2 * len(content)
+    assert translator.unchanged_until(b": keep-alive\n\n" + content) == 0
     tgi = TGIAdapter().stream_translator(request)
-    assert tgi.unchanged_prefix(content * 2) == 0  # TGI's chunks are always rewritten
+    assert tgi.unchanged_until(content * 2) == 0  # TGI's chunks are always rewritten
+
+
+def test_a_read_of_many_events_is_relayed_as_splitting_every_event_would():
+    content = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
+    usage = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}\n\n'
+    read = content * 3 + usage + content + b"data: [DONE]\n\n"
+    for include_usage in (False, True):
+        options = {"stream_options": {"include_usage": True}} if include_usage else {}
+        relayed, split = chat_request(stream=True, **options), chat_request(stream=True, **options)
+        out = _relay_events(VLLMAdapter().stream_translator(relayed), SSEDecoder(), read)
+        translator = VLLMAdapter().stream_translator(split)
+        expected = b"".join(_translate(translator, payload) for payload in SSEDecoder().feed(read))
+        assert out == expected and (relayed.completion_tokens, split.completion_tokens) == (4, 4)
+        assert (b'"usage"' in out) == include_usage and out.endswith(b"data: [DONE]\n\n")
 
 
 async def test_a_burst_of_events_reaches_the_client_whole_with_usage_only_when_asked():
