@@ -326,9 +326,14 @@ class Scheduler:
 
     def _predict_batch(self) -> None:
         batch, self._to_predict = self._to_predict, []
+        # A request placed on arrival that has finished since (a stream relayed whole in one read)
+        # has no reservation left to correct, and its reply was recorded without a prediction: it
+        # is not predicted at all.
+        wanted = [request for request, backend, _ in batch if backend is None or id(request) in self._running]
         try:
             assert self.predict_many is not None
-            self.predict_many([request for request, _, _ in batch])
+            if wanted:
+                self.predict_many(wanted)
         except Exception:  # a predictor failure must not fail requests: they keep their priors
             log.exception("length prediction failed for %d requests; they keep their models' priors", len(batch))
         for request, backend, done in batch:

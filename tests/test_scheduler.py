@@ -349,6 +349,23 @@ async def test_a_request_placed_with_the_prior_is_predicted_under_way_and_its_re
     assert backend.kv_reserved_tokens == 0 and backend.in_flight == 0
 
 
+
+async def test_a_request_placed_with_the_prior_that_finishes_before_its_batch_is_not_predicted():
+    """A stream relayed whole in one read ends before the loop's next turn: nothing is left to correct."""
+    s = scheduler(policy="slo", budget=4)
+    predicted: list[str] = []
+    s.predict_many = lambda batch: predicted.extend(r.id for r in batch)
+    done, running = request(), request()
+    for r in (done, running):
+        r.pred_p50, r.pred_p90, r.est_output_tokens, r.estimate_source = 300.0, 900.0, 300, "prior"
+    backends = [await s.acquire(done), await s.acquire(running)]
+    s.first_token(done, backends[0])
+    s.first_token(running, backends[1])
+    s.release(done, backends[0])
+    await asyncio.sleep(0)
+    assert predicted == [running.id]
+    assert backends[0].kv_reserved_tokens == running.kv_reserved == running.est_prompt_tokens + 900
+
 # ----- budget adaptation --------------------------------------------------------------------------
 def _reading(s: Scheduler, running: int, waiting: int, in_flight: int | None = None, sent: int = 0) -> int:
     """One load reading of backend ``b``; ``sent``: requests dispatched since the previous one."""
