@@ -348,7 +348,8 @@ def featurise(
     win = window(instr).lower()
     wb = win.encode("utf-8", "surrogatepass")
     tokens = tokenize(wb)
-    full = word_hashes(token_hashes(tokens), _first_line_tokens(wb))
+    one_line = len(wb) <= FIRST_LINE_BYTES and b"\n" not in wb  # then the first line's tokens are all of them
+    full = word_hashes(token_hashes(tokens), len(tokens) if one_line else _first_line_tokens(wb))
     words = word_buckets_of(full)
     (brief, long_, code), (req_w, req_s, req_p, req_i) = _cues_and_requests(full, words, tokens)
     n_list = len(_LIST_RE.findall(win)) + (1 if _LIST_START.match(win) else 0)
