@@ -113,6 +113,8 @@ class UpstreamResponse:
         "_error",
         "_keep_alive",
         "_released",
+        "_timer",
+        "_wait_started",
         "_waiter",
         "headers",
         "status",
@@ -132,6 +134,10 @@ class UpstreamResponse:
         self._delimited = False  # Content-Length or chunked: the body's end is known without a close
         self._released = False
         self._waiter: asyncio.Future | None = None
+        # One silence timer per response, not one per wait (a stream waits once per read): it
+        # fails the pending wait once it has lasted ``timeout``, else it re-arms for what is left.
+        self._timer: asyncio.TimerHandle | None = None
+        self._wait_started = 0.0
 
     # -- producer side (protocol callbacks) ----------------------------------------------------
     def _wake(self) -> None:
@@ -142,36 +148,57 @@ class UpstreamResponse:
     def _wake_headers(self) -> None:
         self._wake()
 
-    def _on_body(self, body: bytes) -> None:
+    def _on_body(self, body: bytes) -> None:  # once per HTTP chunk: a streamed event each, so kept lean
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > HIGH_WATER:
             self._conn.pause()
-        self._wake()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _on_complete(self) -> None:
         self._complete = True
+        self._stop_timer()
         self._wake()
 
     def _on_error(self, error: UpstreamError) -> None:
         if not self._complete:
             self._error = error
+        self._stop_timer()
         self._wake()
 
     # -- consumer side -----------------------------------------------------------------------
     async def _wait(self) -> None:
         loop = asyncio.get_running_loop()
         self._waiter = waiter = loop.create_future()
-        timer = loop.call_later(self.timeout, self._expire, waiter)
+        self._wait_started = now = loop.time()
+        timer = self._timer
+        if timer is None or timer.when() > now + self.timeout:  # none yet, or armed for a longer timeout
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_later(self.timeout, self._check_silence)
         try:
             await waiter
         finally:
-            timer.cancel()
             self._waiter = None
 
-    def _expire(self, waiter: asyncio.Future) -> None:
-        if not waiter.done():
-            waiter.set_exception(UpstreamTimeout(f"no data from upstream for {self.timeout:g}s"))
+    def _check_silence(self) -> None:
+        loop = asyncio.get_running_loop()
+        waiter, now = self._waiter, loop.time()
+        left = self.timeout
+        if waiter is not None and not waiter.done():
+            left = self._wait_started + self.timeout - now
+            if left <= 0:
+                self._timer = None
+                waiter.set_exception(UpstreamTimeout(f"no data from upstream for {self.timeout:g}s"))
+                return
+        self._timer = loop.call_later(left, self._check_silence)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     async def _headers(self) -> None:
         while not self.status:
@@ -204,6 +231,7 @@ class UpstreamResponse:
         if self._released:
             return
         self._released = True
+        self._stop_timer()
         conn = self._conn
         conn.response = None
         if self._complete and self._keep_alive and not conn.closed and self._error is None:
@@ -218,6 +246,7 @@ class UpstreamResponse:
         """
         if not self._released:
             self._released = True
+            self._stop_timer()
             self._conn.response = None
             self._conn.close()
             if not self._complete:
@@ -314,8 +343,7 @@ class UpstreamPool:
 
     def _send(self, conn: _Connection, payload: bytes, timeout: float) -> UpstreamResponse:
         response = UpstreamResponse(conn, timeout)
-        conn.response = response
-        conn.parser = httptools.HttpResponseParser(conn)
+        conn.response = response  # a pooled connection's parser ended its last reply cleanly: it reads the next
         assert conn.transport is not None
         conn.transport.write(payload)
         return response

@@ -13,7 +13,7 @@ from sloproxy.forward import _translate
 from sloproxy.plugins import load_policy
 from sloproxy.request import parse_request
 from sloproxy.sse import SSEDecoder
-from sloproxy.upstream import UpstreamPool
+from sloproxy.upstream import UpstreamPool, UpstreamTimeout
 
 BODY = msgspec.json.encode({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True})
 
@@ -63,3 +63,60 @@ def test_an_unreadable_stream_event_ends_with_an_error_frame():
 def test_priority_fair_refuses_weights_that_would_never_earn_credit(params):
     with pytest.raises(ValueError, match="priority-fair"):
         load_policy("priority-fair", params)
+
+
+async def _chunked_server(gaps: list[float]):
+    """A server answering one chunked reply: a chunk after each of ``gaps`` seconds, then the end."""
+
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for gap in gaps:
+            await asyncio.sleep(gap)
+            writer.write(b"1\r\nx\r\n")
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+async def test_an_upstream_times_out_on_silence_not_on_the_length_of_its_reply():
+    """The timeout is seconds without data: a reply whose chunks come 0.1 s apart for 0.6 s passes a
+    0.25 s timeout; one that goes silent for 0.5 s fails after about 0.25 s of that silence."""
+    server = await _chunked_server([0.1] * 6)
+    async with server:
+        pool = UpstreamPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        response = await pool.request("GET", "/", timeout=0.25)
+        assert await response.read() == b"x" * 6
+        response.release()
+        pool.close()
+    server = await _chunked_server([0.05, 0.5])
+    async with server:
+        pool = UpstreamPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        response = await pool.request("GET", "/", timeout=0.25)
+        chunks = response.chunks()
+        assert await chunks.__anext__() == b"x"
+        silent_since = asyncio.get_running_loop().time()
+        with pytest.raises(UpstreamTimeout):
+            await chunks.__anext__()
+        assert 0.2 <= asyncio.get_running_loop().time() - silent_since < 0.45
+        response.close()
+        pool.close()
+
+
+async def test_a_shorter_timeout_set_mid_reply_applies_to_the_next_wait():
+    """The stream pace replaces the first-byte timeout once the first event came (forward.py)."""
+    server = await _chunked_server([0.05, 1.0])
+    async with server:
+        pool = UpstreamPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        response = await pool.request("GET", "/", timeout=5.0)
+        chunks = response.chunks()
+        assert await chunks.__anext__() == b"x"
+        response.timeout = 0.2
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(UpstreamTimeout):
+            await chunks.__anext__()
+        assert asyncio.get_running_loop().time() - started < 0.5
+        response.close()
+        pool.close()

@@ -349,7 +349,6 @@ async def test_a_request_placed_with_the_prior_is_predicted_under_way_and_its_re
     assert backend.kv_reserved_tokens == 0 and backend.in_flight == 0
 
 
-
 async def test_a_request_placed_with_the_prior_that_finishes_before_its_batch_is_not_predicted():
     """A stream relayed whole in one read ends before the loop's next turn: nothing is left to correct."""
     s = scheduler(policy="slo", budget=4)
@@ -365,6 +364,7 @@ async def test_a_request_placed_with_the_prior_that_finishes_before_its_batch_is
     await asyncio.sleep(0)
     assert predicted == [running.id]
     assert backends[0].kv_reserved_tokens == running.kv_reserved == running.est_prompt_tokens + 900
+
 
 # ----- budget adaptation --------------------------------------------------------------------------
 def _reading(s: Scheduler, running: int, waiting: int, in_flight: int | None = None, sent: int = 0) -> int:
