@@ -54,7 +54,7 @@ class PassThroughStream(StreamTranslator):
         """Token chunks pass as they are; only usage, errors and the end need a look (C-speed scans).
         The first event is always parsed: a backend that answers 200 with something other than an
         OpenAI stream then fails before the client sees a byte, and the request can go elsewhere."""
-        return self.checked and events.startswith(b"data: ") and all(marker not in events for marker in _LOOKED_AT)
+        return bool(events) and self.unchanged_until(events) == len(events)
 
     def unchanged_until(self, events: bytes, start: int = 0) -> int:
         """Events up to the first one that mentions usage, ``[DONE]`` or an error pass as they are."""

@@ -81,22 +81,32 @@ async def _chunked_server(gaps: list[float]):
     return await asyncio.start_server(handle, "127.0.0.1", 0)
 
 
+def _pool(server) -> UpstreamPool:
+    return UpstreamPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+
+
+async def _after_first_chunk(pool: UpstreamPool, timeout: float):
+    """The reply (at ``timeout``) and its chunks, once the first chunk came."""
+    response = await pool.request("GET", "/", timeout=timeout)
+    chunks = response.chunks()
+    assert await chunks.__anext__() == b"x"
+    return response, chunks
+
+
 async def test_an_upstream_times_out_on_silence_not_on_the_length_of_its_reply():
     """The timeout is seconds without data: a reply whose chunks come 0.1 s apart for 0.6 s passes a
     0.25 s timeout; one that goes silent for 0.5 s fails after about 0.25 s of that silence."""
     server = await _chunked_server([0.1] * 6)
     async with server:
-        pool = UpstreamPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        pool = _pool(server)
         response = await pool.request("GET", "/", timeout=0.25)
         assert await response.read() == b"x" * 6
         response.release()
         pool.close()
     server = await _chunked_server([0.05, 0.5])
     async with server:
-        pool = UpstreamPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
-        response = await pool.request("GET", "/", timeout=0.25)
-        chunks = response.chunks()
-        assert await chunks.__anext__() == b"x"
+        pool = _pool(server)
+        response, chunks = await _after_first_chunk(pool, 0.25)
         silent_since = asyncio.get_running_loop().time()
         with pytest.raises(UpstreamTimeout):
             await chunks.__anext__()
@@ -109,10 +119,8 @@ async def test_a_shorter_timeout_set_mid_reply_applies_to_the_next_wait():
     """The stream pace replaces the first-byte timeout once the first event came (forward.py)."""
     server = await _chunked_server([0.05, 1.0])
     async with server:
-        pool = UpstreamPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
-        response = await pool.request("GET", "/", timeout=5.0)
-        chunks = response.chunks()
-        assert await chunks.__anext__() == b"x"
+        pool = _pool(server)
+        response, chunks = await _after_first_chunk(pool, 5.0)
         response.timeout = 0.2
         started = asyncio.get_running_loop().time()
         with pytest.raises(UpstreamTimeout):
