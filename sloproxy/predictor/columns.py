@@ -12,12 +12,7 @@ CATEGORICAL: tuple[str, ...] = ("slo_class", "tenant", "first_word_class")
 
 def prompt_part(f: PromptFeatures, text_score: float) -> list[float]:
     """Model-independent columns of a request."""
-    return prompt_columns(text_score, f.cues, f.params)
-
-
-def prompt_columns(text_score: float, cues: list[float], params: list[float]) -> list[float]:
-    """Model-independent columns of a request, from its parts (a ``FeatureBatch`` keeps them apart)."""
-    return [text_score, *cues, *params]
+    return [text_score, *f.cues, *f.params]
 
 
 def full_row(prompt_cols: list[float], model_stats: list[float]) -> list[float]:

@@ -182,7 +182,10 @@ class OnlineLearner:
         """A request finished with ``completion_tokens`` (from the engine's usage); O(1)."""
         if completion_tokens is None or completion_tokens < 0:
             return
-        self.store.append(prediction.row, int(completion_tokens))
+        row = prediction.row
+        if row is None:  # a Prediction built elsewhere: recompute the row the heads saw
+            row = self.predictor.row(prediction.features)
+        self.store.append(row, int(completion_tokens))
         self.live.add(prediction.p50, prediction.p90, int(completion_tokens))
 
     def metrics(self) -> dict[str, float]:

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from . import artifact
-from .columns import N_COLUMNS, full_row, prompt_columns, prompt_part
+from .columns import N_COLUMNS, full_row, prompt_part
 from .fastpredict import FastBooster
-from .features import PromptFeatures, featurise_batch
+from .features import PromptFeatures, featurise
 from .modelstats import lookup
 from .train import Bundle
 
@@ -36,7 +36,8 @@ def default_model_dir() -> Path:
 class Prediction:
     p50: float
     p90: float
-    row: list[float]  # the LightGBM row the heads saw: the online learner stores it with the true length
+    features: PromptFeatures  # keep on the request; the online learner records it when the reply ends
+    row: list[float] | None = None  # the LightGBM row the heads saw (the online learner stores it as is)
 
 
 class LengthPredictor:
@@ -81,9 +82,16 @@ class LengthPredictor:
         return cached
 
     def row(self, f: PromptFeatures) -> list[float]:
-        """The LightGBM input row of already computed features (text score, cues, params, model stats):
-        the row :meth:`predict_many` builds for the same request."""
+        """The LightGBM input row of already computed features (text score, cues, params, model stats)."""
         return full_row(prompt_part(f, self.bundle.text.score(f)), self.model_stats(f.model))
+
+    def predict_features(self, f: PromptFeatures, max_tokens: int | None = None) -> tuple[float, float]:
+        """(p50, p90) in tokens for already computed features; capped by ``max_tokens``."""
+        return self._predict_row(self.row(f), max_tokens)
+
+    def _predict_row(self, row: list[float], max_tokens: int | None) -> tuple[float, float]:
+        self._pack_row(self._row_bytes, 0, *row)
+        return self._finish(self._p50.predict_loaded(), self._p90.predict_loaded(), max_tokens)
 
     def _finish(self, raw50: float, raw90: float, max_tokens: int | None) -> tuple[float, float]:
         """Tokens from the heads' log outputs: calibrated, ordered, at least one, capped by the limit."""
@@ -106,31 +114,27 @@ class LengthPredictor:
         tenant: str | None = None,
         prompt_tokens_estimate: int | None = None,
     ) -> Prediction:
-        call = (prompt, model, max_tokens, temperature, slo_class, tenant, prompt_tokens_estimate)
-        return self.predict_many((call,))[0]
+        f = featurise(prompt, model, max_tokens, temperature, slo_class, tenant, prompt_tokens_estimate)
+        row = self.row(f)
+        p50, p90 = self._predict_row(row, max_tokens)
+        return Prediction(p50, p90, f, row)
 
     def predict_many(self, calls: Sequence[PredictCall]) -> list[Prediction]:
-        """``predict_request`` for several requests, each stage over all of them before the next.
-
-        Featurising and text scoring take one set of numpy calls for the whole batch (numpy costs
-        per call, not per element, at these sizes), and each head runs over every row while its
-        trees are in cache. A request's prediction does not depend on the batch it is in."""
-        batch = featurise_batch(calls)
-        scores = self.bundle.text.scores(batch)
-        rows = [
-            full_row(prompt_columns(score, cues, params), self.model_stats(model))
-            for score, cues, params, model in zip(scores, batch.cues, batch.params, batch.models, strict=True)
-        ]
+        """``predict_request`` for several requests, each stage over all of them before the next."""
+        if len(calls) == 1:
+            return [self.predict_request(*calls[0])]
+        features = [featurise(*call) for call in calls]  # the featuriser's code and tables stay warm
+        rows = [self.row(f) for f in features]
         pack, buffer, head50, head90 = self._pack_row, self._row_bytes, self._p50, self._p90
         raw50 = []
-        for row in rows:
+        for row in rows:  # one head over all rows, then the other: each head's trees stay in cache
             pack(buffer, 0, *row)
             raw50.append(head50.predict_loaded())
         out = []
-        for row, a, call in zip(rows, raw50, calls, strict=True):
+        for f, row, a, call in zip(features, rows, raw50, calls, strict=True):
             pack(buffer, 0, *row)
             p50, p90 = self._finish(a, head90.predict_loaded(), call[2])
-            out.append(Prediction(p50, p90, row))
+            out.append(Prediction(p50, p90, f, row))
         return out
 
     def predict(
