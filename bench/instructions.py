@@ -9,8 +9,11 @@ timers do not count in proportion to the (slow) wall time under valgrind.
 
     .venv/bin/python bench/instructions.py [--policy slo] [--stream] [--concurrency 64]
         [--tree OTHER_CHECKOUT]   # A/B: the same measurement of another checkout of the repository
+        [--repeat N]              # N measurements: the median and the range
 
-Needs ``valgrind`` (apt). Each run takes about a minute; the two run side by side.
+Needs ``valgrind`` (apt). Each run takes about a minute; the two run side by side. A queued policy's
+count moves by a few percent run to run (how many requests a prediction batch holds depends on timing:
+``slo`` measured 691-727k over three runs of one commit), so compare medians of ``--repeat 3`` or more.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import asyncio
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -110,6 +114,7 @@ def main() -> int:
     parser.add_argument("--many", type=int, default=1300)
     parser.add_argument("--tree", type=Path, default=HERE.parent, help="the checkout to measure (default: this one)")
     parser.add_argument("--extra", default="{}", help="JSON merged into the proxy's config")
+    parser.add_argument("--repeat", type=int, default=1, help="measure this many times: median and range")
     args = parser.parse_args()
     if subprocess.run(["which", "valgrind"], capture_output=True).returncode != 0:
         print("needs valgrind (apt-get install valgrind)", file=sys.stderr)
@@ -123,18 +128,21 @@ def main() -> int:
     backend_port = free_port()
     fast_backend = [sys.executable, str(HERE / "fast_backend.py"), "--port", str(backend_port), "--chunks", "16"]
     backend = subprocess.Popen(fast_backend)
+    measured = []
     try:
-        with ThreadPoolExecutor(2) as pool:  # the two runs side by side (one core each)
-            few, many = pool.map(
-                lambda n: counted(args.tree.resolve(), config, backend_port, n, args), (args.few, args.many)
-            )
+        for _ in range(max(1, args.repeat)):
+            with ThreadPoolExecutor(2) as pool:  # the two runs side by side (one core each)
+                few, many = pool.map(
+                    lambda n: counted(args.tree.resolve(), config, backend_port, n, args), (args.few, args.many)
+                )
+            measured.append((many - few) / (args.many - args.few))
     finally:
         backend.terminate()
-    per_request = (many - few) / (args.many - args.few)
     kind = "streamed" if args.stream else "non-streamed"
+    spread = f" (median of {len(measured)}: {', '.join(f'{m:,.0f}' for m in measured)})" if len(measured) > 1 else ""
     print(
         f"{args.tree}: policy {args.policy}, {kind}, concurrency {args.concurrency}: "
-        f"{per_request:,.0f} instructions per request"
+        f"{statistics.median(measured):,.0f} instructions per request{spread}"
     )
     return 0
 
