@@ -133,7 +133,8 @@ class Proxy:
     # ----- routes -------------------------------------------------------------------------------
     def chat(self, request: Request, response: Response) -> Awaitable[None]:
         """``POST /v1/chat/completions``. Returns the coroutine itself rather than awaiting it: one frame
-        less for every resumption of the request's task (a queued request resumes three times)."""
+        less for every resumption of the request's task (a queued request resumes twice: once
+        dispatched, once its reply came)."""
         return self._openai(request, response, "chat")
 
     def completions(self, request: Request, response: Response) -> Awaitable[None]:

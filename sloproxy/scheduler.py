@@ -19,8 +19,10 @@ hopeless work, likewise, applies to requests that would wait (one placed at once
 requests that need one are collected and predicted together on the loop's next turn (one pass of
 the model for all of them; a lone cold prediction costs several times a batched one). A request that
 must wait is predicted before it joins the queue (its order, admission and shedding read it; the
-cost hides in the wait). A request placed on arrival with its model's prior is predicted once its
-engine work is under way (:meth:`under_way`); its KV reservation then follows the prediction.
+cost hides in the wait): the batch itself admits it to the queue (or refuses it) after the
+prediction, and its handler resumes only once, with its backend or the refusal. A request placed on
+arrival with its model's prior is predicted once its engine work is under way (:meth:`under_way`);
+its KV reservation then follows the prediction.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class Scheduler:
         self.queues: dict[str, Ordering] = {}
         self._waiters: dict[int, asyncio.Future[Backend]] = {}  # id(request) -> dispatch future
         self._queued_bytes = 0
+        self._queued = 0  # requests in self.queues: what max_queue bounds, kept here rather than summed per arrival
         self._running: dict[int, ProxyRequest] = {}
         self._timer: asyncio.Task | None = None
         self.counts: Counter[str] = Counter()  # shed / timed out / evicted, by reason
@@ -108,8 +111,8 @@ class Scheduler:
         self.swapper: Swapper | None = None
         # Regions (regions.py): set by the proxy when backends span several regions; None costs one check.
         self.regions: RegionRouter | None = None
-        # (request, its backend if placed, resolved once predicted): the batch of the loop's next turn
-        self._to_predict: list[tuple[ProxyRequest, Backend | None, asyncio.Future[None]]] = []
+        # (request, its backend if placed, else the future its acquire awaits): the loop's next turn's batch
+        self._to_predict: list[tuple[ProxyRequest, Backend | None, asyncio.Future[Backend] | None]] = []
         for backend in pool.backends:
             self._set_budget(backend, self.state.budget(backend.name, self.config.budget_initial))
             backend.mine = backend.in_flight = self.state.in_flight(backend.name)
@@ -245,22 +248,16 @@ class Scheduler:
                 return self._dispatched(request, backend)
         if self.shared is not None:  # another sync may move share here from idle replicas
             self.shared.request_sync()
+        waiter: asyncio.Future[Backend]
         if self.predict_many is not None and request.estimate_source == "prior":
             self._check_room(request)  # refuse before paying for a prediction
-            await self._predict_soon(request, None)
-            queue = self.queues.get(request.model)  # others may have created it meanwhile
-        self._admit_to_queue(request)
-        if queue is None:
-            queue = self.queues[request.model] = self._new_queue()
-        waiter: asyncio.Future[Backend] = asyncio.get_running_loop().create_future()
-        self._waiters[id(request)] = waiter
-        self._queued_bytes += len(request.raw)
-        queue.push(request)
-        name = self._class_name(request)
-        self.state.queue_changed(request.model, name, 1)
-        self._class_band[name] = request.band
-        self.drain.joined((request.model, name), request.slo and request.slo.deadline_s)
-        self.dispatch(request.model)
+            # The batch joins it to the queue once predicted (_predict_batch): this task resumes once,
+            # dispatched or refused, instead of once after the prediction and again at dispatch.
+            waiter = asyncio.get_running_loop().create_future()
+            self._predict_soon(request, None, waiter)
+        else:
+            waiter = asyncio.get_running_loop().create_future()
+            self._join_queue(request, waiter)
         try:
             return await waiter
         except BaseException:
@@ -272,6 +269,26 @@ class Scheduler:
             queue = self.queues.get(request.model)  # not the one it joined if the policy was replaced since
             if queue is not None and queue.remove(request):  # still waiting (client gone, proxy stopping)
                 self._left_queue(request)
+            # An error set on the future has this frame in its traceback: without this, frame, future
+            # and error form a cycle that keeps the request (and its body) until a GC pass.
+            del waiter
+
+    def _join_queue(self, request: ProxyRequest, waiter: asyncio.Future[Backend]) -> None:
+        """Admit ``request`` to its model's queue (or raise the refusal), then dispatch: ``waiter``
+        gets its backend when the policy dispatches it, or the error that takes it out of the queue."""
+        self._admit_to_queue(request)
+        queue = self.queues.get(request.model)
+        if queue is None:
+            queue = self.queues[request.model] = self._new_queue()
+        self._waiters[id(request)] = waiter
+        self._queued_bytes += len(request.raw)
+        self._queued += 1
+        queue.push(request)
+        name = self._class_name(request)
+        self.state.queue_changed(request.model, name, 1)
+        self._class_band[name] = request.band
+        self.drain.joined((request.model, name), request.slo and request.slo.deadline_s)
+        self.dispatch(request.model)
 
     def release(self, request: ProxyRequest, backend: Backend, tokens: int | None = None) -> None:
         """The request is done with ``backend`` (finished, failed or abandoned)."""
@@ -311,18 +328,19 @@ class Scheduler:
             return
         self._predict_soon(request, backend)
 
-    def _predict_soon(self, request: ProxyRequest, backend: Backend | None) -> asyncio.Future[None]:
-        """Add ``request`` to the batch predicted on the loop's next turn; its own future says when.
+    def _predict_soon(
+        self, request: ProxyRequest, backend: Backend | None, waiter: asyncio.Future[Backend] | None = None
+    ) -> None:
+        """Add ``request`` to the batch predicted on the loop's next turn: placed on ``backend`` (its
+        reservation follows the prediction), or waiting to join the queue, which the batch does for it
+        (its acquire awaits ``waiter``).
 
         One future per request, not one per batch: a task awaiting a future that is cancelled (its
         client went away) cancels that future, which with a shared one failed every other request
         of the batch with CancelledError (found in the simulator, which raised on it)."""
-        loop = asyncio.get_running_loop()
         if not self._to_predict:
-            loop.call_soon(self._predict_batch)
-        future: asyncio.Future[None] = loop.create_future()
-        self._to_predict.append((request, backend, future))
-        return future
+            asyncio.get_running_loop().call_soon(self._predict_batch)
+        self._to_predict.append((request, backend, waiter))
 
     def _predict_batch(self) -> None:
         batch, self._to_predict = self._to_predict, []
@@ -336,16 +354,26 @@ class Scheduler:
                 self.predict_many(wanted)
         except Exception:  # a predictor failure must not fail requests: they keep their priors
             log.exception("length prediction failed for %d requests; they keep their models' priors", len(batch))
-        for request, backend, done in batch:
+        for request, backend, _ in batch:
             if backend is not None and id(request) in self._running:  # placed: its reservation follows
                 self._reserve_kv(backend, request, kv_footprint(request))
                 tokens = request.est_prompt_tokens + request.est_output_tokens
                 self.state.reserve(backend.name, request.id, tokens)
-            if not done.done():
-                done.set_result(None)
+        # Then those that must wait join the queue, in arrival order, as each acquire would have.
+        for request, backend, waiter in batch:
+            if backend is not None or waiter is None or waiter.done():  # done: cancelled, its client left
+                continue
+            try:
+                self._join_queue(request, waiter)
+            except ProxyError as error:  # refused: its acquire raises it (no traceback holding this batch)
+                waiter.set_exception(error.with_traceback(None))
+            except Exception as error:  # a fault: it fails this request, not the rest of the batch
+                log.exception("queueing %s failed", request.id)
+                if not waiter.done():
+                    waiter.set_exception(error)
 
     def _check_room(self, request: ProxyRequest) -> None:
-        waiting = sum(len(q) for q in self.queues.values())
+        waiting = self._queued
         queued_bytes = self._queued_bytes
         if self.regions is not None:  # the hold-back queues are part of what waits
             waiting += self.regions.held_count
@@ -395,7 +423,7 @@ class Scheduler:
         queue = self.queues.get(model)
         if not queue:
             return
-        snapshot = self.snapshot()
+        snapshot: Snapshot | None = None  # taken once something may be placed: most calls find the fleet full
         serving = self.pool.by_model.get(model, ())
         while True:
             if _all_full(serving):  # nothing can be placed (see _place): the queue is not even looked at
@@ -403,6 +431,8 @@ class Scheduler:
             request = queue.peek()
             if request is None:
                 return
+            if snapshot is None:
+                snapshot = self.snapshot()
             regional = serving if self.regions is None else self.regions.serving(request, serving)
             backend = self._place(request, regional, snapshot)
             if backend is None:
@@ -500,8 +530,10 @@ class Scheduler:
 
     def _left_queue(self, request: ProxyRequest) -> None:
         self._queued_bytes -= len(request.raw)
-        self.state.queue_changed(request.model, self._class_name(request), -1)
-        self.drain.left((request.model, self._class_name(request)))
+        self._queued -= 1
+        name = self._class_name(request)
+        self.state.queue_changed(request.model, name, -1)
+        self.drain.left((request.model, name))
 
     def _fail(self, request: ProxyRequest, error: ProxyError) -> None:
         """``request`` was taken out of its queue: its waiter gets ``error``."""

@@ -218,6 +218,72 @@ async def test_a_waiter_cancelled_during_prediction_leaves_the_rest_of_its_batch
     await asyncio.gather(tasks[2], return_exceptions=True)
 
 
+def _queue_is_empty(s: Scheduler) -> bool:
+    """Nothing waits, and the bookkeeping of what waited is back to zero."""
+    return not s.queues.get("m") and s._queued == 0 and s._queued_bytes == 0 and s.state.queue_depths() == {}
+
+
+async def test_a_waiter_cancelled_after_its_batch_queued_it_leaves_the_queue():
+    """The prediction batch queued it; its client goes away before a slot frees: it leaves the queue."""
+    s = scheduler(budget=1)
+    s.predict_many = lambda batch: None
+    first = request()
+    backend = await s.acquire(first)
+    waiting = request()
+    waiting.estimate_source = "prior"
+    task = asyncio.ensure_future(s.acquire(waiting))
+    for _ in range(3):  # the acquire starts, the batch runs and queues it
+        await asyncio.sleep(0)
+    assert [r.id for r in s.queues["m"]] == [waiting.id] and not task.done()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled() and _queue_is_empty(s) and not s._waiters
+    s.release(first, backend)
+    assert backend.in_flight == 0 and not s._running
+
+
+async def test_a_request_dispatched_by_its_batch_whose_client_left_frees_its_slot():
+    """A slot freed while it was being predicted: the batch dispatches it, but its client has gone
+    before its handler resumed. The slot returns and nothing is left waiting."""
+    s = scheduler(budget=1)
+    s.predict_many = lambda batch: None
+    first = request()
+    backend = await s.acquire(first)
+    waiting = request()
+    waiting.estimate_source = "prior"
+    task = asyncio.ensure_future(s.acquire(waiting))
+    await asyncio.sleep(0)  # it must wait: its prediction is due on the next turn
+    s.release(first, backend)  # nothing queued yet: the slot stays free
+    await asyncio.sleep(0)  # the batch queues it and dispatches it at once
+    assert id(waiting) in s._running and not task.done()
+    task.cancel()  # before its handler resumed
+    await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled() and backend.in_flight == 0 and not s._running and _queue_is_empty(s)
+
+
+async def test_a_request_refused_after_its_prediction_gets_the_refusal_and_the_rest_of_its_batch_queues():
+    """Both fit the queue before their predictions; the batch admits the first and refuses the second."""
+    s = scheduler(budget=1, max_queue=1)
+    batches: list[list[str]] = []
+    s.predict_many = lambda batch: batches.append([r.id for r in batch])
+    first = request()
+    backend = await s.acquire(first)
+    waiters = [request(), request()]
+    for r in waiters:
+        r.estimate_source = "prior"
+    tasks = [asyncio.ensure_future(s.acquire(r)) for r in waiters]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert batches == [[r.id for r in waiters]]
+    assert tasks[1].done() and isinstance(tasks[1].exception(), ProxyError)
+    assert tasks[1].exception().code == "queue_full" and tasks[1].exception().status == 429
+    assert not tasks[0].done() and [r.id for r in s.queues["m"]] == [waiters[0].id]
+    s.release(first, backend)
+    assert (await tasks[0]).name == "b"
+    s.release(waiters[0], backend)
+    assert backend.in_flight == 0 and _queue_is_empty(s)
+
+
 async def test_with_a_queue_an_arrival_waits_its_turn_even_if_a_slot_is_free():
     s = scheduler(budget=1)
     first = request()
