@@ -87,6 +87,10 @@ class LateLastEDF(Ordering):
         # next request several times per request, and while nothing is overdue (the common case)
         # neither needs to look at the late queues.
         self._late_count = 0
+        # What peek() returned: pop() takes exactly that request. Time moves between the two calls
+        # (the scheduler places the head first), and re-judging then could pop another request (an
+        # on-time one, when the head fell overdue meanwhile), which left the queue undispatched.
+        self._peeked: ProxyRequest | None = None
 
     def _demote_overdue(self) -> None:
         on_time = self._on_time
@@ -123,9 +127,13 @@ class LateLastEDF(Ordering):
 
     def peek(self) -> ProxyRequest | None:
         queue = self._next()
-        return queue.peek() if queue is not None else None
+        self._peeked = queue.peek() if queue is not None else None
+        return self._peeked
 
     def pop(self) -> ProxyRequest:
+        request, self._peeked = self._peeked, None
+        if request is not None and self.remove(request):  # still waiting: the head peek() reported
+            return request
         queue = self._next()
         if queue is None:
             raise IndexError("pop from an empty queue")

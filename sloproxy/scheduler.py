@@ -437,20 +437,31 @@ class Scheduler:
             backend = self._place(request, regional, snapshot)
             if backend is None:
                 if not any(b.healthy and b.name not in request.excluded for b in serving) and not self._wakeable(model):
-                    queue.pop()
+                    self._take(queue, request)
                     self._fail(
                         request,
                         ProxyError(503, f"No healthy backend is serving model `{model}`.", headers=self._retry_after()),
                     )
                     continue
                 return  # head-of-line: the policy's order is the order of service
-            queue.pop()
+            self._take(queue, request)
             self._left_queue(request)
             waiter = self._waiters.get(id(request))
             if waiter is None or waiter.done():
                 continue
             self.drain.served((model, self._class_name(request)))
             waiter.set_result(self._dispatched(request, backend))  # type: ignore[arg-type]
+
+    @staticmethod
+    def _take(queue: Ordering, request: ProxyRequest) -> None:
+        """Pop ``request``, the head ``queue.peek()`` just gave. An ordering whose pop hands back another
+        request (its contract is to pop what it peeked) would take that one out of the queue without a
+        dispatch, and its client would wait forever: it goes back, and ``request`` leaves by removal."""
+        popped = queue.pop()
+        if popped is not request:
+            log.error("%s popped %s after peeking %s; keeping both", type(queue).__name__, popped.id, request.id)
+            queue.push(popped)
+            queue.remove(request)
 
     def _place(self, request: ProxyRequest, serving: Iterable[Backend], snapshot: Snapshot) -> Backend | None:
         """The backend the policy gives ``request`` now among ``serving`` (already narrowed to its region

@@ -275,3 +275,30 @@ def test_prefix_affinity_follows_the_prefix_but_not_into_overload():
     owner.in_flight = 9  # but not onto an overloaded backend
     assert policy.route(second, [a, b], snapshot) is other
     assert PrefixAffinity().scores(make_request(3), [a, b], snapshot) == [0.0, 0.0]  # no prefix known
+
+
+@settings(max_examples=150, deadline=None)
+@given(request_specs, st.lists(st.floats(0, 30), min_size=1, max_size=60))
+def test_edf_pops_what_it_peeked_even_when_deadlines_pass_in_between(specs, steps):
+    """The scheduler peeks, places the head, then pops it: time moves in between (a slow admission,
+    a loaded machine), and a head whose deadline passed meanwhile must still be the one popped. An
+    EDF that re-judged overdue work at pop handed back another request, which then left the queue
+    undispatched and its client waited forever (seen under valgrind, where every deadline passes)."""
+    now = [0.0]
+    ordering = edf()
+    ordering.clock = lambda: now[0]
+    requests = [make_request(i, *spec) for i, spec in enumerate(specs)]
+    for request in requests:
+        ordering.push(request)
+    served = []
+    for step in steps * 2:
+        if not len(ordering):
+            break
+        head = ordering.peek()
+        now[0] += step  # the head may be overdue by now
+        assert ordering.pop() is head
+        served.append(head)
+        assert len(ordering) == len(requests) - len(served)
+    while len(ordering):
+        served.append(ordering.pop())
+    assert ordering.peek() is None and sorted(map(id, served)) == sorted(map(id, requests))

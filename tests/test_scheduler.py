@@ -579,3 +579,39 @@ async def test_with_urgent_work_waiting_at_another_replica_lower_bands_wait_and_
     for r, future in ((interactive, mine_urgent), (lower, batch), (later, batch_in_outage)):
         s.release(r, future.result())
     assert s.pool.backends[0].mine == 0
+
+
+async def test_a_head_that_falls_overdue_while_it_is_placed_is_the_one_dispatched():
+    """Time moves between peeking the queue's head and popping it: here placing it takes 100 s, as on
+    a machine slow enough for deadlines to pass mid-dispatch. The head placed is the head dispatched,
+    and the request behind it keeps waiting for the next slot: none leaves the queue undispatched
+    (an EDF that re-judged at pop handed back the on-time request behind, which was lost)."""
+    now = [0.0]
+    policy = load_policy("edf")
+    admitting = policy.admitting
+
+    def slow_admitting(request, backends, snapshot):
+        now[0] += 100.0
+        return admitting(request, backends, snapshot)
+
+    policy.admitting = slow_admitting
+    pool = BackendPool(
+        [BackendConfig(name="b", engine="vllm", url="http://127.0.0.1:9", models=["m"])], HealthConfig(), LoadPolling()
+    )
+    s = Scheduler(policy, pool, SchedulingConfig(budget_initial=1), clock=lambda: now[0])
+    first = request()
+    first.received_at = 0.0
+    backend = await s.acquire(first)
+    now[0] = 0.0  # placing the first took its 100 s
+    early, late = request(), request()
+    early.received_at, late.received_at = 0.0, 1000.0  # on time when peeked; only the early one falls overdue
+    for r in (early, late):
+        r.classify(r.tenant, r.slo)
+    waiting = [asyncio.ensure_future(s.acquire(r)) for r in (early, late)]
+    await asyncio.sleep(0)
+    assert len(s.queues["m"]) == 2
+    s.release(first, backend)  # dispatches the head: placing it moves the clock past its deadline
+    assert (await asyncio.wait_for(waiting[0], 1)) is backend and id(early) in s._running
+    assert not waiting[1].done() and [r.id for r in s.queues["m"]] == [late.id]
+    s.release(early, backend)
+    assert (await asyncio.wait_for(waiting[1], 1)) is backend and not s.queues["m"]
