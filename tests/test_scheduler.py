@@ -223,15 +223,20 @@ def _queue_is_empty(s: Scheduler) -> bool:
     return not s.queues.get("m") and s._queued == 0 and s._queued_bytes == 0 and s.state.queue_depths() == {}
 
 
-async def test_a_waiter_cancelled_after_its_batch_queued_it_leaves_the_queue():
-    """The prediction batch queued it; its client goes away before a slot frees: it leaves the queue."""
+async def _one_running_one_to_predict():
+    """A budget of one, taken; a second request arrives and must be predicted before it queues."""
     s = scheduler(budget=1)
     s.predict_many = lambda batch: None
     first = request()
     backend = await s.acquire(first)
     waiting = request()
     waiting.estimate_source = "prior"
-    task = asyncio.ensure_future(s.acquire(waiting))
+    return s, first, backend, waiting, asyncio.ensure_future(s.acquire(waiting))
+
+
+async def test_a_waiter_cancelled_after_its_batch_queued_it_leaves_the_queue():
+    """The prediction batch queued it; its client goes away before a slot frees: it leaves the queue."""
+    s, first, backend, waiting, task = await _one_running_one_to_predict()
     for _ in range(3):  # the acquire starts, the batch runs and queues it
         await asyncio.sleep(0)
     assert [r.id for r in s.queues["m"]] == [waiting.id] and not task.done()
@@ -245,13 +250,7 @@ async def test_a_waiter_cancelled_after_its_batch_queued_it_leaves_the_queue():
 async def test_a_request_dispatched_by_its_batch_whose_client_left_frees_its_slot():
     """A slot freed while it was being predicted: the batch dispatches it, but its client has gone
     before its handler resumed. The slot returns and nothing is left waiting."""
-    s = scheduler(budget=1)
-    s.predict_many = lambda batch: None
-    first = request()
-    backend = await s.acquire(first)
-    waiting = request()
-    waiting.estimate_source = "prior"
-    task = asyncio.ensure_future(s.acquire(waiting))
+    s, first, backend, waiting, task = await _one_running_one_to_predict()
     await asyncio.sleep(0)  # it must wait: its prediction is due on the next turn
     s.release(first, backend)  # nothing queued yet: the slot stays free
     await asyncio.sleep(0)  # the batch queues it and dispatches it at once
