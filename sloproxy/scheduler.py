@@ -248,15 +248,13 @@ class Scheduler:
                 return self._dispatched(request, backend)
         if self.shared is not None:  # another sync may move share here from idle replicas
             self.shared.request_sync()
-        waiter: asyncio.Future[Backend]
+        waiter: asyncio.Future[Backend] = asyncio.get_running_loop().create_future()
         if self.predict_many is not None and request.estimate_source == "prior":
             self._check_room(request)  # refuse before paying for a prediction
             # The batch joins it to the queue once predicted (_predict_batch): this task resumes once,
             # dispatched or refused, instead of once after the prediction and again at dispatch.
-            waiter = asyncio.get_running_loop().create_future()
             self._predict_soon(request, None, waiter)
         else:
-            waiter = asyncio.get_running_loop().create_future()
             self._join_queue(request, waiter)
         try:
             return await waiter
