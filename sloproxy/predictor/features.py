@@ -273,23 +273,48 @@ def _cue_tables() -> tuple[np.ndarray, dict[int, tuple[int, str]]]:
 
 _CUE_TABLE, _CUE_FULL = _cue_tables()
 
+# (word buckets, char buckets, number of word tokens, first token, cue candidates as (position, full hash))
+WindowNgrams = tuple[np.ndarray, np.ndarray, int, bytes | None, list[tuple[int, int]]]
 
-def _cues_and_requests(full: np.ndarray, words: np.ndarray, tokens: list[bytes]) -> tuple[list[float], list[float]]:
+
+def _window_ngrams_numpy(wb: bytes) -> WindowNgrams:
+    """The window's hashed n-grams and cue candidates, with numpy (the reference definition)."""
+    tokens = tokenize(wb)
+    one_line = len(wb) <= FIRST_LINE_BYTES and b"\n" not in wb  # then the first line's tokens are all of them
+    full = word_hashes(token_hashes(tokens), len(tokens) if one_line else _first_line_tokens(wb))
+    words = word_buckets_of(full)
+    candidates = _CUE_TABLE[words].nonzero()[0]  # not np.flatnonzero: its Python wrapper costs more here
+    hits = list(zip(candidates.tolist(), full[candidates].tolist(), strict=True))
+    return words, char_buckets(wb), len(tokens), tokens[0] if tokens else None, hits
+
+
+def _window_ngrams_compiled(wb: bytes) -> WindowNgrams:
+    """The same as :func:`_window_ngrams_numpy`, computed in one pass by ``_ngrams.c``."""
+    words, chars, n_tokens, first, hits = _compiled_ngrams(wb, _CUE_TABLE)
+    return np.frombuffer(words, dtype=np.int64), np.frombuffer(chars, dtype=np.int64), n_tokens, first, hits
+
+
+try:
+    from ._ngrams import window_ngrams as _compiled_ngrams
+except ImportError:  # installed without a C compiler: the numpy version gives the same features, slower
+    _compiled_ngrams = None
+window_ngrams = _window_ngrams_numpy if _compiled_ngrams is None else _window_ngrams_compiled
+
+
+def _cues_and_requests(hits: list[tuple[int, int]], n_tok: int, wb: bytes) -> tuple[list[float], list[float]]:
     """Distinct brief/long/code cue phrases present, and the numbers the prompt asks for.
 
     Requested lengths ("500 words", "3 short paragraphs", "ten ideas", "a sentence"): a unit word
     preceded by a number, or by a number and one other word; the first request per group counts
-    (words, sentences, paragraphs, items). Characters count as a fifth of a word. ``words`` are the
-    buckets of the ``full`` hashes (:func:`word_buckets_of`), computed once for this and the text score.
+    (words, sentences, paragraphs, items). Characters count as a fifth of a word. ``hits`` are the
+    cue candidates of :func:`window_ngrams` (position among the word n-grams, full hash); the
+    window's tokens ``wb`` are only split again when a unit word needs the words before it.
     """
     seen: set[str] = set()
     counts = [0.0, 0.0, 0.0]
     req = [math.nan, math.nan, math.nan, math.nan]
-    n_tok = len(tokens)
-    candidates = _CUE_TABLE[words].nonzero()[0]  # not np.flatnonzero: its Python wrapper costs more here
-    if not len(candidates):
-        return counts, req
-    for pos, value in zip(candidates.tolist(), full[candidates].tolist(), strict=True):
+    tokens: list[bytes] | None = None
+    for pos, value in hits:
         hit = _CUE_FULL.get(value)
         if hit is None:
             continue
@@ -299,6 +324,8 @@ def _cues_and_requests(full: np.ndarray, words: np.ndarray, tokens: list[bytes])
                 seen.add(phrase)
                 counts[group] += 1.0
         elif pos < n_tok:  # a unit word in the window (not the first-line copy)
+            if tokens is None:
+                tokens = tokenize(wb)
             num = _number(tokens[pos - 1]) if pos >= 1 else None
             if num is None and pos >= 2:
                 num = _number(tokens[pos - 2])
@@ -354,11 +381,8 @@ def featurise(
     request_tokens = prompt_tokens_estimate * n_chars / whole_chars if whole_chars > n_chars else prompt_tokens_estimate
     win = window(instr).lower()
     wb = win.encode("utf-8", "surrogatepass")
-    tokens = tokenize(wb)
-    one_line = len(wb) <= FIRST_LINE_BYTES and b"\n" not in wb  # then the first line's tokens are all of them
-    full = word_hashes(token_hashes(tokens), len(tokens) if one_line else _first_line_tokens(wb))
-    words = word_buckets_of(full)
-    (brief, long_, code), (req_w, req_s, req_p, req_i) = _cues_and_requests(full, words, tokens)
+    words, chars, n_tokens, first_token, hits = window_ngrams(wb)
+    (brief, long_, code), (req_w, req_s, req_p, req_i) = _cues_and_requests(hits, n_tokens, wb)
     n_list = len(_LIST_RE.findall(win)) + (1 if _LIST_START.match(win) else 0)
     head = instr[:256]
     n_upper_digit = len(head.encode("ascii", "ignore").translate(None, _NOT_UPPER_DIGIT))
@@ -379,9 +403,9 @@ def featurise(
         brief,
         long_,
         code,
-        _FIRST_WORD_CLASS.get(tokens[0], 8.0 if tokens[0].isalpha() else 0.0) if tokens else 0.0,
+        _FIRST_WORD_CLASS.get(first_token, 8.0 if first_token.isalpha() else 0.0) if first_token else 0.0,
         float(instr[-64:].rstrip().endswith("?")),
-        float(len(tokens)),
+        float(n_tokens),
         float("\n\n" in win or "input:" in win or ":\n" in win),
         n_upper_digit / max(1, len(head)),
     ]
@@ -393,7 +417,7 @@ def featurise(
     ]
     return PromptFeatures(
         words=words,
-        chars=char_buckets(wb),
+        chars=chars,
         cues=cues,
         params=params,
         model=model or "",
