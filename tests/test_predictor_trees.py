@@ -1,0 +1,117 @@
+"""The compiled tree walk (``_trees.c``) predicts exactly what LightGBM predicts for the same row."""
+
+from __future__ import annotations
+
+import ctypes
+
+import lightgbm as lgb
+import numpy as np
+import pytest
+
+from sloproxy.predictor import compiled_trees
+from sloproxy.predictor.columns import CATEGORICAL, COLUMNS, N_COLUMNS
+from sloproxy.predictor.compiled_trees import compile_booster, forest_arrays
+from sloproxy.predictor.fastpredict import FastBooster
+from sloproxy.predictor.serving import LengthPredictor
+
+pytestmark = pytest.mark.skipif(compiled_trees.Forest is None, reason="the C extension was not built here")
+
+
+def _disagreements(booster: lgb.Booster, rows: np.ndarray) -> int:
+    row = (ctypes.c_double * rows.shape[1])()
+    compiled = FastBooster(booster, rows.shape[1], row)
+    reference = FastBooster(booster, rows.shape[1], row, compiled=False)
+    assert compiled._forest is not None and reference._forest is None
+    wrong = 0
+    for values in rows:
+        row[:] = values.tolist()
+        wrong += compiled.predict_loaded() != reference.predict_loaded()  # bit for bit, not approximately
+    return wrong
+
+
+def _odd_rows(rng: np.random.Generator, n: int, cols: int, categorical: list[int]) -> np.ndarray:
+    rows = rng.normal(0, 3, (n, cols))
+    rows[rng.random((n, cols)) < 0.15] = np.nan
+    rows[rng.random((n, cols)) < 0.1] = 0.0
+    rows[rng.random((n, cols)) < 0.05] = 1e-40  # LightGBM reads values this close to zero as zero
+    rows[rng.random((n, cols)) < 0.05] = -0.0
+    for c in categorical:
+        cats = rng.integers(-2, 12, n).astype(float)
+        cats[rng.random(n) < 0.1] = np.nan
+        cats[rng.random(n) < 0.05] = 5000.0  # past every bitset
+        rows[:, c] = cats
+    return rows
+
+
+def test_the_packaged_heads_agree_with_lightgbm_on_real_and_odd_rows(shared_data) -> None:
+    import json
+
+    predictor = LengthPredictor.load()
+    lines = (shared_data / "lengths" / "alpaca_eval_prompts.jsonl").read_text().splitlines()[:300]
+    real = np.array(
+        [predictor.row(predictor.predict_request(json.loads(line)["instruction"]).features) for line in lines]
+    )
+    categorical = [COLUMNS.index(c) for c in CATEGORICAL]
+    odd = _odd_rows(np.random.default_rng(0), 3000, N_COLUMNS, categorical)
+    for head in (predictor.bundle.p50, predictor.bundle.p90):
+        assert _disagreements(head, real) == 0
+        assert _disagreements(head, odd) == 0
+
+
+@pytest.mark.parametrize("params", [{}, {"zero_as_missing": True}, {"use_missing": False}])
+def test_categorical_splits_and_every_missing_rule_agree(params: dict) -> None:
+    """A model that splits on categories (many-valued bitsets) and on missing values, trained here."""
+    rng = np.random.default_rng(1)
+    n = 4000
+    x = _odd_rows(rng, n, 6, [4, 5])
+    x[:, 5] = rng.integers(0, 70, n)  # categories past 32: bitsets of several words
+    cat_effect = np.where(np.isin(x[:, 5], [3, 40, 41, 65]), 5.0, 0.0) + np.where(x[:, 4] == 2, -3.0, 0.0)
+    y = np.nan_to_num(x[:, 0]) * 2 + np.isnan(x[:, 1]) * 4 + (x[:, 2] == 0) * 3 + cat_effect + rng.normal(0, 0.1, n)
+    booster = lgb.train(
+        {"objective": "quantile", "alpha": 0.9, "num_leaves": 15, "min_data_in_leaf": 5, "verbose": -1, **params},
+        lgb.Dataset(x, y, categorical_feature=[4, 5]),
+        num_boost_round=40,
+    )
+    arrays = forest_arrays(booster.model_to_string())
+    assert len(arrays["cat_bits"]) > len(arrays["cat_bounds"]) - 1  # some bitset spans more than one word
+    decisions = arrays["nodes"]["decision"]
+    assert (decisions & 1).any() and ((decisions >> 2) & 3 != 0).any()  # categorical and missing-aware splits
+    assert _disagreements(booster, _odd_rows(np.random.default_rng(2), 3000, 6, [4, 5])) == 0
+
+
+def test_a_model_of_single_leaf_trees_sums_its_leaves() -> None:
+    x = np.zeros((50, 3))
+    booster = lgb.train({"objective": "regression", "verbose": -1}, lgb.Dataset(x, np.full(50, 2.5)), 3)
+    assert forest_arrays(booster.model_to_string())["nodes"].size == 0
+    assert _disagreements(booster, np.random.default_rng(3).normal(size=(20, 3))) == 0
+
+
+def test_inconsistent_arrays_are_refused_not_walked() -> None:
+    """The walk trusts its indices, so construction checks them: a bad child, a cycle, a feature past
+    the row or a missing bitset is a ValueError, never a read outside the arrays or an endless walk."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(500, 4))
+    booster = lgb.train({"objective": "regression", "num_leaves": 7, "verbose": -1}, lgb.Dataset(x, x[:, 0]), 5)
+    good = forest_arrays(booster.model_to_string())
+
+    def build(**changes) -> None:
+        arrays = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in {**good, **changes}.items()}
+        compiled_trees.Forest(**{k: v.tobytes() if isinstance(v, np.ndarray) else v for k, v in arrays.items()})
+
+    build()  # the unchanged arrays are fine
+    for field, value in [("left", 99), ("right", -99), ("left", 0), ("feature", 4)]:
+        nodes = good["nodes"].copy()
+        nodes[field][0] = value
+        with pytest.raises(ValueError):
+            build(nodes=nodes)
+    nodes = good["nodes"].copy()
+    nodes["decision"][0] |= 1  # categorical, but the model has no bitsets
+    with pytest.raises(ValueError):
+        build(nodes=nodes)
+    with pytest.raises(ValueError):
+        build(leaves=good["leaves"][:-1])
+    with pytest.raises(ValueError):
+        build(n_features=0)  # every split reads feature 0 (the target is x[:, 0])
+    forest = compile_booster(booster)
+    with pytest.raises(ValueError, match="float64"):
+        forest.predict(b"\0" * 8)
