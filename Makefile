@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint bench-calibration bench-capacity clean predictor-model predictor-eval
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py $(wildcard sloproxy/predictor/*.c)  # an editable install compiles the .c files
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
@@ -30,7 +30,7 @@ bench-capacity: $(STAMP)
 	$(BIN)/python bench/emulator_capacity.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info sloproxy/predictor/*.so
 
 LENGTHS := ../shared/data/lengths
 # The packaged default length predictor, trained on all the shared data (deterministic, seed 0).
