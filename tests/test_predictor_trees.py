@@ -39,6 +39,7 @@ def _odd_rows(rng: np.random.Generator, n: int, cols: int, categorical: list[int
         cats = rng.integers(-2, 12, n).astype(float)
         cats[rng.random(n) < 0.1] = np.nan
         cats[rng.random(n) < 0.05] = 5000.0  # past every bitset
+        cats[rng.random(n) < 0.03] = rng.choice([3e9, -3e9, 1e300, -0.5])  # past int; just below zero
         rows[:, c] = cats
     return rows
 
@@ -84,6 +85,24 @@ def test_a_model_of_single_leaf_trees_sums_its_leaves() -> None:
     booster = lgb.train({"objective": "regression", "verbose": -1}, lgb.Dataset(x, np.full(50, 2.5)), 3)
     assert forest_arrays(booster.model_to_string())["nodes"].size == 0
     assert _disagreements(booster, np.random.default_rng(3).normal(size=(20, 3))) == 0
+
+
+def test_models_whose_output_is_transformed_stay_with_lightgbm() -> None:
+    """A random forest averages its trees and a binary model applies a sigmoid: not plain sums, so
+    they are not compiled and LightGBM predicts them."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(300, 3))
+    binary = lgb.train({"objective": "binary", "verbose": -1}, lgb.Dataset(x, x[:, 0] > 0), 5)
+    forest = lgb.train(
+        {"boosting": "rf", "bagging_fraction": 0.5, "bagging_freq": 1, "verbose": -1}, lgb.Dataset(x, x[:, 0]), 5
+    )
+    for booster in (binary, forest):
+        with pytest.raises(ValueError):
+            forest_arrays(booster.model_to_string())
+        fast = FastBooster(booster, 3)
+        assert fast._forest is None
+        for row in x[:5]:
+            assert fast.predict(row.tolist()) == pytest.approx(booster.predict(row[None, :])[0])
 
 
 def test_inconsistent_arrays_are_refused_not_walked() -> None:

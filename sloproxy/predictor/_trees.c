@@ -145,7 +145,8 @@ static void forest_dealloc(Forest *self) {
 static inline int16_t decide(const Forest *f, const Node *node, double fval) {
     uint8_t decision = node->decision;
     if (decision & CATEGORICAL) {
-        if (isnan(fval))
+        /* NaN, and values past int (LightGBM's cast makes them negative on x86), go right */
+        if (isnan(fval) || fval >= 2147483648.0 || fval <= -2147483649.0)
             return node->right;
         int value = (int)fval;
         if (value < 0)

@@ -25,6 +25,8 @@ NODE = np.dtype(
 )
 TREE = np.dtype([("first_node", "<i4"), ("n_nodes", "<i4"), ("first_leaf", "<i4"), ("n_leaves", "<i4")])
 _CATEGORICAL = 1
+# objectives whose prediction is the raw sum of the trees (the length heads are quantile regressions)
+_UNTRANSFORMED = frozenset({"quantile", "regression", "regression_l1", "huber", "fair", "mape"})
 
 
 def _numbers(fields: dict[str, str], key: str, dtype: type) -> np.ndarray:
@@ -35,9 +37,12 @@ def _numbers(fields: dict[str, str], key: str, dtype: type) -> np.ndarray:
 def forest_arrays(model_text: str) -> dict[str, np.ndarray | int]:
     """Nodes, trees, leaves and categorical bitsets of every tree, in LightGBM's order."""
     head, _, body = model_text.partition("\nTree=")
-    header = dict(line.split("=", 1) for line in head.splitlines() if "=" in line)
-    if int(header.get("num_tree_per_iteration", "1")) != 1 or header.get("average_output") is not None:
+    lines = head.splitlines()
+    header = dict(line.split("=", 1) for line in lines if "=" in line)
+    if int(header.get("num_tree_per_iteration", "1")) != 1 or "average_output" in lines:
         raise ValueError("only single-output boosted models are compiled")
+    if header.get("objective", "").split()[0] not in _UNTRANSFORMED:
+        raise ValueError(f"objective {header.get('objective')!r} transforms the raw score; LightGBM predicts it")
     n_features = int(header["max_feature_idx"]) + 1
     body = body.split("\nend of trees", 1)[0]
     nodes, trees, leaves, bounds, bits = [], [], [], [0], []
