@@ -9,7 +9,8 @@ the window's UTF-8 bytes are tokenised with ``bytes.translate`` + ``split``, wor
 with CRC-32 (cached), n-gram buckets are combined with numpy, character n-grams are read as
 unaligned little-endian integers straight from the bytes, and the lexical cues are found by
 one table gather over the word n-gram buckets. The full text is only measured with
-``len``/``str.count``.
+``len``/``str.count``. That numpy code is the definition; where the package was built with a C
+compiler, ``_ngrams.c`` computes the same n-grams and cue candidates in one pass (``window_ngrams``).
 """
 
 from __future__ import annotations
