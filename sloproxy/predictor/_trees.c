@@ -184,13 +184,13 @@ static PyObject *forest_predict(Forest *self, PyObject *row_obj) {
     /* Trees are walked WALK_WIDTH at a time: each step of a walk waits on the node it loads, so
      * walks in step overlap their waits. The leaves are still summed in tree order. */
     double sum = 0.0;
-    Py_ssize_t t = 0;
-    for (; t + WALK_WIDTH <= self->n_trees; t += WALK_WIDTH) {
+    for (Py_ssize_t t = 0; t < self->n_trees; t += WALK_WIDTH) {
+        int width = self->n_trees - t < WALK_WIDTH ? (int)(self->n_trees - t) : WALK_WIDTH;
         const Node *nodes[WALK_WIDTH];
         int16_t at[WALK_WIDTH];
-        for (int j = 0; j < WALK_WIDTH; j++) {
-            nodes[j] = self->nodes + self->trees[t + j].first_node;
-            at[j] = self->trees[t + j].n_nodes > 0 ? 0 : ~0; /* a tree of one leaf is at its leaf 0 */
+        for (int j = 0; j < WALK_WIDTH; j++) { /* past the last tree, a slot starts (and stays) at a leaf */
+            nodes[j] = j < width ? self->nodes + self->trees[t + j].first_node : self->nodes;
+            at[j] = j < width && self->trees[t + j].n_nodes > 0 ? 0 : ~0; /* a one-leaf tree is at leaf 0 */
         }
         for (int walking = 1; walking;) {
             walking = 0;
@@ -202,15 +202,8 @@ static PyObject *forest_predict(Forest *self, PyObject *row_obj) {
                 }
             }
         }
-        for (int j = 0; j < WALK_WIDTH; j++)
+        for (int j = 0; j < width; j++)
             sum += self->leaves[self->trees[t + j].first_leaf + ~at[j]];
-    }
-    for (; t < self->n_trees; t++) {
-        Tree tree = self->trees[t];
-        int16_t at = tree.n_nodes > 0 ? 0 : ~0;
-        while (at >= 0)
-            at = decide(self, &self->nodes[tree.first_node + at], x[self->nodes[tree.first_node + at].feature]);
-        sum += self->leaves[tree.first_leaf + ~at];
     }
     return PyFloat_FromDouble(sum);
 }
