@@ -17,6 +17,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -187,9 +188,83 @@ done:
     return result;
 }
 
+/* The sum numpy's add.reduce gives over the gathered values w[idx[0]], ..., w[idx[n-1]] (float64,
+ * contiguous): pairwise summation with eight accumulators over blocks of up to 128 values and
+ * halving above that, numpy's own order, added to the reduction's identity (+0.0, which turns a
+ * sum of -0.0s into +0.0), so the text score matches TextModel's numpy version bit for bit
+ * (tests/test_predictor_ngrams.py compares them). */
+#define PAIRWISE_BLOCK 128
+static double pairwise_gather(const double *w, const int64_t *idx, Py_ssize_t n) {
+    if (n < 8) {
+        double res = -0.0;
+        for (Py_ssize_t i = 0; i < n; i++)
+            res += w[idx[i]];
+        return res;
+    }
+    if (n <= PAIRWISE_BLOCK) {
+        double r[8];
+        for (int j = 0; j < 8; j++)
+            r[j] = w[idx[j]];
+        Py_ssize_t i;
+        for (i = 8; i < n - (n % 8); i += 8)
+            for (int j = 0; j < 8; j++)
+                r[j] += w[idx[i + j]];
+        double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for (; i < n; i++)
+            res += w[idx[i]];
+        return res;
+    }
+    Py_ssize_t half = n / 2;
+    half -= half % 8;
+    return pairwise_gather(w, idx, half) + pairwise_gather(w, idx + half, n - half);
+}
+
+/* One block's share of the text score: the sum of its buckets' weights over sqrt(its size). */
+static int block_score(Py_buffer *ids, const double *w, Py_ssize_t n_weights, double *score) {
+    Py_ssize_t n = ids->len / (Py_ssize_t)sizeof(int64_t);
+    if (ids->len % (Py_ssize_t)sizeof(int64_t) != 0) {
+        PyErr_SetString(PyExc_ValueError, "bucket ids must be whole int64 values");
+        return -1;
+    }
+    const int64_t *idx = ids->buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (idx[i] < 0 || idx[i] >= n_weights) {
+            PyErr_Format(PyExc_ValueError, "bucket %lld is outside the %zd weights", (long long)idx[i], n_weights);
+            return -1;
+        }
+    }
+    if (n > 0)
+        *score += (0.0 + pairwise_gather(w, idx, n)) / sqrt((double)n);
+    return 0;
+}
+
+static PyObject *text_score(PyObject *Py_UNUSED(module), PyObject *args) {
+    Py_buffer words, chars, weights;
+    double bias;
+    if (!PyArg_ParseTuple(args, "y*y*y*d", &words, &chars, &weights, &bias))
+        return NULL;
+    PyObject *result = NULL;
+    double score = bias;
+    if (weights.len % (Py_ssize_t)sizeof(double) != 0) {
+        PyErr_SetString(PyExc_ValueError, "weights must be whole float64 values");
+        goto done;
+    }
+    Py_ssize_t n_weights = weights.len / (Py_ssize_t)sizeof(double);
+    if (block_score(&words, weights.buf, n_weights, &score) < 0 || block_score(&chars, weights.buf, n_weights, &score) < 0)
+        goto done;
+    result = PyFloat_FromDouble(score);
+done:
+    PyBuffer_Release(&words);
+    PyBuffer_Release(&chars);
+    PyBuffer_Release(&weights);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"window_ngrams", window_ngrams, METH_VARARGS,
      "window_ngrams(window_bytes, cue_table) -> (words, chars, n_tokens, first_token, hits)"},
+    {"text_score", text_score, METH_VARARGS,
+     "text_score(word_ids, char_ids, weights, bias) -> bias + each block's weight sum over sqrt(its size)"},
     {NULL, NULL, 0, NULL},
 };
 

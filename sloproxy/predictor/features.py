@@ -274,8 +274,9 @@ def _cue_tables() -> tuple[np.ndarray, dict[int, tuple[int, str]]]:
 
 _CUE_TABLE, _CUE_FULL = _cue_tables()
 
-# (word buckets, char buckets, number of word tokens, first token, cue candidates as (position, full hash))
-WindowNgrams = tuple[np.ndarray, np.ndarray, int, bytes | None, list[tuple[int, int]]]
+# (word buckets, char buckets, number of word tokens, first token, cue candidates as (position, full hash));
+# the buckets are int64 arrays' bytes: that is what the compiled pass makes and the text score reads
+WindowNgrams = tuple[bytes, bytes, int, bytes | None, list[tuple[int, int]]]
 
 
 def _window_ngrams_numpy(wb: bytes) -> WindowNgrams:
@@ -286,13 +287,12 @@ def _window_ngrams_numpy(wb: bytes) -> WindowNgrams:
     words = word_buckets_of(full)
     candidates = _CUE_TABLE[words].nonzero()[0]  # not np.flatnonzero: its Python wrapper costs more here
     hits = list(zip(candidates.tolist(), full[candidates].tolist(), strict=True))
-    return words, char_buckets(wb), len(tokens), tokens[0] if tokens else None, hits
+    return words.tobytes(), char_buckets(wb).tobytes(), len(tokens), tokens[0] if tokens else None, hits
 
 
 def _window_ngrams_compiled(wb: bytes) -> WindowNgrams:
     """The same as :func:`_window_ngrams_numpy`, computed in one pass by ``_ngrams.c``."""
-    words, chars, n_tokens, first, hits = _compiled_ngrams(wb, _CUE_TABLE)
-    return np.frombuffer(words, dtype=np.int64), np.frombuffer(chars, dtype=np.int64), n_tokens, first, hits
+    return _compiled_ngrams(wb, _CUE_TABLE)
 
 
 try:
@@ -350,12 +350,20 @@ def _number(token: bytes) -> float | None:
 class PromptFeatures:
     """Everything the models need from one request; picklable and model-independent."""
 
-    words: np.ndarray  # hashed word n-gram buckets
-    chars: np.ndarray  # hashed char n-gram buckets (offset by WORD_DIM)
+    word_ids: bytes  # hashed word n-gram buckets, int64 in native order (the text score reads them as they are)
+    char_ids: bytes  # hashed char n-gram buckets (offset by WORD_DIM), likewise
     cues: list[float]  # CUE_NAMES
     params: list[float]  # PARAM_NAMES
     model: str
     prompt_tokens: float  # given or estimated (for the llm-d baseline and features)
+
+    @property
+    def words(self) -> np.ndarray:
+        return np.frombuffer(self.word_ids, dtype=np.int64)
+
+    @property
+    def chars(self) -> np.ndarray:
+        return np.frombuffer(self.char_ids, dtype=np.int64)
 
 
 def featurise(
@@ -417,8 +425,8 @@ def featurise(
         _category(tenant),
     ]
     return PromptFeatures(
-        words=words,
-        chars=chars,
+        word_ids=words,
+        char_ids=chars,
         cues=cues,
         params=params,
         model=model or "",

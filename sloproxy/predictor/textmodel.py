@@ -18,6 +18,11 @@ from .features import NGRAM_DIM, PromptFeatures
 
 _sum = np.add.reduce  # skips ndarray.sum's Python-level wrapper (a few microseconds per call)
 
+try:
+    from ._ngrams import text_score as _compiled_score
+except ImportError:  # installed without a C compiler: numpy scores, to the same bits
+    _compiled_score = None
+
 
 def _row_values(f: PromptFeatures) -> tuple[np.ndarray, np.ndarray]:
     """Bucket indices and values of one prompt: each block (words, chars) scaled to unit-ish norm."""
@@ -52,11 +57,18 @@ class TextModel:
     """Linear score over hashed buckets; ``weights`` is dense in memory, sparse on disk."""
 
     def __init__(self, weights: np.ndarray, bias: float) -> None:
-        self.weights = weights.astype(np.float64)
+        self.weights = np.ascontiguousarray(weights, dtype=np.float64)  # the compiled score reads it as is
         self.bias = float(bias)
 
     def score(self, f: PromptFeatures) -> float:
-        """Bias plus each block's weight sum over sqrt(block size): two C-level gathers and sums."""
+        """Bias plus each block's weight sum over sqrt(block size), in one call of ``_ngrams.c``
+        where it was built (the same sums, in numpy's order: :meth:`score_numpy` is the definition)."""
+        if _compiled_score is None:
+            return self.score_numpy(f)
+        return _compiled_score(f.word_ids, f.char_ids, self.weights, self.bias)
+
+    def score_numpy(self, f: PromptFeatures) -> float:
+        """:meth:`score` with numpy: two gathers and pairwise sums."""
         w = self.weights
         s = self.bias
         n = len(f.words)
