@@ -311,9 +311,11 @@ def _cues_and_requests(hits: list[tuple[int, int]], n_tok: int, wb: bytes) -> tu
     cue candidates of :func:`window_ngrams` (position among the word n-grams, full hash); the
     window's tokens ``wb`` are only split again when a unit word needs the words before it.
     """
-    seen: set[str] = set()
     counts = [0.0, 0.0, 0.0]
     req = [math.nan, math.nan, math.nan, math.nan]
+    if not hits:  # most windows hold no cue candidate at all
+        return counts, req
+    seen: set[str] = set()
     tokens: list[bytes] | None = None
     for pos, value in hits:
         hit = _CUE_FULL.get(value)
@@ -421,14 +423,7 @@ def featurise(
     params = [
         math.log1p(max_tokens) if max_tokens and max_tokens > 0 else math.nan,
         float(temperature) if temperature is not None else math.nan,
-        _category(slo_class),
-        _category(tenant),
+        _category(slo_class) if slo_class else math.nan,
+        _category(tenant) if tenant else math.nan,
     ]
-    return PromptFeatures(
-        word_ids=words,
-        char_ids=chars,
-        cues=cues,
-        params=params,
-        model=model or "",
-        prompt_tokens=float(prompt_tokens_estimate),
-    )
+    return PromptFeatures(words, chars, cues, params, model or "", float(prompt_tokens_estimate))

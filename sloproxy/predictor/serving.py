@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import artifact
-from .columns import N_COLUMNS, full_row, prompt_part
+from .columns import N_COLUMNS
 from .fastpredict import FastBooster
 from .features import PromptFeatures, featurise
 from .modelstats import lookup
@@ -54,6 +54,7 @@ class LengthPredictor:
         self._p50 = FastBooster(bundle.p50, N_COLUMNS, self._row)
         self._p90 = FastBooster(bundle.p90, N_COLUMNS, self._row)
         self._stats_cache: dict[str, list[float]] = {}
+        self._score = bundle.text.score
         self._prior_cache: dict[str, tuple[float, float]] = {}
 
     @classmethod
@@ -82,8 +83,12 @@ class LengthPredictor:
         return cached
 
     def row(self, f: PromptFeatures) -> list[float]:
-        """The LightGBM input row of already computed features (text score, cues, params, model stats)."""
-        return full_row(prompt_part(f, self.bundle.text.score(f)), self.model_stats(f.model))
+        """The LightGBM input row of already computed features (text score, cues, params, model stats):
+        ``full_row(prompt_part(...))``, built in one go on the request path."""
+        stats = self._stats_cache.get(f.model)
+        if stats is None:
+            stats = self.model_stats(f.model)
+        return [self._score(f), *f.cues, *f.params, *stats]
 
     def predict_features(self, f: PromptFeatures, max_tokens: int | None = None) -> tuple[float, float]:
         """(p50, p90) in tokens for already computed features; capped by ``max_tokens``."""
@@ -97,11 +102,22 @@ class LengthPredictor:
         """Tokens from the heads' log outputs: calibrated, ordered, at least one, capped by the limit."""
         bundle = self.bundle
         log50 = raw50 + bundle.offset50
-        log90 = max(raw90 + bundle.offset90, log50)
-        p50 = max(1.0, math.expm1(log50))
-        p90 = max(1.0, math.expm1(log90))
+        log90 = raw90 + bundle.offset90
+        if log90 < log50:
+            log90 = log50
+        p50 = math.expm1(log50)
+        p90 = math.expm1(log90)
+        # max(1.0, x) and min(x, limit) as comparisons: the same values (NaN included), no calls
+        if not p50 >= 1.0:
+            p50 = 1.0
+        if not p90 >= 1.0:
+            p90 = 1.0
         if max_tokens is not None and max_tokens > 0:
-            p50, p90 = min(p50, float(max_tokens)), min(p90, float(max_tokens))
+            limit = float(max_tokens)
+            if limit < p50:
+                p50 = limit
+            if limit < p90:
+                p90 = limit
         return p50, p90
 
     def predict_request(
