@@ -2,7 +2,7 @@
 
 Why: each request is predicted by two 100-tree heads. LightGBM's single-row path (fastpredict.py)
 costs a ctypes call plus walks over trees spread across many small vectors; the compiled walk
-reads 16-byte nodes from one block per head. It computes what LightGBM computes for the same row
+reads small node records from one block per head. It computes what LightGBM computes for the same row
 (tests/test_predictor_trees.py compares the two), so the compiled forest is used wherever the
 extension was built, and LightGBM's own path otherwise.
 

@@ -15,6 +15,8 @@ the same sums, in a fraction of the time); LightGBM's path is the fallback.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
+from typing import Any
 
 import lightgbm as lgb
 import numpy as np
@@ -46,7 +48,10 @@ class FastBooster:
                 self._forest = None
         if self._forest is not None:
             self._predict_compiled = self._forest.predict
+            # the walk itself, for callers that hold the row as float64s already (one call, no copy)
+            self.compiled_walk: Callable[[Any], float] | None = self._forest.predict
             return
+        self.compiled_walk = None
         try:
             cfg = ctypes.c_void_p()
             _safe_call(

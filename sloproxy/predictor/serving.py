@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import math
 import struct
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,10 @@ class LengthPredictor:
         return self._predict_row(self.row(f), max_tokens)
 
     def _predict_row(self, row: list[float], max_tokens: int | None) -> tuple[float, float]:
+        walk50, walk90 = self._p50.compiled_walk, self._p90.compiled_walk
+        if walk50 is not None and walk90 is not None:
+            values = array("d", row)
+            return self._finish(walk50(values), walk90(values), max_tokens)
         self._pack_row(self._row_bytes, 0, *row)
         return self._finish(self._p50.predict_loaded(), self._p90.predict_loaded(), max_tokens)
 
@@ -141,6 +146,15 @@ class LengthPredictor:
             return [self.predict_request(*calls[0])]
         features = [featurise(*call) for call in calls]  # the featuriser's code and tables stay warm
         rows = [self.row(f) for f in features]
+        walk50, walk90 = self._p50.compiled_walk, self._p90.compiled_walk
+        if walk50 is not None and walk90 is not None:  # each row converted once, read by both heads
+            doubles = [array("d", row) for row in rows]
+            raw50 = [walk50(values) for values in doubles]  # one head over all rows, then the other
+            finish = self._finish
+            return [
+                Prediction(*finish(a, walk90(values), call[2]), f, row)
+                for f, row, a, values, call in zip(features, rows, raw50, doubles, calls, strict=True)
+            ]
         pack, buffer, head50, head90 = self._pack_row, self._row_bytes, self._p50, self._p90
         raw50 = []
         for row in rows:  # one head over all rows, then the other: each head's trees stay in cache
