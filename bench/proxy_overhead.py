@@ -10,6 +10,13 @@ Measures, in one run side by side:
 
     .venv/bin/python bench/proxy_overhead.py [--seconds 10] [--litellm PATH_TO_litellm] [--regions]
 
+sloproxy's dispatch budget starts at ``scheduling.budget_initial`` (8) and grows while the engine
+keeps up (about an eighth per one-second load reading), so for its first minute in front of this
+backend a queued policy holds most of the 64 requests in its queue: what it costs then is the queued
+path's. Each sloproxy target is therefore measured twice at concurrency 64: ``fresh`` (the first
+``--seconds`` after start) and, after a warm-up that runs until the budget stops growing, ``steady``
+(the figure the table reports; ``--no-warm-up`` skips it). The budget at each is printed.
+
 ``--regions`` adds ``sl+region``: sloproxy with two regions (``eu`` preferred, ``us``) configured over
 the same fast backend (one backend entry per region), side by side with sloproxy with regions off.
 
@@ -150,6 +157,29 @@ async def first_chunk_times(url: str, count: int) -> list[float]:
     return times
 
 
+def budget_of(url: str) -> float | None:
+    """The proxy's dispatch budget for the bench backend (the sum if it has several), from /metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    prefix = "sloproxy_backend_budget_requests{"
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix)]
+    return sum(values) if values else None
+
+
+def warm_up(url: str, pid: int, chunk_s: float = 5.0, limit_s: float = 120.0) -> tuple[float, float | None]:
+    """Load ``url`` at concurrency 64 until the proxy's budget stops growing (or ``limit_s``):
+    returns (seconds spent, the budget)."""
+    started = time.monotonic()
+    budget = budget_of(url)
+    while time.monotonic() - started < limit_s:
+        wrk(url + "/v1/chat/completions", BODY, 64, chunk_s, pid)
+        now = budget_of(url)
+        if now == budget:
+            break
+        budget = now
+    return time.monotonic() - started, budget
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -234,6 +264,9 @@ def main() -> int:
     parser.add_argument("--litellm", help="path to a litellm executable (optional)")
     parser.add_argument("--policy", default="round-robin", help="sloproxy's scheduling policy")
     parser.add_argument("--ttfc-only", action="store_true", help="measure only time to first chunk (quick)")
+    parser.add_argument(
+        "--no-warm-up", action="store_true", help="measure sloproxy at c64 only fresh, not once its budget settled"
+    )
     parser.add_argument(
         "--extra", default="{}", help='JSON merged into sloproxy\'s config, e.g. {"predictor": {"mode": "off"}}'
     )
@@ -348,6 +381,7 @@ def main() -> int:
             targets["litellm"] = tuple(f"http://127.0.0.1:{p}" for p in ports)
 
         results: dict[str, dict] = {}
+        warmed: dict[str, tuple[dict, float, float | None]] = {}  # sloproxy targets: fresh figures, warm-up
         for name, (fast, slow) in targets.items():
             route = "/v1/chat/completions"
             if args.ttfc_only:
@@ -355,10 +389,25 @@ def main() -> int:
                 throughput = single = streamed = nothing
             else:
                 throughput = wrk(fast + route, BODY, 64, args.seconds, pids[name])
+                if name.startswith(("sloproxy", "sl+")):
+                    fresh = {**throughput, "budget": budget_of(fast)}
+                    if not args.no_warm_up:
+                        warm_s, _ = warm_up(fast, pids[name])
+                        throughput = wrk(fast + route, BODY, 64, args.seconds, pids[name])
+                        warmed[name] = (fresh, warm_s, budget_of(fast))
                 single = wrk(fast + route, BODY, 1, args.seconds, pids[name])
                 streamed = wrk(fast + route, STREAM_BODY, 64, args.seconds)
             ttfc = asyncio.run(first_chunk_times(fast + route, args.streams))
             ttfc_paced = asyncio.run(first_chunk_times(slow + route, args.streams))
+            if name in warmed:
+                fresh, warm_s, budget = warmed[name]
+                results[name + "_c64_fresh"] = {
+                    "rps_c64": fresh["rps"],
+                    "cpu_us_c64": fresh["cpu_us_per_request"],
+                    "budget": fresh["budget"],
+                    "warm_up_s": warm_s,
+                    "budget_steady": budget,
+                }
             results[name] = {
                 "rps_c64": throughput["rps"],
                 "cpu_us_c64": throughput["cpu_us_per_request"],
@@ -373,7 +422,7 @@ def main() -> int:
                 "paced_ttfc_p99_ms": percentile(ttfc_paced, 0.99) * 1e3,
             }
         base = results["direct"]
-        for row in results.values():
+        for row in (row for key, row in results.items() if not key.endswith("_c64_fresh")):
             row["added_p50_ms_c1"] = row["p50_ms_c1"] - base["p50_ms_c1"]
             row["added_ttfc_p50_ms"] = row["ttfc_p50_ms"] - base["ttfc_p50_ms"]
             row["added_paced_ttfc_p50_ms"] = row["paced_ttfc_p50_ms"] - base["paced_ttfc_p50_ms"]
@@ -395,7 +444,7 @@ def main() -> int:
         f"{'TTFC p50':>9} {'+TTFC':>7} {'TTFC p99':>9} {'+paced':>7} {'chunks/s c64':>13}"
     )
     for name, row in results.items():
-        if name == "abort_propagation":
+        if name == "abort_propagation" or name.endswith("_c64_fresh"):
             continue
         print(
             f"{name:10} {row['rps_c64']:10.0f} {row['cpu_us_c64']:7.0f} {row['p50_ms_c1']:10.3f} "
@@ -403,6 +452,17 @@ def main() -> int:
             f"{row['p99_ms_c1']:10.3f} {row['ttfc_p50_ms']:9.2f} {row['added_ttfc_p50_ms']:7.2f} "
             f"{row['ttfc_p99_ms']:9.2f} {row['added_paced_ttfc_p50_ms']:7.2f} {row['chunks_per_s_c64']:13.0f}"
         )
+    nginx_rps = results["nginx"]["rps_c64"]
+    for name, row in results.items():
+        if name.endswith("_c64_fresh"):
+            target = name.removesuffix("_c64_fresh")
+            steady = results[target]
+            print(
+                f"{target}: c64 fresh (budget {row['budget']:g}) {row['rps_c64']:.0f} req/s, "
+                f"{row['cpu_us_c64']:.0f} µs CPU ({row['rps_c64'] / nginx_rps:.1%} of nginx); steady after "
+                f"{row['warm_up_s']:.0f} s of warm-up (budget {row['budget_steady']:g}) {steady['rps_c64']:.0f} req/s, "
+                f"{steady['cpu_us_c64']:.0f} µs ({steady['rps_c64'] / nginx_rps:.1%} of nginx)"
+            )
     print("CPU µs: the target process's CPU (user + system, with its children) per request at concurrency 64.")
     print("TTFC: back-to-back streams. +paced: added TTFC when the backend paces tokens 20 ms apart (the CPU")
     print("idles between tokens, so each request starts cold).")

@@ -49,17 +49,22 @@ MAX_PIPELINED = 8  # requests parsed ahead of the one being answered before read
 _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")  # CR, LF, NUL...: would end or split a header line
 
 
+_dict_get, _dict_getitem, _dict_contains = dict.get, dict.__getitem__, dict.__contains__
+
+
 class Headers(dict[str, str]):
     """Request headers: names stored lower-case, looked up case-insensitively (as HTTP's are)."""
 
+    # dict's own methods called directly: these run several times per request, and super() costs
+    # more than the lookup itself
     def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
-        return super().get(name.lower(), default)
+        return _dict_get(self, name.lower(), default)
 
     def __getitem__(self, name: str) -> str:
-        return super().__getitem__(name.lower())
+        return _dict_getitem(self, name.lower())
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and super().__contains__(name.lower())
+        return isinstance(name, str) and _dict_contains(self, name.lower())
 
 
 @dataclass(slots=True)

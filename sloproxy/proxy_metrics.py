@@ -354,6 +354,13 @@ class _RequestCollector:
         for model, histogram in sorted(self.metrics.upstream_ttft.items()):
             upstream.add_metric([model], histogram.buckets(), histogram.sum)
         yield upstream
+        tokens = CounterMetricFamily(
+            "sloproxy_tokens", "Tokens the engines reported, by kind.", labels=["model", "kind"]
+        )
+        for model, (prompt, completion) in sorted(self.metrics.token_totals.items()):
+            tokens.add_metric([model, "prompt"], prompt)
+            tokens.add_metric([model, "completion"], completion)
+        yield tokens
 
 
 class ProxyMetrics:
@@ -372,9 +379,6 @@ class ProxyMetrics:
             ["model"],
             registry=self.registry,
         )
-        self.tokens = Counter(
-            "sloproxy_tokens", "Tokens the engines reported, by kind.", ["model", "kind"], registry=self.registry
-        )
         self.in_flight = 0  # a plain number on the hot path, read at scrape time
         Gauge("sloproxy_in_flight_requests", "Requests being served.", registry=self.registry).set_function(
             lambda: self.in_flight
@@ -382,7 +386,7 @@ class ProxyMetrics:
         self.series: dict[tuple[str, str], _Series] = {}
         self.upstream_ttft: dict[str, _Histogram] = {}
         self.predicting = False
-        self._tokens: dict[str, tuple] = {}
+        self.token_totals: dict[str, list[int]] = {}  # model -> [prompt, completion] (plain numbers, no locks)
         self.registry.register(_RequestCollector(self))
         self.registry.register(_BackendCollector(pool))
 
@@ -450,14 +454,11 @@ class ProxyMetrics:
             series.slo_met += met
         tokens = request.completion_tokens
         if request.prompt_tokens is not None:
-            children = self._tokens.get(request.model)
-            if children is None:
-                children = self._tokens[request.model] = (
-                    self.tokens.labels(request.model, "prompt"),
-                    self.tokens.labels(request.model, "completion"),
-                )
-            children[0].inc(request.prompt_tokens)
-            children[1].inc(tokens or 0)
+            totals = self.token_totals.get(request.model)
+            if totals is None:
+                totals = self.token_totals[request.model] = [0, 0]
+            totals[0] += request.prompt_tokens
+            totals[1] += tokens or 0
         if (
             request.estimate_source == "model"  # a prediction from the prompt (not a prior or a known length)
             and request.pred_p50 is not None
