@@ -57,7 +57,7 @@ class TextModel:
     """Linear score over hashed buckets; ``weights`` is dense in memory, sparse on disk."""
 
     def __init__(self, weights: np.ndarray, bias: float) -> None:
-        self.weights = np.ascontiguousarray(weights, dtype=np.float64)  # the compiled score reads it as is
+        self.weights = np.array(weights, dtype=np.float64, order="C")  # a copy the compiled score reads as is
         self.bias = float(bias)
 
     def score(self, f: PromptFeatures) -> float:
