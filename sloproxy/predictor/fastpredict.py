@@ -46,12 +46,11 @@ class FastBooster:
                 self._forest = compile_booster(booster)
             except ValueError:  # a kind of model the compiled walk does not cover (linear trees...)
                 self._forest = None
+        # the compiled walk itself (None without it): callers holding the row as float64s call it directly
+        self.compiled_walk: Callable[[Any], float] | None = None
         if self._forest is not None:
-            self._predict_compiled = self._forest.predict
-            # the walk itself, for callers that hold the row as float64s already (one call, no copy)
-            self.compiled_walk: Callable[[Any], float] | None = self._forest.predict
+            self.compiled_walk = self._forest.predict
             return
-        self.compiled_walk = None
         try:
             cfg = ctypes.c_void_p()
             _safe_call(
@@ -79,8 +78,9 @@ class FastBooster:
 
     def predict_loaded(self) -> float:
         """Predict on the row already in the (possibly shared) buffer: heads sharing it copy the row once."""
-        if self._forest is not None:
-            return self._predict_compiled(self._row)
+        walk = self.compiled_walk
+        if walk is not None:
+            return walk(self._row)
         if self._cfg is None:  # pragma: no cover
             return float(self._booster.predict(np.asarray([self._row[:]], dtype=np.float64))[0])
         if self._fn(self._cfg, self._row, self._len_ref, self._out_ref) != 0:

@@ -423,7 +423,7 @@ def featurise(
     params = [
         math.log1p(max_tokens) if max_tokens and max_tokens > 0 else math.nan,
         float(temperature) if temperature is not None else math.nan,
-        _category(slo_class) if slo_class else math.nan,
-        _category(tenant) if tenant else math.nan,
+        _category(slo_class),
+        _category(tenant),
     ]
     return PromptFeatures(words, chars, cues, params, model or "", float(prompt_tokens_estimate))

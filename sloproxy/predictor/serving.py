@@ -54,6 +54,9 @@ class LengthPredictor:
         self._pack_row = struct.Struct(f"{N_COLUMNS}d").pack_into
         self._p50 = FastBooster(bundle.p50, N_COLUMNS, self._row)
         self._p90 = FastBooster(bundle.p90, N_COLUMNS, self._row)
+        walk50, walk90 = self._p50.compiled_walk, self._p90.compiled_walk
+        # both heads compiled: each row goes to both walks as one float64 array (no shared buffer)
+        self._walks = (walk50, walk90) if walk50 is not None and walk90 is not None else None
         self._stats_cache: dict[str, list[float]] = {}
         self._score = bundle.text.score
         self._prior_cache: dict[str, tuple[float, float]] = {}
@@ -86,18 +89,15 @@ class LengthPredictor:
     def row(self, f: PromptFeatures) -> list[float]:
         """The LightGBM input row of already computed features (text score, cues, params, model stats):
         ``full_row(prompt_part(...))``, built in one go on the request path."""
-        stats = self._stats_cache.get(f.model)
-        if stats is None:
-            stats = self.model_stats(f.model)
-        return [self._score(f), *f.cues, *f.params, *stats]
+        return [self._score(f), *f.cues, *f.params, *self.model_stats(f.model)]
 
     def predict_features(self, f: PromptFeatures, max_tokens: int | None = None) -> tuple[float, float]:
         """(p50, p90) in tokens for already computed features; capped by ``max_tokens``."""
         return self._predict_row(self.row(f), max_tokens)
 
     def _predict_row(self, row: list[float], max_tokens: int | None) -> tuple[float, float]:
-        walk50, walk90 = self._p50.compiled_walk, self._p90.compiled_walk
-        if walk50 is not None and walk90 is not None:
+        if self._walks is not None:
+            walk50, walk90 = self._walks
             values = array("d", row)
             return self._finish(walk50(values), walk90(values), max_tokens)
         self._pack_row(self._row_bytes, 0, *row)
@@ -146,8 +146,8 @@ class LengthPredictor:
             return [self.predict_request(*calls[0])]
         features = [featurise(*call) for call in calls]  # the featuriser's code and tables stay warm
         rows = [self.row(f) for f in features]
-        walk50, walk90 = self._p50.compiled_walk, self._p90.compiled_walk
-        if walk50 is not None and walk90 is not None:  # each row converted once, read by both heads
+        if self._walks is not None:  # each row converted once, read by both heads
+            walk50, walk90 = self._walks
             doubles = [array("d", row) for row in rows]
             raw50 = [walk50(values) for values in doubles]  # one head over all rows, then the other
             finish = self._finish
