@@ -79,9 +79,9 @@ async def _client_write(response: Response, data: bytes) -> None:
         raise _ClientGone from None
 
 
-async def _client_end(response: Response) -> None:
+async def _client_end(response: Response, data: bytes = b"") -> None:
     try:
-        await response.end()
+        await response.end(data)
     except ConnectionResetError:
         raise _ClientGone from None
 
@@ -257,7 +257,7 @@ class Forwarder:
         translator: StreamTranslator = adapter.stream_translator(request)
         started = time.monotonic()
         try:
-            async for chunk in upstream.chunks():
+            while chunk := await upstream.next_chunk():
                 if chunk.endswith(b"\n\n") and b"\r" not in chunk and not decoder.pending:  # whole events
                     out = _relay_events(translator, decoder, chunk)
                 else:
@@ -276,6 +276,8 @@ class Forwarder:
                         await _client_write(response, out)  # the head leaves with the first chunk
                         self.scheduler.first_token(request, backend)
                         self.metrics.first_byte(request.model, time.monotonic() - started)
+                    elif translator.done:
+                        await _client_end(response, out)  # the last events and the end in one write
                     else:
                         await _client_write(response, out)
                 if translator.done:

@@ -164,11 +164,17 @@ class Response:
             frame = head + frame
         await self._conn.write_and_drain(frame)
 
-    async def end(self) -> None:
+    async def end(self, data: bytes = b"") -> None:
+        """Send ``data`` (if any) as the last chunk and end the reply, in one write."""
         if self.finished:
             return
         self.finished = True
-        tail = b"" if self._http10 or self._head_only else b"0\r\n\r\n"
+        if self._head_only:
+            tail = b""
+        elif self._http10:
+            tail = data
+        else:
+            tail = b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data) if data else b"0\r\n\r\n"
         head = self._pending_head
         if head is not None:
             self._pending_head = None

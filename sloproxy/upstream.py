@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import httptools
@@ -206,25 +206,33 @@ class UpstreamResponse:
                 raise self._error
             await self._wait()
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """Body bytes as they arrive (everything buffered so far, joined, per iteration)."""
+    async def next_chunk(self) -> bytes:
+        """The body bytes that arrived since the last call (joined), waiting until some do; ``b""``
+        once the body is complete. A method rather than an async generator: a stream the caller
+        stops reading early would leave a generator for the loop's finaliser hook to close (a
+        thread-safe wake-up and a task per stream)."""
         while True:
-            if self._chunks:
-                data = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
-                self._chunks.clear()
+            chunks = self._chunks
+            if chunks:
+                data = b"".join(chunks) if len(chunks) > 1 else chunks[0]
+                chunks.clear()
                 self._buffered = 0
                 self._conn.resume()
-                yield data
-                continue
+                return data
             if self._complete:
-                return
+                return b""
             if self._error is not None:
                 raise self._error
             await self._wait()
 
     async def read(self) -> bytes:
-        parts = [chunk async for chunk in self.chunks()]
-        return b"".join(parts)
+        first = await self.next_chunk()
+        if not first:
+            return first
+        parts = [first]
+        while chunk := await self.next_chunk():
+            parts.append(chunk)
+        return b"".join(parts) if len(parts) > 1 else first
 
     def release(self) -> None:
         """Done with the response: the connection goes back to the pool if it can be reused."""

@@ -86,11 +86,10 @@ def _pool(server) -> UpstreamPool:
 
 
 async def _after_first_chunk(pool: UpstreamPool, timeout: float):
-    """The reply (at ``timeout``) and its chunks, once the first chunk came."""
+    """The reply (at ``timeout``), once its first chunk came."""
     response = await pool.request("GET", "/", timeout=timeout)
-    chunks = response.chunks()
-    assert await chunks.__anext__() == b"x"
-    return response, chunks
+    assert await response.next_chunk() == b"x"
+    return response
 
 
 async def test_an_upstream_times_out_on_silence_not_on_the_length_of_its_reply():
@@ -106,10 +105,10 @@ async def test_an_upstream_times_out_on_silence_not_on_the_length_of_its_reply()
     server = await _chunked_server([0.05, 0.5])
     async with server:
         pool = _pool(server)
-        response, chunks = await _after_first_chunk(pool, 0.25)
+        response = await _after_first_chunk(pool, 0.25)
         silent_since = asyncio.get_running_loop().time()
         with pytest.raises(UpstreamTimeout):
-            await chunks.__anext__()
+            await response.next_chunk()
         assert asyncio.get_running_loop().time() - silent_since >= 0.2  # (the data itself was 0.5 s away)
         response.close()
         pool.close()
@@ -120,11 +119,11 @@ async def test_a_shorter_timeout_set_mid_reply_applies_to_the_next_wait():
     server = await _chunked_server([0.05, 1.0])
     async with server:
         pool = _pool(server)
-        response, chunks = await _after_first_chunk(pool, 5.0)
+        response = await _after_first_chunk(pool, 5.0)
         response.timeout = 0.2
         started = asyncio.get_running_loop().time()
         with pytest.raises(UpstreamTimeout):
-            await chunks.__anext__()
+            await response.next_chunk()
         assert asyncio.get_running_loop().time() - started < 0.9  # the data itself was ~1 s away
         response.close()
         pool.close()
