@@ -20,7 +20,7 @@ from .adapters.base import EngineAdapter, StreamTranslator, UpstreamCall
 from .backends import Backend, BackendPool
 from .config import Limits
 from .errors import ProxyError, error_frame
-from .http_server import JSON, Response
+from .http_server import JSON, HeaderLines, Response
 from .outlier import OutlierDetector
 from .proxy_metrics import ProxyMetrics
 from .request import ProxyRequest
@@ -31,7 +31,7 @@ from .upstream import UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTim
 log = logging.getLogger("sloproxy.forward")
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 ADMISSION_STATUSES = frozenset({429, 503})  # the engine is full, not broken: no mark against it
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_HEADERS = HeaderLines.of({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # rendered once
 
 
 class _RetryableFailure(Exception):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import re
 import time
@@ -100,13 +101,32 @@ def _header_line(name: str, value: str) -> bytes:
 _JSON_LINE = _header_line("Content-Type", JSON)
 
 
-def _head(status: int, content_type: str | None, headers: Mapping[str, str] | None, framing: bytes) -> bytes:
+@functools.lru_cache(maxsize=64)
+def _content_type_line(content_type: str) -> bytes:
+    return _header_line("Content-Type", content_type)
+
+
+class HeaderLines(bytes):
+    """Header lines rendered once, for a reply that sends the same ones every time (every stream's
+    head): ``HeaderLines.of({...})`` where a mapping would be rendered again per reply."""
+
+    @classmethod
+    def of(cls, headers: Mapping[str, str]) -> HeaderLines:
+        return cls(b"".join(_header_line(name, value) for name, value in headers.items()))
+
+
+ReplyHeaders = Mapping[str, str] | HeaderLines | None
+
+
+def _head(status: int, content_type: str | None, headers: ReplyHeaders, framing: bytes) -> bytes:
     parts = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
     if content_type == JSON:
         parts.append(_JSON_LINE)
     elif content_type is not None:
-        parts.append(_header_line("Content-Type", content_type))
-    if headers:
+        parts.append(_content_type_line(content_type))
+    if isinstance(headers, HeaderLines):
+        parts.append(headers)
+    elif headers:
         parts.extend(_header_line(name, value) for name, value in headers.items())
     parts.append(framing)
     return b"".join(parts)
@@ -127,9 +147,7 @@ class Response:
         self.finished = False
         self.status = 0
 
-    def send(
-        self, status: int, body: bytes, content_type: str | None = JSON, headers: Mapping[str, str] | None = None
-    ) -> None:
+    def send(self, status: int, body: bytes, content_type: str | None = JSON, headers: ReplyHeaders = None) -> None:
         """The whole reply at once, with its length."""
         if self.started:
             raise RuntimeError("the response has already started")
@@ -139,7 +157,7 @@ class Response:
         head = _head(status, content_type, headers, framing)
         self._conn.write(head if self._head_only else head + body)
 
-    def start(self, status: int, content_type: str, headers: Mapping[str, str] | None = None) -> None:
+    def start(self, status: int, content_type: str, headers: ReplyHeaders = None) -> None:
         """Begin a streamed reply; nothing is sent until the first chunk (or the end)."""
         if self.started:
             raise RuntimeError("the response has already started")
@@ -279,16 +297,19 @@ class _Connection(asyncio.Protocol):
         if len(self._raw_headers) > self.server.max_headers:
             self._reject(431, f"The request has more than {self.server.max_headers} header lines.")
             return
-        # A whole head can arrive in one read, where data_received's count cannot see it end: sized here.
-        if len(self._url) + sum(len(name) + len(value) + 4 for name, value in self._raw_headers) > MAX_HEAD_BYTES:
-            self._reject(431, f"The request head is larger than {MAX_HEAD_BYTES} bytes.")
-            return
-        headers = self._headers = Headers()
+        headers = Headers()
+        size = len(self._url)
         for name, value in self._raw_headers:
+            size += len(name) + len(value) + 4
             key = name.decode("latin-1").lower()
             previous = dict.get(headers, key)
             text = value.decode("latin-1")
             dict.__setitem__(headers, key, text if previous is None else f"{previous}, {text}")
+        # A whole head can arrive in one read, where data_received's count cannot see it end: sized here.
+        if size > MAX_HEAD_BYTES:
+            self._reject(431, f"The request head is larger than {MAX_HEAD_BYTES} bytes.")
+            return
+        self._headers = headers
         limit = self.server.max_body_bytes
         length = self._headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
