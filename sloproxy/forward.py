@@ -181,7 +181,7 @@ class Forwarder:
         try:
             try:
                 upstream = await self._upstreams[backend.name].request(
-                    "POST", call.path, call.body, call.headers, timeout, on_sent=movable
+                    "POST", call.path, call.body, call.headers, timeout, on_sent=movable, wait_body=request.stream
                 )
             except UpstreamError as exc:
                 if request.evicted:  # closed by the scheduler before the engine answered

@@ -114,6 +114,7 @@ class UpstreamResponse:
         "_keep_alive",
         "_released",
         "_timer",
+        "_wait_body",
         "_wait_started",
         "_waiter",
         "headers",
@@ -121,8 +122,9 @@ class UpstreamResponse:
         "timeout",
     )
 
-    def __init__(self, conn: _Connection, timeout: float) -> None:
+    def __init__(self, conn: _Connection, timeout: float, wait_body: bool = False) -> None:
         self._conn = conn
+        self._wait_body = wait_body  # the caller resumes at the first body bytes, not at the head
         self.timeout = timeout  # seconds of silence that fail it (settable: first byte, then streaming pace)
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
@@ -146,7 +148,8 @@ class UpstreamResponse:
             waiter.set_result(None)
 
     def _wake_headers(self) -> None:
-        self._wake()
+        if not self._wait_body:
+            self._wake()
 
     def _on_body(self, body: bytes) -> None:  # once per HTTP chunk: a streamed event each, so kept lean
         self._chunks.append(body)
@@ -201,7 +204,7 @@ class UpstreamResponse:
             self._timer = None
 
     async def _headers(self) -> None:
-        while not self.status:
+        while not self.status or (self._wait_body and not self._chunks and not self._complete):
             if self._error is not None:
                 raise self._error
             await self._wait()
@@ -306,8 +309,10 @@ class UpstreamPool:
         headers: dict[str, str] | None = None,
         timeout: float | None = None,
         on_sent: Callable[[UpstreamResponse], None] | None = None,
+        wait_body: bool = False,
     ) -> UpstreamResponse:
-        """Send one request and wait for its status and headers.
+        """Send one request and wait for its status and headers (``wait_body``: and the first body
+        bytes or the end, so a stream's caller resumes once for its head and first event, not twice).
 
         ``on_sent`` gets the response as soon as the request is written, so the caller can
         abandon it (``close()``) even before the engine answers.
@@ -322,7 +327,7 @@ class UpstreamPool:
             conn = self._idle.pop()
             if conn.closed:
                 continue
-            response = self._send(conn, payload, read_timeout)
+            response = self._send(conn, payload, read_timeout, wait_body)
             if on_sent is not None:
                 on_sent(response)
             try:
@@ -332,14 +337,14 @@ class UpstreamPool:
                 response.close()
                 raise
             except UpstreamError:
-                if response._released:  # closed by the caller, not by the engine: no retry
+                if response._released or response.status:  # closed by the caller, or the engine had answered
                     raise
                 response.close()
                 continue
             except BaseException:  # cancelled (client gone): drop the connection so the engine aborts
                 response.close()
                 raise
-        response = self._send(await self._connect(), payload, read_timeout)
+        response = self._send(await self._connect(), payload, read_timeout, wait_body)
         if on_sent is not None:
             on_sent(response)
         try:
@@ -349,8 +354,8 @@ class UpstreamPool:
             raise
         return response
 
-    def _send(self, conn: _Connection, payload: bytes, timeout: float) -> UpstreamResponse:
-        response = UpstreamResponse(conn, timeout)
+    def _send(self, conn: _Connection, payload: bytes, timeout: float, wait_body: bool) -> UpstreamResponse:
+        response = UpstreamResponse(conn, timeout, wait_body)
         conn.response = response  # a pooled connection's parser ended its last reply cleanly: it reads the next
         assert conn.transport is not None
         conn.transport.write(payload)

@@ -92,6 +92,30 @@ async def _after_first_chunk(pool: UpstreamPool, timeout: float):
     return response
 
 
+async def test_a_stream_caller_resumes_at_its_first_body_bytes_and_their_silence_is_timed():
+    """``wait_body``: the head alone does not resume the caller (one wake-up per stream start, not
+    two); the first bytes do, and a head followed by silence fails on the timeout."""
+    loop = asyncio.get_running_loop()
+    for wait_body, resumed_after in ((False, 0.0), (True, 0.2)):
+        server = await _chunked_server([0.2])
+        async with server:
+            pool = _pool(server)
+            started = loop.time()
+            response = await pool.request("GET", "/", timeout=5.0, wait_body=wait_body)
+            waited = loop.time() - started
+            assert response.status == 200
+            assert resumed_after <= waited < resumed_after + 0.15
+            assert await response.read() == b"x"
+            response.release()
+            pool.close()
+    server = await _chunked_server([0.5])
+    async with server:
+        pool = _pool(server)
+        with pytest.raises(UpstreamTimeout):
+            await pool.request("GET", "/", timeout=0.2, wait_body=True)
+        pool.close()
+
+
 async def test_an_upstream_times_out_on_silence_not_on_the_length_of_its_reply():
     """The timeout is seconds without data: a reply whose chunks come 0.1 s apart for 0.6 s passes a
     0.25 s timeout; one that goes silent for 0.5 s fails after about 0.25 s of that silence."""
