@@ -11,11 +11,12 @@ Measures, in one run side by side:
     .venv/bin/python bench/proxy_overhead.py [--seconds 10] [--litellm PATH_TO_litellm] [--regions]
 
 sloproxy's dispatch budget starts at ``scheduling.budget_initial`` (8) and grows while the engine
-keeps up (about an eighth per one-second load reading), so for its first minute in front of this
-backend a queued policy holds most of the 64 requests in its queue: what it costs then is the queued
-path's. Each sloproxy target is therefore measured twice at concurrency 64: ``fresh`` (the first
-``--seconds`` after start) and, after a warm-up that runs until the budget stops growing, ``steady``
-(the figure the table reports; ``--no-warm-up`` skips it). The budget at each is printed.
+keeps up: this backend reports no KV usage, so it doubles per one-second load reading (slow start;
+an engine that reports KV climbs by an eighth, and for its first minute a queued policy would hold
+most of the 64 requests in its queue). Each sloproxy target is measured twice at concurrency 64:
+``fresh`` (the first ``--seconds`` after start, the first seconds of it queued) and, after a
+warm-up that runs until the budget stops growing, ``steady`` (the figure the table reports;
+``--no-warm-up`` skips it). The budget at each is printed.
 
 ``--regions`` adds ``sl+region``: sloproxy with two regions (``eu`` preferred, ``us``) configured over
 the same fast backend (one backend entry per region), side by side with sloproxy with regions off.

@@ -730,7 +730,8 @@ class Scheduler:
         or a preemption since the last reading, means it is past its capacity right now: the budget
         drops to the number it runs. The ceiling remembers that capacity but falls by at most one per
         drop: while the engine keeps up and the budget is what limits dispatch, the budget grows back
-        to the ceiling, and after a quiet spell there probes one above it. On a KV-bound engine
+        to the ceiling, and after a quiet spell there probes one above it. A backend that reports no
+        KV usage doubles its budget until the first drop (slow start). On a KV-bound engine
         capacity in requests moves with prompt and reply lengths; a ceiling set outright by the
         latest drop held A10 budgets at 2-3 after one reading with long prompts (measured: edf lost
         a fifth of its capacity to least-load). A full KV cache with nothing
@@ -772,7 +773,18 @@ class Scheduler:
             elif load.waiting == 0 and backend.in_flight >= 0.7 * budget:  # the budget, not the engine, limits
                 backend.quiet_updates += 1
                 ceiling = backend.ceiling or config.budget_max
-                if budget < ceiling:
+                if backend.ceiling is None and load.kv_usage is None:
+                    # Slow start (TCP's): an engine that reports no KV usage (no metrics, or an
+                    # OpenAI-compatible API) shows its capacity only by queueing, so a gentle climb
+                    # towards it only throttles: the budget doubles until work waits. At +1/8 per
+                    # reading a fresh proxy held 64 clients of such a backend in its queue for
+                    # 15-60 s (bench/proxy_overhead.py, budget 8 -> 37). Engines that report KV
+                    # climb by an eighth: doubling while KV stayed under half full cost slo, edf
+                    # and seallm a capacity step on the bursty code trace (0.75 -> 0.625,
+                    # bench/policy_capacity.py): bursts of long prompts reached the engines' own
+                    # FCFS queues before any reading showed them waiting.
+                    budget = min(ceiling, budget * 2)
+                elif budget < ceiling:
                     budget = min(ceiling, budget + max(1, budget // 8))
                 elif backend.quiet_updates >= config.probe_after_updates:
                     # A probe the engine kept up with doubles the next one: an engine far below its

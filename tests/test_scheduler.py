@@ -457,6 +457,38 @@ def test_budget_probes_double_while_the_engine_keeps_up_and_restart_at_one_after
     assert budgets == [22, 23, 23, 25]  # back to the ceiling at once, then probes from +1 again: +1, +2
 
 
+def _blind_reading(s: Scheduler, running: int, in_flight: int | None = None, waiting: int = 0) -> int:
+    """A reading of a backend whose metrics say nothing of KV (no metrics, an OpenAI API)."""
+    from sloproxy.adapters.base import BackendLoad
+
+    backend = s.pool.backends[0]
+    backend.mine = backend.in_flight = running + waiting if in_flight is None else in_flight
+    backend.load = BackendLoad(running=running, waiting=waiting)
+    s._on_load_update(backend)
+    return backend.budget
+
+
+def test_a_backend_that_reports_no_kv_doubles_its_budget_until_work_waits():
+    s = scheduler(budget=8)
+    backend = s.pool.backends[0]
+    assert _blind_reading(s, 8, in_flight=5) == 8  # the budget is not what limits: no growth
+    budgets = [_blind_reading(s, backend.budget) for _ in range(6)]
+    assert budgets == [16, 32, 64, 128, 256, 256]  # slow start, capped by budget_max
+    assert backend.ceiling is None
+
+    s = scheduler(budget=8)
+    backend = s.pool.backends[0]
+    assert [_blind_reading(s, 8), _blind_reading(s, 16)] == [16, 32]
+    [_blind_reading(s, 30, waiting=2) for _ in range(2)]  # waiting on two readings: it runs 30
+    assert (backend.budget, backend.ceiling) == (30, 30)
+    assert _blind_reading(s, 30) == 30  # a ceiling is known now: no more doubling
+
+
+def test_an_engine_that_reports_kv_climbs_by_an_eighth_from_the_start():
+    s = scheduler(budget=16)
+    assert [_reading(s, b, 0) for b in (16, 18, 20)] == [18, 20, 22]  # kv 10%: still an eighth
+
+
 class _OneOfThree:
     """A stand-in for the Redis coordinator: this replica may use the whole budget, and the fleet
     holds three times what it holds."""
