@@ -287,6 +287,9 @@ def main() -> int:
         if shutil.which(tool) is None:
             print(f"needs {tool} (apt-get install wrk nginx-light util-linux)", file=sys.stderr)
             return 2
+    # This process is a load generator too (the streamed-TTFC client): on core 1 with the backend and
+    # wrk, never on the proxies' core. Children started without taskset inherit it.
+    os.sched_setaffinity(0, {1})
     workdir = Path(tempfile.mkdtemp(prefix="sloproxy-bench-"))
     fast_port, slow_port = free_port(), free_port()
     procs = [
