@@ -8,7 +8,7 @@ import json
 import pytest
 
 from sloproxy.errors import ProxyError
-from sloproxy.http_server import HTTPServer, Request, Response
+from sloproxy.http_server import HeaderLines, HTTPServer, Request, Response
 
 
 async def echo(request: Request, response: Response) -> None:
@@ -49,6 +49,13 @@ class Streamer:
             raise
 
 
+async def stream_ending_with_data(request: Request, response: Response) -> None:
+    """A stream with pre-rendered header lines whose last events leave with its end."""
+    response.start(200, "text/event-stream", HeaderLines.of({"X-Extra": "1\r\nInjected: yes"}))
+    await response.write(b"data: a\n\n")
+    await response.end(b"data: [DONE]\n\n")
+
+
 @pytest.fixture
 async def server():
     srv = HTTPServer(max_body_bytes=1000, receive_timeout_s=1.0, keepalive_timeout_s=2.0)
@@ -58,6 +65,7 @@ async def server():
     srv.route("GET", "/crash", crash)
     srv.streamer = Streamer()
     srv.route("POST", "/stream", srv.streamer)
+    srv.route("POST", "/stream-end", stream_ending_with_data)
     await srv.start("127.0.0.1", 0)
     yield srv
     await srv.stop(grace_s=1.0)
@@ -179,6 +187,16 @@ async def test_stream_head_leaves_with_the_first_chunk_and_is_chunked(server):
     assert status == 200 and headers["transfer-encoding"] == "chunked"
     assert headers["content-type"] == "text/event-stream"
     assert body == b"9\r\ndata: 0\n\n\r\n9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n0\r\n\r\n"
+
+
+async def test_a_stream_ended_with_data_frames_it_as_its_last_chunk(server):
+    status, headers, body = split(await exchange(server.port, post("/stream-end", b"", extra="Connection: close\r\n")))
+    assert status == 200 and headers["transfer-encoding"] == "chunked"
+    assert headers["x-extra"] == "1Injected: yes" and "injected" not in headers  # CR/LF dropped, not a new line
+    assert body == b"9\r\ndata: a\n\n\r\ne\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"
+    status, headers, body = split(await exchange(server.port, post("/stream-end", b"", version="1.0")))
+    assert status == 200 and "transfer-encoding" not in headers
+    assert body == b"data: a\n\ndata: [DONE]\n\n"
 
 
 async def test_http10_stream_is_close_delimited(server):
