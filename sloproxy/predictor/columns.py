@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from .features import CUE_NAMES, PARAM_NAMES, PromptFeatures
 from .modelstats import STAT_NAMES
 
@@ -10,10 +12,7 @@ N_COLUMNS = len(COLUMNS)
 CATEGORICAL: tuple[str, ...] = ("slo_class", "tenant", "first_word_class")
 
 
-def prompt_part(f: PromptFeatures, text_score: float) -> list[float]:
-    """Model-independent columns of a request."""
-    return [text_score, *f.cues, *f.params]
-
-
-def full_row(prompt_cols: list[float], model_stats: list[float]) -> list[float]:
-    return prompt_cols + model_stats
+def model_row(f: PromptFeatures, text_score: float, model_stats: Sequence[float] = ()) -> list[float]:
+    """A request's row in ``COLUMNS``' order. Training passes no model stats (``assemble`` adds them
+    per model); serving builds the whole row in this one call."""
+    return [text_score, *f.cues, *f.params, *model_stats]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import modelstats
-from .columns import prompt_part
+from .columns import model_row
 from .data import Rows
 from .metrics import evaluate
 from .train import Bundle, assemble, featurise_prompts
@@ -19,7 +19,7 @@ from .train import Bundle, assemble, featurise_prompts
 def predict_rows(bundle: Bundle, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
     """(p50, p90) in tokens for every row, batched (the same maths as the single-row server)."""
     feats = featurise_prompts(rows)
-    cols = np.array([prompt_part(f, bundle.text.score(f)) for f in feats], dtype=np.float64)
+    cols = np.array([model_row(f, bundle.text.score(f)) for f in feats], dtype=np.float64)
     x = assemble(cols, rows.prompt, rows.model, bundle.stats, bundle.prior)
     log50 = bundle.p50.predict(x) + bundle.offset50
     log90 = np.maximum(bundle.p90.predict(x) + bundle.offset90, log50)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import artifact
-from .columns import N_COLUMNS
+from .columns import N_COLUMNS, model_row
 from .fastpredict import FastBooster
 from .features import PromptFeatures, featurise
 from .modelstats import lookup
@@ -87,9 +87,8 @@ class LengthPredictor:
         return cached
 
     def row(self, f: PromptFeatures) -> list[float]:
-        """The LightGBM input row of already computed features (text score, cues, params, model stats):
-        ``full_row(prompt_part(...))``, built in one go on the request path."""
-        return [self._score(f), *f.cues, *f.params, *self.model_stats(f.model)]
+        """The LightGBM input row of already computed features (text score, cues, params, model stats)."""
+        return model_row(f, self._score(f), self.model_stats(f.model))
 
     def predict_features(self, f: PromptFeatures, max_tokens: int | None = None) -> tuple[float, float]:
         """(p50, p90) in tokens for already computed features; capped by ``max_tokens``."""

@@ -20,7 +20,7 @@ from scipy.special import ndtri
 from scipy.stats import rankdata
 
 from . import modelstats
-from .columns import CATEGORICAL, COLUMNS, prompt_part
+from .columns import CATEGORICAL, COLUMNS, model_row
 from .data import Rows
 from .features import FEATURE_SPEC_VERSION, PromptFeatures, featurise
 from .textmodel import TextModel, design_matrix, fit_ridge, oof_ridge
@@ -129,7 +129,7 @@ def fit(rows: Rows, cfg: TrainConfig | None = None) -> Bundle:
     x_text = design_matrix(feats)
     z_oof = oof_ridge(x_text, z, cfg.ridge_alpha, folds)
     text = fit_ridge(x_text, z, cfg.ridge_alpha)
-    cols = np.array([prompt_part(f, s) for f, s in zip(feats, z_oof, strict=True)], dtype=np.float64)
+    cols = np.array([model_row(f, s) for f, s in zip(feats, z_oof, strict=True)], dtype=np.float64)
     x = assemble(cols, rows.prompt, rows.model, stats, prior)
     y = np.log1p(rows.output_tokens)
 
