@@ -214,7 +214,7 @@ http {{
 
 
 def litellm_proxy(executable: str, port: int, backend_port: int, workdir: Path) -> subprocess.Popen:
-    conf = workdir / "litellm.yaml"
+    conf = workdir / f"litellm-{port}.yaml"  # one per instance: each reads its own at start-up
     conf.write_text(
         "model_list:\n"
         "  - model_name: bench\n"
