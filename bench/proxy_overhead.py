@@ -131,7 +131,13 @@ def wrk(url: str, body: dict, connections: int, seconds: float, pid: int | None 
 
 
 async def first_chunk_times(url: str, count: int) -> list[float]:
-    """Seconds from sending to the first SSE frame, one stream at a time on one keep-alive connection.
+    """Seconds from sending to the first SSE frame, one stream at a time on one keep-alive connection."""
+    return [(seen - sent) / 1e9 for sent, seen in await first_chunk_stamps(url, count)]
+
+
+async def first_chunk_stamps(url: str, count: int) -> list[tuple[int, int]]:
+    """(sent, first SSE frame seen) per stream in ``perf_counter_ns`` (CLOCK_MONOTONIC: comparable
+    with another process's stamps), one stream at a time on one keep-alive connection.
 
     A raw asyncio client (not an HTTP library) so the client's own cost stays out of the figure.
     """
@@ -144,18 +150,18 @@ async def first_chunk_times(url: str, count: int) -> list[float]:
         f"Content-Length: {len(data)}\r\n\r\n"
     ).encode() + data
     reader, writer = await asyncio.open_connection(host, int(port))
-    times = []
+    stamps = []
     for _ in range(count):
-        started = time.perf_counter()
+        sent = time.perf_counter_ns()
         writer.write(request)
         received = b""
         while b"data:" not in received:
             received += await reader.read(65536)
-        times.append(time.perf_counter() - started)
+        stamps.append((sent, time.perf_counter_ns()))
         while not received.endswith(b"0\r\n\r\n"):  # the rest of the chunked stream
             received += await reader.read(65536)
     writer.close()
-    return times
+    return stamps
 
 
 def budget_of(url: str) -> float | None:

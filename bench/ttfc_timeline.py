@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from proxy_overhead import STREAM_BODY, pinned, wait_http  # noqa: E402
+from proxy_overhead import first_chunk_stamps, pinned, wait_http  # noqa: E402
 
 from sloproxy.processes import free_port  # noqa: E402
 
@@ -89,28 +89,6 @@ def run_instrumented_proxy(marks_path: str, serve_args: list[str]) -> None:
     atexit.register(lambda: Path(marks_path).write_text(json.dumps(marks)))
     sys.argv = ["sloproxy", *serve_args]
     cli.main()
-
-
-async def first_chunks(port: int, count: int) -> list[tuple[int, int]]:
-    """(sent, first chunk seen) per stream, one at a time on one keep-alive connection."""
-    data = json.dumps(STREAM_BODY).encode()
-    request = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(data)}\r\n\r\n"
-    ).encode() + data
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    times = []
-    for _ in range(count):
-        sent = time.perf_counter_ns()
-        writer.write(request)
-        received = b""
-        while b"data:" not in received:
-            received += await reader.read(65536)
-        times.append((sent, time.perf_counter_ns()))
-        while not received.endswith(b"0\r\n\r\n"):
-            received += await reader.read(65536)
-    writer.close()
-    return times
 
 
 def stage_times(marks: list[tuple[str, int]], streams: list[tuple[int, int]]) -> dict[str, list[float]]:
@@ -180,8 +158,8 @@ def main() -> int:
         wait_http(f"http://127.0.0.1:{backend_port}/health")
         wait_http(f"http://127.0.0.1:{proxy_port}/health")
         warm = args.streams // 6  # the first streams fill the connection pool and the caches
-        through_proxy = asyncio.run(first_chunks(proxy_port, args.streams + warm))[warm:]
-        direct = asyncio.run(first_chunks(backend_port, args.streams + warm))[warm:]
+        through_proxy = asyncio.run(first_chunk_stamps(f"http://127.0.0.1:{proxy_port}", args.streams + warm))[warm:]
+        direct = asyncio.run(first_chunk_stamps(f"http://127.0.0.1:{backend_port}", args.streams + warm))[warm:]
     finally:
         proxy.terminate()  # the proxy stops gracefully and writes its marks on the way out
         proxy.wait(timeout=30)
