@@ -2,7 +2,8 @@
 
 * every sloproxy config under deploy/ (compose configs, the Kubernetes ConfigMap) loads with the real loader;
 * both compose files validate with ``docker-compose config -q`` and describe the same topology;
-* the Dockerfile's build context holds what it copies, and the wheel built from it carries the predictor model;
+* the Dockerfile's build context holds what it copies, and the wheel built from it carries every module, the
+  compiled extensions and the predictor model;
 * every Kubernetes manifest validates strictly against the Kubernetes JSON schemas (kubernetes-validate), the
   kustomizations cover them, and the objects are wired to each other (Services, probes, ConfigMap, HPA);
 * the image's entrypoint, run outside Docker with compose.emulated.yaml's own commands, starts the emulated
@@ -381,8 +382,12 @@ def test_dockerfile_copies_only_what_the_build_context_holds():
     assert os.access(ENTRYPOINT, os.X_OK)
 
 
-def test_wheel_built_from_the_docker_context_carries_the_predictor_model(tmp_path: Path):
-    """The build stage's `pip wheel --no-deps .`, run on exactly the files the Docker context holds."""
+def test_wheel_built_from_the_docker_context_carries_every_module_and_the_predictor_model(tmp_path: Path):
+    """The build stage's `pip wheel --no-deps .`, run on exactly the files the Docker context holds.
+
+    Every module of the checkout must be in it: an editable install (the tests', the demo's) imports
+    from the checkout and never notices a package missing from pyproject's list (sloproxy.fleet was:
+    the image's `sloproxy serve` failed importing the config loader)."""
     context = tmp_path / "context"
     for relative in docker_context(dockerignore_patterns()):
         (context / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -396,7 +401,20 @@ def test_wheel_built_from_the_docker_context_carries_the_predictor_model(tmp_pat
         f"sloproxy/predictor/default_model/{p.name}" for p in (ROOT / "sloproxy/predictor/default_model").iterdir()
     }
     assert shipped and shipped <= names
-    assert "sloproxy/adapters/vllm.py" in names and "sloproxy/policies/slo.py" in names
+    installed_as = {"sloproxy": "sloproxy", "adapters": "sloproxy/adapters", "policies": "sloproxy/policies"}
+    modules = {  # where each source file lands once installed (package-dir maps adapters/, policies/)
+        f"{installed}/{path.relative_to(ROOT / source)}"
+        for source, installed in installed_as.items()
+        for path in (ROOT / source).rglob("*.py")
+    }
+    assert "sloproxy/adapters/vllm.py" in modules and "sloproxy/fleet/profile.py" in modules
+    assert sorted(modules - names) == []
+    # The extensions are compiled from the context's setup.py (the build stage has gcc), never copied
+    # from the host's in-place builds, which may be for another platform.
+    assert not any(name.endswith(".so") for name in docker_context(dockerignore_patterns()))
+    if shutil.which("cc") or shutil.which("gcc"):
+        built = {name.split("/")[-1].split(".")[0] for name in names if name.endswith(".so")}
+        assert built == {"_ngrams", "_trees"}, names
 
 
 # --------------------------------------------------------------------------------------------- kubernetes
