@@ -3,9 +3,10 @@
 Every proxy runs pinned to core 0; the fast backend and the load generator share core 1.
 Measures, in one run side by side:
 
-* non-streamed throughput at concurrency 64 (wrk) and latency p50/p99 at concurrency 1;
+* non-streamed throughput at concurrency 64 (wrk) and latency p50/p99 at concurrency 1 and 64;
 * streamed time to first chunk at concurrency 1, back to back and with tokens paced 20 ms
-  apart, and chunks forwarded per second at concurrency 64 (16 chunks back to back);
+  apart, and at concurrency 64 chunks forwarded per second and the whole reply's latency
+  p50/p99 (16 chunks back to back);
 * how fast a client disconnect reaches the engine as an abort (emulated vLLM, polled).
 
     .venv/bin/python bench/proxy_overhead.py [--seconds 10] [--litellm PATH_TO_litellm] [--regions]
@@ -49,6 +50,7 @@ from sloproxy.processes import EmulatorProcess, ProxyProcess, free_port
 HERE = Path(__file__).resolve().parent
 BODY = {"model": "bench", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
 STREAM_BODY = {**BODY, "stream": True}
+LATENCIES = ("p50_ms_c1", "p99_ms_c1", "p50_ms_c64", "p99_ms_c64", "stream_p50_ms_c64", "stream_p99_ms_c64")
 
 
 def pinned(core: int, command: list[str], **kw) -> subprocess.Popen:
@@ -416,7 +418,11 @@ def main() -> int:
                 "non_2xx": throughput["non_2xx"] + single["non_2xx"],
                 "p50_ms_c1": single["p50_ms"],
                 "p99_ms_c1": single["p99_ms"],
+                "p50_ms_c64": throughput["p50_ms"],
+                "p99_ms_c64": throughput["p99_ms"],
                 "chunks_per_s_c64": streamed["rps"] * 18,  # role + 16 content chunks + [DONE]
+                "stream_p50_ms_c64": streamed["p50_ms"],  # the whole streamed reply
+                "stream_p99_ms_c64": streamed["p99_ms"],
                 "ttfc_p50_ms": percentile(ttfc, 0.5) * 1e3,
                 "ttfc_p99_ms": percentile(ttfc, 0.99) * 1e3,
                 "paced_ttfc_p50_ms": percentile(ttfc_paced, 0.5) * 1e3,
@@ -433,7 +439,8 @@ def main() -> int:
                 }
         base = results["direct"]
         for row in results.values():
-            row["added_p50_ms_c1"] = row["p50_ms_c1"] - base["p50_ms_c1"]
+            for figure in LATENCIES:
+                row[f"added_{figure}"] = row[figure] - base[figure]
             row["added_ttfc_p50_ms"] = row["ttfc_p50_ms"] - base["ttfc_p50_ms"]
             row["added_paced_ttfc_p50_ms"] = row["paced_ttfc_p50_ms"] - base["paced_ttfc_p50_ms"]
         results["abort_propagation"] = (
@@ -462,6 +469,21 @@ def main() -> int:
             f"{row['p99_ms_c1']:10.3f} {row['ttfc_p50_ms']:9.2f} {row['added_ttfc_p50_ms']:7.2f} "
             f"{row['ttfc_p99_ms']:9.2f} {row['added_paced_ttfc_p50_ms']:7.2f} {row['chunks_per_s_c64']:13.0f}"
         )
+    print(
+        f"\n{'latency ms':10} {'p99 c1':>8} {'+p99 c1':>8} {'p50 c64':>8} {'+p50 c64':>9} {'p99 c64':>8} "
+        f"{'+p99 c64':>9} {'stream p50 c64':>15} {'+p50':>7} {'stream p99 c64':>15} {'+p99':>7}"
+    )
+    for name, row in results.items():
+        if name == "abort_propagation":
+            continue
+        print(
+            f"{name:10} {row['p99_ms_c1']:8.3f} {row['added_p99_ms_c1']:8.3f} {row['p50_ms_c64']:8.2f} "
+            f"{row['added_p50_ms_c64']:9.2f} {row['p99_ms_c64']:8.2f} {row['added_p99_ms_c64']:9.2f} "
+            f"{row['stream_p50_ms_c64']:15.2f} {row['added_stream_p50_ms_c64']:7.2f} "
+            f"{row['stream_p99_ms_c64']:15.2f} {row['added_stream_p99_ms_c64']:7.2f}"
+        )
+    print("At concurrency 64 a target's latency is mostly its queue (64 connections / its req/s): the added figures")
+    print("there compare capacity as much as overhead. Streamed: the whole 16-chunk reply.")
     nginx_rps = results["nginx"]["rps_c64"]
     for name, steady in results.items():
         row = steady.get("c64_fresh")
