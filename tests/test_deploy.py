@@ -382,14 +382,15 @@ def test_dockerfile_copies_only_what_the_build_context_holds():
     assert os.access(ENTRYPOINT, os.X_OK)
 
 
-def test_wheel_built_from_the_docker_context_carries_every_module_and_the_predictor_model(tmp_path: Path):
+def test_wheel_built_from_the_docker_context_carries_every_module_the_extensions_and_the_model(tmp_path: Path):
     """The build stage's `pip wheel --no-deps .`, run on exactly the files the Docker context holds.
 
     Every module of the checkout must be in it: an editable install (the tests', the demo's) imports
     from the checkout and never notices a package missing from pyproject's list (sloproxy.fleet was:
     the image's `sloproxy serve` failed importing the config loader)."""
     context = tmp_path / "context"
-    for relative in docker_context(dockerignore_patterns()):
+    context_files = docker_context(dockerignore_patterns())
+    for relative in context_files:
         (context / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / relative, context / relative)
     run = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", str(tmp_path / "dist")]
@@ -411,7 +412,7 @@ def test_wheel_built_from_the_docker_context_carries_every_module_and_the_predic
     assert sorted(modules - names) == []
     # The extensions are compiled from the context's setup.py (the build stage has gcc), never copied
     # from the host's in-place builds, which may be for another platform.
-    assert not any(name.endswith(".so") for name in docker_context(dockerignore_patterns()))
+    assert not any(name.endswith(".so") for name in context_files)
     if shutil.which("cc") or shutil.which("gcc"):
         built = {name.split("/")[-1].split(".")[0] for name in names if name.endswith(".so")}
         assert built == {"_ngrams", "_trees"}, names
