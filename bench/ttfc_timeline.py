@@ -1,7 +1,7 @@
 """Where a streamed request's time to first chunk goes, stage by stage, through sloproxy.
 
 ``bench/proxy_overhead.py`` gives the added TTFC as one number; this splits it. The proxy runs
-pinned to core 0 with timestamps taken at six points of its first-chunk path (wrappers installed
+pinned to core 0 with timestamps taken at seven points of its first-chunk path (wrappers installed
 in the proxy process before it starts; each costs well under a microsecond); the client and the
 fast backend share core 1, as in ``proxy_overhead.py``. Every timestamp is CLOCK_MONOTONIC
 (``perf_counter_ns``), so the client's and the proxy's compare directly. Medians of:
