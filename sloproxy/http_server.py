@@ -212,6 +212,9 @@ class _Rejection:
 class _Connection(asyncio.Protocol):
     def __init__(self, server: HTTPServer) -> None:
         self.server = server
+        # Looked up once: C asyncio's get_running_loop() makes a getpid() syscall per call (its fork
+        # check), and the request path would make several per request.
+        self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.keep_alive = True  # of the request being answered
@@ -269,7 +272,7 @@ class _Connection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self.stalled_since = time.monotonic()
         if self._drain is None or self._drain.done():
-            self._drain = asyncio.get_running_loop().create_future()
+            self._drain = self._loop.create_future()
 
     def resume_writing(self) -> None:
         self.stalled_since = None
@@ -358,7 +361,7 @@ class _Connection(asyncio.Protocol):
     def _enqueue(self, item: Request | _Rejection) -> None:
         self._pending.append(item)
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._answer_pending())
+            self._task = self._loop.create_task(self._answer_pending())
         elif len(self._pending) > MAX_PIPELINED and not self._reading_paused and self.transport is not None:
             self._reading_paused = True
             self.transport.pause_reading()
@@ -416,7 +419,7 @@ class _Connection(asyncio.Protocol):
             return
         if transport.can_write_eof():
             transport.write_eof()
-            asyncio.get_running_loop().call_later(2.0, self.close)
+            self._loop.call_later(2.0, self.close)
         else:
             self.close()
 

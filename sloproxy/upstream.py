@@ -31,6 +31,7 @@ class UpstreamTimeout(UpstreamError):
 class _Connection(asyncio.Protocol):
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
+        self.loop = asyncio.get_running_loop()  # once per connection: each lookup costs a getpid() syscall
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.response: UpstreamResponse | None = None
@@ -173,7 +174,7 @@ class UpstreamResponse:
 
     # -- consumer side -----------------------------------------------------------------------
     async def _wait(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._conn.loop
         self._waiter = waiter = loop.create_future()
         self._wait_started = now = loop.time()
         timer = self._timer
@@ -187,7 +188,7 @@ class UpstreamResponse:
             self._waiter = None
 
     def _check_silence(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._conn.loop
         waiter, now = self._waiter, loop.time()
         left = self.timeout
         if waiter is not None and not waiter.done():
