@@ -230,13 +230,10 @@ class UpstreamResponse:
             await self._wait()
 
     async def read(self) -> bytes:
-        first = await self.next_chunk()
-        if not first:
-            return first
-        parts = [first]
+        parts = []
         while chunk := await self.next_chunk():
             parts.append(chunk)
-        return b"".join(parts) if len(parts) > 1 else first
+        return b"".join(parts)  # one part (a whole reply in one read) comes back as it is, not copied
 
     def release(self) -> None:
         """Done with the response: the connection goes back to the pool if it can be reused."""
