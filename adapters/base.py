@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
+from sloproxy.context import ContextWindow, LengthRule
 from sloproxy.errors import ProxyError
 
 if TYPE_CHECKING:
@@ -51,21 +52,44 @@ class UpstreamCall:
     headers: dict[str, str]
 
 
-def metric_values(text: str) -> dict[str, float]:
-    """Sum each sample name over its label sets (one model per engine process)."""
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            values[sample.name] = values.get(sample.name, 0.0) + sample.value
-    return values
+class Metrics:
+    """One ``/metrics`` page: each sample name's values with their labels (one model per engine)."""
+
+    def __init__(self, text: str) -> None:
+        self.samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                self.samples.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
+
+    def has(self, name: str) -> bool:
+        return name in self.samples
+
+    def total(self, name: str) -> float | None:
+        """The sum over label sets (data-parallel ranks add up). Where a gauge is also broken down by
+        priority (SGLang with priority scheduling exports the total as ``priority=""`` beside one series
+        per priority), only the totals are summed, not the breakdown too."""
+        found = self.samples.get(name)
+        if found is None:
+            return None
+        if any("priority" in labels for labels, _ in found):
+            totals = [value for labels, value in found if labels.get("priority", "") == ""]
+            if totals:
+                return sum(totals)
+        return sum(value for _, value in found)
+
+    def highest(self, name: str) -> float | None:
+        """The largest value over label sets: a share (KV usage) over data-parallel ranks, whose
+        fullest rank is what refuses the next request first."""
+        found = self.samples.get(name)
+        return None if not found else max(value for _, value in found)
+
+    def labels(self, name: str) -> dict[str, str] | None:
+        found = self.samples.get(name)
+        return found[0][0] if found else None
 
 
-def labels_of(text: str, sample_name: str) -> dict[str, str] | None:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == sample_name:
-                return dict(sample.labels)
-    return None
+def as_int(value: float | None) -> int | None:
+    return None if value is None else int(value)
 
 
 def openai_route(request: ProxyRequest) -> str:
@@ -126,6 +150,9 @@ class EngineAdapter(ABC):
     engine: ClassVar[str]
     health_path: ClassVar[str] = "/health"
     metrics_path: ClassVar[str | None] = "/metrics"
+    # The engine's rule for prompt + max_tokens over its window (context.py), and where it says its window.
+    length_rule: ClassVar[LengthRule] = LengthRule("refuse")
+    context_path: ClassVar[str | None] = None
 
     @abstractmethod
     def build(self, request: ProxyRequest) -> UpstreamCall:
@@ -144,8 +171,14 @@ class EngineAdapter(ABC):
         """The OpenAI-format error for an engine's error reply."""
 
     @abstractmethod
-    def parse_load(self, metrics_text: str) -> BackendLoad:
-        """The backend's load from the text of its ``/metrics`` route."""
+    def parse_load(self, metrics_text: str) -> BackendLoad | None:
+        """The backend's load from the text of its ``/metrics`` route; None when the page lacks the
+        engine's load families (vLLM with ``--disable-log-stats`` still answers 200): load unknown,
+        which routing treats as a stale reading, never as an idle engine."""
+
+    def parse_context(self, body: bytes, models: frozenset[str]) -> ContextWindow | None:
+        """The window the engine reports at :attr:`context_path` (None: it does not say)."""
+        return None
 
     def abort_call(self, request: ProxyRequest) -> UpstreamCall | None:
         """A call that aborts ``request`` inside the engine; None: closing the connection does it."""

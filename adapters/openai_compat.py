@@ -6,10 +6,12 @@ Bodies and stream frames pass through byte for byte; the proxy only asks for the
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar
 
 import msgspec
 
+from sloproxy.context import ContextWindow
 from sloproxy.errors import ProxyError
 from sloproxy.request import ProxyRequest
 
@@ -45,6 +47,47 @@ _object_decoder = msgspec.json.Decoder(_AnyObject)
 
 
 _LOOKED_AT = (b'"usage"', b"[DONE]", b'"error"')  # events holding one of these are parsed, not passed
+
+
+def clamp_reply_limit(body: dict, limit: int) -> None:
+    """Cut the body's reply limit to ``limit`` (both OpenAI names where the client used them)."""
+    if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
+        body["max_completion_tokens"] = limit
+        if body.get("max_tokens") is not None:
+            body["max_tokens"] = limit
+    else:
+        body["max_tokens"] = limit
+
+
+def window_from_models(body: bytes, models: frozenset[str], field: str) -> ContextWindow | None:
+    """The window in ``/v1/models``: the ``field`` of the first card naming one of ``models`` (or of the
+    first card at all, an engine serving one model under another name)."""
+    listing = decode_json(body)
+    cards = listing.get("data") if isinstance(listing, dict) else None
+    if not isinstance(cards, list):
+        return None
+    cards = [c for c in cards if isinstance(c, dict)]
+    chosen = next((c for c in cards if c.get("id") in models), cards[0] if cards else None)
+    length = chosen.get(field) if chosen is not None else None
+    return ContextWindow(length) if isinstance(length, int) and length > 1 else None
+
+
+_PARAMETER_SUFFIX = re.compile(r"\(parameter=(\w+)")  # vLLM's validation messages end with it
+
+
+def _client_param(param: object, message: str) -> str | None:
+    """The request field an engine's error is about, as the client named it: vLLM says ``body.messages``
+    for a schema error and ``input_tokens`` for a prompt over the window; SGLang never fills it."""
+    if isinstance(param, str) and param:
+        if param.startswith("body."):
+            param = param[5:].split(".", 1)[0].split("[", 1)[0]
+        return "messages" if param in ("input_tokens", "prompt_tokens") else param
+    found = _PARAMETER_SUFFIX.search(message)
+    if found is not None:
+        return found.group(1)
+    if message.startswith("Messages cannot be empty"):
+        return "messages"
+    return None
 
 
 class PassThroughStream(StreamTranslator):
@@ -94,6 +137,9 @@ class OpenAICompatibleAdapter(EngineAdapter):
     health_path = "/v1/models"
     metrics_path = None
     extra_fields: ClassVar[tuple[str, ...]] = ()
+    # A request header the engine takes the priority from over the body's (None: the body carries it):
+    # the body then passes as the client sent it, with no re-encoding of the prompt.
+    priority_header: ClassVar[str | None] = None
 
     def __init__(self, api_key: str | None = None, priority_scheduling: bool = False) -> None:
         self.headers = {"Content-Type": "application/json"}
@@ -107,26 +153,32 @@ class OpenAICompatibleAdapter(EngineAdapter):
 
     def body_for(self, request: ProxyRequest) -> bytes:
         """The raw client body, or a changed one: asked for usage, priority hint set or stripped."""
-        priority = self.engine_priority(request)
+        priority = None if self.priority_header is not None else self.engine_priority(request)
         needs_usage = request.stream and not request.include_usage
-        touches_priority = priority is not None or request.priority_given
-        if not needs_usage and not touches_priority:
+        touches_priority = priority is not None or (request.priority_given and not self.priority_scheduling)
+        clamped = request.clamped_to
+        if not needs_usage and not touches_priority and clamped is None:
             return request.raw
         raw = request.raw.lstrip()
-        if not touches_priority and not request.stream_options_given and raw.startswith(b"{"):
+        if not touches_priority and clamped is None and not request.stream_options_given and raw.startswith(b"{"):
             return b'{"stream_options":{"include_usage":true},' + raw[1:]  # no re-encode of the prompt
         body = dict(request.decoded_body())
+        if clamped is not None:
+            clamp_reply_limit(body, clamped)
         if needs_usage:
             options = body.get("stream_options")
             body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-        if priority is None:
-            body.pop("priority", None)
-        else:
+        if priority is not None:
             body["priority"] = priority
+        elif not self.priority_scheduling:
+            body.pop("priority", None)
         return msgspec.json.encode(body)
 
     def build(self, request: ProxyRequest) -> UpstreamCall:
-        return UpstreamCall(openai_route(request), self.body_for(request), {**self.headers, "X-Request-Id": request.id})
+        headers = {**self.headers, "X-Request-Id": request.id}
+        if self.priority_header is not None and (priority := self.engine_priority(request)) is not None:
+            headers[self.priority_header] = str(priority)
+        return UpstreamCall(openai_route(request), self.body_for(request), headers)
 
     def stream_translator(self, request: ProxyRequest) -> StreamTranslator:
         return PassThroughStream(request)
@@ -157,7 +209,7 @@ class OpenAICompatibleAdapter(EngineAdapter):
                 code = None
         if not isinstance(message, str):
             message = f"The backend failed with HTTP {status}."
-        return ProxyError(status, message, param=param if isinstance(param, str) else None, code=code)
+        return ProxyError(status, message, param=_client_param(param, message), code=code)
 
-    def parse_load(self, metrics_text: str) -> BackendLoad:
-        return BackendLoad(running=0, waiting=0)
+    def parse_load(self, metrics_text: str) -> BackendLoad | None:
+        return None  # a hosted endpoint reports no load (and is never polled: no metrics_path)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import msgspec
 
+from sloproxy.context import ContextWindow
 from sloproxy.request import ProxyRequest
 
-from .base import AdminCall, BackendLoad, UpstreamCall, metric_values, openai_route
-from .openai_compat import OpenAICompatibleAdapter
+from .base import AdminCall, BackendLoad, Metrics, UpstreamCall, as_int, openai_route
+from .openai_compat import OpenAICompatibleAdapter, clamp_reply_limit, window_from_models
 
 
 def _rid(request: ProxyRequest) -> str:
@@ -19,6 +20,17 @@ class SGLangAdapter(OpenAICompatibleAdapter):
     engine = "sglang"
     health_path = "/health"
     metrics_path = "/metrics"
+    # Refuses prompt + max_tokens over context_len (the default rule). /server_info's context_length is
+    # null unless set by flag; /v1/models has the effective one. Its scheduler also refuses a prompt of
+    # max_req_input_len = context_len - 6 tokens or more (tests/test_contract_sglang.py).
+    context_path = "/v1/models"
+    PROMPT_MARGIN = 6
+
+    def parse_context(self, body: bytes, models: frozenset[str]) -> ContextWindow | None:
+        window = window_from_models(body, models, "max_model_len")
+        if window is None:
+            return None
+        return ContextWindow(window.total, window.total - self.PROMPT_MARGIN)
 
     def engine_priority(self, request: ProxyRequest) -> int | None:
         """SGLang runs HIGHER values first (with ``--enable-priority-scheduling``)."""
@@ -30,6 +42,8 @@ class SGLangAdapter(OpenAICompatibleAdapter):
         if request.stream and not request.include_usage:
             options = body.get("stream_options")
             body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+        if request.clamped_to is not None:
+            clamp_reply_limit(body, request.clamped_to)
         priority = self.engine_priority(request)
         if priority is None:
             body.pop("priority", None)
@@ -50,16 +64,19 @@ class SGLangAdapter(OpenAICompatibleAdapter):
     def wake_call(self) -> AdminCall:
         return AdminCall("POST", "/resume_memory_occupation", self._TAGS)
 
-    def parse_load(self, metrics_text: str) -> BackendLoad:
-        values = metric_values(metrics_text)
-        usage = values.get("sglang:token_usage")
-        used = values.get("sglang:num_used_tokens")
-        capacity = int(used / usage) if used and usage else None
-        generated = values.get("sglang:generation_tokens_total")
+    def parse_load(self, metrics_text: str) -> BackendLoad | None:
+        metrics = Metrics(metrics_text)
+        running, waiting = metrics.total("sglang:num_running_reqs"), metrics.total("sglang:num_queue_reqs")
+        if running is None or waiting is None:
+            return None
+        capacity = metrics.highest("sglang:max_total_num_tokens")
+        if capacity is None:  # before 0.5: derived from tokens in use and their share
+            usage, used = metrics.highest("sglang:token_usage"), metrics.highest("sglang:num_used_tokens")
+            capacity = used / usage if used and usage else None
         return BackendLoad(
-            running=int(values.get("sglang:num_running_reqs", 0)),
-            waiting=int(values.get("sglang:num_queue_reqs", 0)),
-            kv_usage=usage,
-            kv_capacity_tokens=capacity,
-            generation_tokens=None if generated is None else int(generated),
+            running=int(running),
+            waiting=int(waiting),
+            kv_usage=metrics.highest("sglang:token_usage"),
+            kv_capacity_tokens=as_int(capacity),
+            generation_tokens=as_int(metrics.total("sglang:generation_tokens_total")),
         )

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from sloproxy.context import ContextWindow, LengthRule
 from sloproxy.request import ProxyRequest
 
-from .base import AdminCall, BackendLoad, decode_json, labels_of, metric_values
-from .openai_compat import OpenAICompatibleAdapter
+from .base import AdminCall, BackendLoad, Metrics, as_int, decode_json
+from .openai_compat import OpenAICompatibleAdapter, window_from_models
 
 
 class VLLMAdapter(OpenAICompatibleAdapter):
     engine = "vllm"
     health_path = "/health"
     metrics_path = "/metrics"
+    length_rule = LengthRule("clamp")  # 0.33 clamps prompt + max_tokens to max_model_len (tests/test_contract_vllm.py)
+    context_path = "/v1/models"
+    priority_header = "X-Vllm-Priority"  # 0.33: overrides the body's priority (tests/test_contract_vllm.py)
+
+    def parse_context(self, body: bytes, models: frozenset[str]) -> ContextWindow | None:
+        return window_from_models(body, models, "max_model_len")
 
     def engine_priority(self, request: ProxyRequest) -> int | None:
         """vLLM runs lower values first, and only accepts them with ``--scheduling-policy priority``."""
@@ -32,20 +39,30 @@ class VLLMAdapter(OpenAICompatibleAdapter):
         value = answer.get("is_sleeping") if isinstance(answer, dict) else None
         return value if isinstance(value, bool) else None
 
-    def parse_load(self, metrics_text: str) -> BackendLoad:
-        values = metric_values(metrics_text)
-        usage = values.get("vllm:kv_cache_usage_perc", values.get("vllm:gpu_cache_usage_perc"))
-        capacity = None
-        info = labels_of(metrics_text, "vllm:cache_config_info")
-        if info and info.get("num_gpu_blocks", "").isdigit() and info.get("block_size", "").isdigit():
-            capacity = int(info["num_gpu_blocks"]) * int(info["block_size"])
-        preemptions = values.get("vllm:num_preemptions_total")
-        generated = values.get("vllm:generation_tokens_total")
+    def parse_load(self, metrics_text: str) -> BackendLoad | None:
+        metrics = Metrics(metrics_text)
+        running, waiting = metrics.total("vllm:num_requests_running"), metrics.total("vllm:num_requests_waiting")
+        if running is None or waiting is None:
+            return None
+        usage = metrics.highest("vllm:kv_cache_usage_perc")
+        if usage is None:
+            usage = metrics.highest("vllm:gpu_cache_usage_perc")  # before 0.10
         return BackendLoad(
-            running=int(values.get("vllm:num_requests_running", 0)),
-            waiting=int(values.get("vllm:num_requests_waiting", 0)),
+            running=int(running),
+            waiting=int(waiting),
             kv_usage=usage,
-            kv_capacity_tokens=capacity,
-            preemptions=None if preemptions is None else int(preemptions),
-            generation_tokens=None if generated is None else int(generated),
+            kv_capacity_tokens=_kv_capacity(metrics.labels("vllm:cache_config_info")),
+            preemptions=as_int(metrics.total("vllm:num_preemptions_total")),
+            generation_tokens=as_int(metrics.total("vllm:generation_tokens_total")),
         )
+
+
+def _kv_capacity(info: dict[str, str] | None) -> int | None:
+    """KV tokens per rank: the ``kv_cache_size_tokens`` label where the engine gives it, else blocks x size."""
+    if not info:
+        return None
+    if info.get("kv_cache_size_tokens", "").isdigit():
+        return int(info["kv_cache_size_tokens"])
+    if info.get("num_gpu_blocks", "").isdigit() and info.get("block_size", "").isdigit():
+        return int(info["num_gpu_blocks"]) * int(info["block_size"])
+    return None

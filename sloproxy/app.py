@@ -8,6 +8,7 @@ import time
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import unquote
 
 import msgspec
 
@@ -53,7 +54,7 @@ class Proxy:
         self.tracing = tracing if tracing is not None else Tracing.from_config(config.tracing)
         if self.tracing is not None:
             self.tracing.policy = config.policy.name
-        self.pool = BackendPool(config.backends, config.health, config.load_polling)
+        self.pool = BackendPool(config.backends, config.health, config.load_polling, context=config.context)
         self.metrics = ProxyMetrics(self.pool)
         self.policy = load_policy(config.policy.name, config.policy.params)
         self.coordinator: RedisCoordinator | None = None
@@ -193,13 +194,35 @@ class Proxy:
                 trace.finish(proxy_request, outcome, error, met, ended)
             error = None  # this frame <-> the traceback: a cycle would keep the body alive until a GC pass
 
-    async def models(self, request: Request, response: Response) -> None:
+    def _visible_models(self, request: Request) -> list[str]:
         tenant = self.authenticator.tenant(request.headers)
         served = self.pool.models()
         if tenant is not None and tenant.models is not None:
             served = [model for model in served if model in tenant.models]
-        data = [{"id": model, "object": "model", "created": 0, "owned_by": "sloproxy"} for model in served]
+        return served
+
+    def _model_card(self, model: str) -> dict[str, object]:
+        """OpenAI's model object, with the largest context window among the model's backends (as vLLM's
+        ``max_model_len``: the longest request the proxy can place; None while no window is known)."""
+        windows = [b.context.total for b in self.pool.by_model.get(model, ()) if b.context is not None]
+        return {
+            "id": model,
+            "object": "model",
+            "created": 0,
+            "owned_by": "sloproxy",
+            "max_model_len": max(windows) if windows else None,
+        }
+
+    async def models(self, request: Request, response: Response) -> None:
+        data = [self._model_card(model) for model in self._visible_models(request)]
         response.send(200, msgspec.json.encode({"object": "list", "data": data}))
+
+    async def model(self, request: Request, response: Response) -> None:
+        """``GET /v1/models/{id}`` (the SDKs' ``models.retrieve``); ids may hold slashes."""
+        model = unquote(request.path[len("/v1/models/") :])
+        if model not in self._visible_models(request):
+            raise ProxyError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
+        response.send(200, msgspec.json.encode(self._model_card(model)))
 
     async def health(self, request: Request, response: Response) -> None:
         response.send(200, b'{"status":"ok"}')
@@ -270,6 +293,7 @@ def build_server(proxy: Proxy) -> HTTPServer:
     server.route("POST", "/v1/chat/completions", proxy.chat)
     server.route("POST", "/v1/completions", proxy.completions)
     server.route("GET", "/v1/models", proxy.models)
+    server.route("GET", "/v1/models/*", proxy.model)
     server.route("GET", "/health", proxy.health)
     server.route("GET", "/ready", proxy.ready)
     server.route("GET", "/metrics", proxy.prometheus)

@@ -17,11 +17,14 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from .adapters.base import BackendLoad, EngineAdapter
-from .config import BackendConfig, HealthConfig, LoadPolling
+from .config import BackendConfig, ContextConfig, HealthConfig, LoadPolling
+from .context import ContextWindow, place_by_window, reroute_after_refusal
 from .plugins import load_adapter_class
 
 if TYPE_CHECKING:
+    from .errors import ProxyError
     from .outlier import Breaker
+    from .request import ProxyRequest
 
 log = logging.getLogger("sloproxy.backends")
 
@@ -68,8 +71,10 @@ class Backend:
     dispatched_since_reading: int = 0  # requests sent since the engine's last load reading
     load: BackendLoad | None = None
     load_read_at: float | None = None  # monotonic seconds
+    load_reported: bool = True  # False: the engine's /metrics lacks its load figures (load unknown)
     stale_after_s: float = 5.0
     models: frozenset[str] = field(default_factory=frozenset)
+    context: ContextWindow | None = None  # its window: from the config, else as the engine last reported it
 
     name: str = ""  # = config.name (a plain attribute: policies read it in hot loops)
     priority_scheduling: bool = False  # the engine orders by priority itself (hints are sent)
@@ -80,6 +85,8 @@ class Backend:
         self.name = self.config.name
         self.priority_scheduling = self.config.priority_scheduling
         self.gpu_group = self.config.gpu_group
+        if self.config.max_context_tokens is not None:
+            self.context = ContextWindow(self.config.max_context_tokens, source="config")
 
     @property
     def url(self) -> str:
@@ -121,9 +128,11 @@ class BackendPool:
         health: HealthConfig,
         polling: LoadPolling,
         clock: Callable[[], float] = time.monotonic,
+        context: ContextConfig | None = None,
     ) -> None:
         self.health = health
         self.polling = polling
+        self.context = context or ContextConfig()
         self.backends: list[Backend] = []
         self.by_model: dict[str, list[Backend]] = {}
         for config in configs:
@@ -149,6 +158,16 @@ class BackendPool:
             return [b for b in serving if b.healthy]
         excluded = set(map(id, exclude))
         return [b for b in serving if b.healthy and id(b) not in excluded]
+
+    def fit_by_window(self, request: ProxyRequest) -> None:
+        """Narrow ``request`` to the backends whose context window holds it (context.py); raises the
+        400 when none does."""
+        place_by_window(request, self.by_model.get(request.model, ()), self.context.clamp_max_tokens)
+
+    def reroute_after_refusal(self, request: ProxyRequest, backend: Backend, error: ProxyError) -> bool:
+        """True if ``error`` is ``backend``'s refusal of ``request`` as too long and another backend of
+        its model may hold it: the caller tries again (context.py)."""
+        return reroute_after_refusal(request, backend.name, error, self.by_model.get(request.model, ()))
 
     def refresh(self) -> None:
         """Recompute every backend's ``healthy`` (what routing reads) from its parts; for callers
@@ -195,7 +214,28 @@ class BackendPool:
         except (TimeoutError, aiohttp.ClientError, OSError):
             ok = False
         backend.record_probe(ok, self.health)
+        if ok and backend.adapter.context_path is not None and backend.config.max_context_tokens is None:
+            await self.read_context(backend)  # an engine restarted with another window says so here
         return ok
+
+    async def read_context(self, backend: Backend) -> None:
+        """Learn ``backend``'s window from its engine; a failed read keeps the last one known."""
+        assert self._session is not None and backend.adapter.context_path is not None
+        try:
+            timeout = aiohttp.ClientTimeout(total=self.health.timeout_s)
+            async with self._session.get(backend.url + backend.adapter.context_path, timeout=timeout) as response:
+                body = await response.read()
+                if response.status != 200:
+                    return
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return
+        window = backend.adapter.parse_context(body, backend.models)
+        if window is not None and window != backend.context:
+            if backend.context is not None:
+                log.warning(
+                    "backend %s: context window %d -> %d tokens", backend.name, backend.context.total, window.total
+                )
+            backend.context = window
 
     async def read_load(self, backend: Backend) -> None:
         assert self._session is not None
@@ -208,10 +248,14 @@ class BackendPool:
                 if response.status != 200:
                     return
                 text = await response.text()
-            backend.load = backend.adapter.parse_load(text)
-            backend.load_read_at = time.monotonic()
+            load = backend.adapter.parse_load(text)
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
             return  # the reading simply grows stale
+        backend.load_reported = load is not None
+        if load is None:  # the engine answers without its load figures: unknown, as stale, never as idle
+            backend.load, backend.load_read_at = None, None
+            return
+        backend.load, backend.load_read_at = load, time.monotonic()
         if self.on_load_update is not None:
             self.on_load_update(backend)
 

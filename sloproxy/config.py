@@ -41,6 +41,10 @@ class BackendConfig(msgspec.Struct, forbid_unknown_fields=True):
     wake_command: list[str] | None = None  # argv run to start it again; ready once /health answers 200
     region: str = "default"  # regions.py: interactive work prefers regions, held-back work waits per region
     pool: str | None = None  # a free tag ("spot", "reserved"): shown in /admin/fleet and the metrics
+    # The backend's context window in tokens (prompt + reply). None: learned from the engine at start and
+    # on health checks (vLLM /v1/models, SGLang /model_info, TGI /info); set, it wins over the engine's.
+    # Required for `engine: openai`, whose servers do not say.
+    max_context_tokens: int | None = None
 
 
 class PolicyConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -67,6 +71,15 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True):
     max_prompt_chars: int = 1_000_000  # prompt characters (token ids count one each); 400 before any featurisation
     max_n: int = 16  # choices per request (`n`); each is a full generation on the engine
     max_tokens: int = 131_072  # ceiling for `max_tokens` / `max_completion_tokens`
+
+
+class ContextConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """What the proxy does with a request longer than a backend's window (context.py)."""
+
+    # Where an engine refuses prompt + max_tokens over its window (SGLang, TGI, OpenAI), send the
+    # largest reply limit that fits instead, and say so in the `x-sloproxy-max-tokens-clamped` header.
+    # Backends that hold the request whole are preferred either way.
+    clamp_max_tokens: bool = True
 
 
 class HealthConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -172,6 +185,7 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True):
     listen: Listen = msgspec.field(default_factory=Listen)
     policy: PolicyConfig = msgspec.field(default_factory=PolicyConfig)
     limits: Limits = msgspec.field(default_factory=Limits)
+    context: ContextConfig = msgspec.field(default_factory=ContextConfig)
     health: HealthConfig = msgspec.field(default_factory=HealthConfig)
     load_polling: LoadPolling = msgspec.field(default_factory=LoadPolling)
     outlier: OutlierConfig = msgspec.field(default_factory=OutlierConfig)
@@ -223,6 +237,13 @@ def _check(config: ProxyConfig, source: str) -> None:
             raise ConfigError(f"{source}: {where}.url must start with http:// or https://")
         if not backend.models:
             raise ConfigError(f"{source}: {where}.models must list at least one model")
+        if backend.max_context_tokens is not None and backend.max_context_tokens < 2:
+            raise ConfigError(f"{source}: {where}.max_context_tokens must be at least 2")
+        if backend.engine == "openai" and backend.max_context_tokens is None:
+            raise ConfigError(
+                f"{source}: {where}.max_context_tokens is required for `engine: openai` (its servers do not "
+                "report their context window)"
+            )
     state = config.state
     if state.backend == "redis":
         if not state.url or not state.url.startswith(("redis://", "rediss://", "unix://")):

@@ -19,6 +19,7 @@ import time
 from .adapters.base import EngineAdapter, StreamTranslator, UpstreamCall
 from .backends import Backend, BackendPool
 from .config import Limits
+from .context import CLAMP_HEADER
 from .errors import ProxyError, error_frame
 from .http_server import JSON, HeaderLines, Response
 from .outlier import OutlierDetector
@@ -41,6 +42,11 @@ class _RetryableFailure(Exception):
         super().__init__(error.message)
         self.error = error
         self.backend_failed = backend_failed  # for the breaker: False = the backend's fault, None = not
+
+
+def _clamp_header(request: ProxyRequest) -> dict[str, str] | None:
+    """The reply header that says the proxy cut the client's reply limit to fit the backend's window."""
+    return None if request.clamped_to is None else {CLAMP_HEADER: str(request.clamped_to)}
 
 
 class _ClientGone(Exception):
@@ -150,6 +156,8 @@ class Forwarder:
             except ProxyError as error:  # the engine refused the request itself (4xx), or an odd 5xx
                 served = None if error.status < 500 else False
                 reason = error.message
+                if not request.first_byte_sent and self.pool.reroute_after_refusal(request, backend, error):
+                    continue  # to a backend whose window holds it: not the backend's failure, nor a retry
                 raise
             finally:
                 if self.outlier is not None:
@@ -162,6 +170,7 @@ class Forwarder:
         """One try on ``backend``. Returns whether the backend served it (None: the client left
         first); raises :class:`_RetryableFailure` while another backend may still serve it."""
         adapter = backend.adapter
+        request.clamped_to = request.clamps.get(backend.name) if request.clamps is not None else None
         call = adapter.build(request)
         upstream: UpstreamResponse | None = None
         finished = False
@@ -209,7 +218,7 @@ class Forwarder:
                 finished = True  # read whole: the connection may serve again whatever the body says
                 reply = self._translate_reply(adapter, request, body, backend)
                 try:
-                    response.send(200, reply, JSON)
+                    response.send(200, reply, JSON, _clamp_header(request))
                 except ConnectionResetError:
                     request.disconnected = True
                     served = None
@@ -270,7 +279,14 @@ class Forwarder:
                                 blame = None if failure.status in ADMISSION_STATUSES else False
                                 raise _RetryableFailure(failure, blame)
                             raise failure
-                        response.start(200, "text/event-stream", SSE_HEADERS)
+                        clamp = request.clamped_to
+                        response.start(
+                            200,
+                            "text/event-stream",
+                            SSE_HEADERS
+                            if clamp is None
+                            else HeaderLines(SSE_HEADERS + HeaderLines.of(_clamp_header(request))),
+                        )
                         request.first_byte_sent = True
                         upstream.timeout = self.limits.read_timeout_s  # the first event came: streaming pace now
                         await _client_write(response, out)  # the head leaves with the first chunk

@@ -446,6 +446,7 @@ class HTTPServer:
         self.send_timeout_s = send_timeout_s
         self.max_headers = max_headers
         self.routes: dict[str, dict[str, Handler]] = {}
+        self.prefix_routes: dict[str, dict[str, Handler]] = {}  # "/v1/models/" -> handlers of paths under it
         self.connections: set[_Connection] = set()
         self.stopping = False
         self._server: asyncio.Server | None = None
@@ -463,13 +464,25 @@ class HTTPServer:
         )
 
     def route(self, method: str, path: str, handler: Handler) -> None:
-        self.routes.setdefault(path, {})[method] = handler
+        """``path`` exactly; or, ending in ``/*``, any path under it (the handler reads the rest)."""
+        if path.endswith("/*"):
+            self.prefix_routes.setdefault(path[:-1], {})[method] = handler
+        else:
+            self.routes.setdefault(path, {})[method] = handler
+
+    def _methods(self, path: str) -> dict[str, Handler] | None:
+        methods = self.routes.get(path)
+        if methods is None and self.prefix_routes:
+            methods = next(
+                (m for p, m in self.prefix_routes.items() if path.startswith(p) and len(path) > len(p)), None
+            )
+        return methods
 
     async def answer(self, request: Request, response: Response) -> None:
         """Run the route's handler; whatever it raises becomes an OpenAI-format error (or, once the
         reply started, the connection closes: the client sees a cut stream, never a hang)."""
         try:
-            methods = self.routes.get(request.path)
+            methods = self._methods(request.path)
             if methods is None:
                 raise ProxyError(404, f"There is no route {request.method} {request.path}.")
             handler = methods.get(request.method)

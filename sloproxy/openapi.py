@@ -130,13 +130,18 @@ def schemas(limits: Limits) -> dict[str, Any]:
             "required": ["object", "data"],
             "properties": {
                 "object": {"const": "list"},
-                "data": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["id", "object"],
-                        "properties": {"id": {"type": "string"}, "object": {"const": "model"}},
-                    },
+                "data": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}},
+            },
+        },
+        "Model": {
+            "type": "object",
+            "required": ["id", "object"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"const": "model"},
+                "max_model_len": {
+                    "type": ["integer", "null"],
+                    "description": "The largest context window among the model's backends (null: none known yet).",
                 },
             },
         },
@@ -221,6 +226,16 @@ def paths() -> dict[str, Any]:
             ),
             "401",
         ),
+        "/v1/models/{model}": {
+            "get": {
+                "summary": "One model (OpenAI API)",
+                "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {
+                    "200": _json("The model, if some backend serves it.", {"$ref": "#/components/schemas/Model"}),
+                    **_errors("401", "404", "405", "408", "431"),
+                },
+            }
+        },
         "/health": _get("Liveness", _json("The proxy runs.", {"type": "object"})),
         "/ready": {
             "get": {

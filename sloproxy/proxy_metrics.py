@@ -62,6 +62,11 @@ class _BackendCollector:
         stale = GaugeMetricFamily(
             "sloproxy_backend_load_stale", "1 if the last load reading is stale.", labels=["backend"]
         )
+        unknown = GaugeMetricFamily(
+            "sloproxy_backend_load_unknown",
+            "1 if the engine's /metrics answers without its load figures (e.g. vLLM --disable-log-stats).",
+            labels=["backend"],
+        )
         draining = GaugeMetricFamily(
             "sloproxy_backend_draining", "1 while an operator drains the backend (admin API).", labels=["backend"]
         )
@@ -71,12 +76,13 @@ class _BackendCollector:
             draining.add_metric(name, 1.0 if backend.draining else 0.0)
             in_flight.add_metric(name, backend.in_flight)
             stale.add_metric(name, 1.0 if backend.load_is_stale else 0.0)
+            unknown.add_metric(name, 0.0 if backend.load_reported else 1.0)
             if backend.load is not None:
                 running.add_metric(name, backend.load.running)
                 waiting.add_metric(name, backend.load.waiting)
                 if backend.load.kv_usage is not None:
                     kv.add_metric(name, backend.load.kv_usage)
-        yield from (healthy, in_flight, running, waiting, kv, stale, draining)
+        yield from (healthy, in_flight, running, waiting, kv, stale, unknown, draining)
 
 
 class _SchedulerCollector:

@@ -112,7 +112,10 @@ class ProxyRequest:
     estimate_source: str = "default"  # default (own guess) | prior (model's median) | model | exact | oracle
     kv_reserved: int = 0  # tokens of KV this request is counted for on its backend while in flight
     prediction: Any = None  # the predictor's record of it (features), for online learning when the reply ends
-    excluded: set[str] = field(default_factory=set)  # backends not to try again (retries)
+    excluded: set[str] = field(default_factory=set)  # backends not to try (retries, windows too small)
+    prompt_token_count: int | None = None  # an engine's own count, from its refusal (context.py)
+    clamps: dict[str, int] | None = None  # backend name -> reply limit the proxy sends there (context.py)
+    clamped_to: int | None = None  # the reply limit this attempt's engine call carries (None: the client's)
     regions: tuple[str, ...] | None = None  # region preference, first first (regions.py; None: one region)
     region: str | None = None  # held-back work: the region it was held for and goes to
     tokens_charged: int = 0  # counted against the tenant's tokens per minute at admission (ratelimit.py)

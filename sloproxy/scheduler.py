@@ -213,6 +213,7 @@ class Scheduler:
         """Wait until the policy dispatches ``request``; returns its backend (call :meth:`release` after)."""
         if request.model not in self.pool.by_model:
             raise ProxyError(404, f"The model `{request.model}` does not exist.", param="model", code="model_not_found")
+        self.pool.fit_by_window(request)  # before it queues: a request no window holds is the client's error
         regions = self.regions
         if regions is not None and regions.holds(request) and regions.pin(request):
             self._check_room(request)  # held work counts against max_queue like queued work

@@ -35,6 +35,7 @@ import msgspec
 from ..adapters.base import BackendLoad
 from ..backends import Backend, BackendPool
 from ..config import BackendConfig, ProxyConfig
+from ..context import ContextWindow, Fit, fit
 from ..emulator.engine import Engine
 from ..emulator.engine import Sequence as EngineSequence
 from ..emulator.fleet import FleetSpec, InstanceSpec
@@ -142,16 +143,27 @@ class _Instance:
         limit = min(spec.max_model_len or profile.model.max_position, profile.kv_capacity_tokens)
         return cls(spec, engine, limit)
 
-    def refusal(self, item: SimRequest) -> ProxyError | None:
-        """The emulator's checks, in its order (``openai_routes``): capacity, then context length."""
+    @property
+    def window(self) -> ContextWindow:
+        """The window the engine reports (TGI's /info says a prompt may be one token shorter)."""
+        limit = self.max_model_len
+        return ContextWindow(limit, limit - 1 if self.spec.engine == "tgi" else None)
+
+    def refusal(self, item: SimRequest, backend: Backend, requested: int | None) -> ProxyError | None:
+        """The emulator's checks, in its order (``openai_routes``): capacity, then the engine's rule for
+        a request over its window (the adapter's :class:`~sloproxy.context.LengthRule`)."""
         spec, engine = self.spec, self.engine
         if spec.max_queued_requests is not None and len(engine.waiting) >= spec.max_queued_requests:
             return ProxyError(503, "The request queue is full.")
         if spec.engine == "tgi" and engine.num_in_flight >= spec.max_concurrent_requests:
             return ProxyError(429, "Model is overloaded")
-        prompt, requested, limit = item.prompt_tokens, item.max_tokens, self.max_model_len
-        if prompt >= limit or (requested is not None and prompt + requested > limit):
-            return ProxyError(400, f"This model's maximum context length is {limit} tokens.")
+        prompt, window = item.prompt_tokens, self.window
+        if fit(backend.adapter.length_rule, window, prompt, requested, clamp=False)[0] == Fit.NONE:
+            return ProxyError(
+                400,
+                f"This model's maximum context length is {window.total} tokens. However, your request has "
+                f"{prompt} input tokens.",
+            )
         return None
 
 
@@ -215,7 +227,9 @@ class Simulation:
         self.now = 0.0
         self.loop = VirtualLoop(self.clock)
         self.instances = {spec.name: _Instance.build(spec) for spec in fleet.instances}
-        self.pool = BackendPool(config.backends, config.health, config.load_polling, clock=self.clock)
+        self.pool = BackendPool(
+            config.backends, config.health, config.load_polling, clock=self.clock, context=config.context
+        )
         self.policy = load_policy(config.policy.name, config.policy.params)
         # The same estimates as live (no online learning: a run must not change its own predictor).
         uses = self.policy.uses_predictions
@@ -224,6 +238,8 @@ class Simulation:
         if self.estimates.enabled:
             self.scheduler.predict_many = self.estimates.predict_many  # as live: off the first-chunk path
         self._backends = {b.name: b for b in self.pool.backends}
+        for backend in self.pool.backends:  # as live, where each engine reports its window at start
+            backend.context = self.instances[backend.name].window
         self.classifier = Classifier(config.slo_classes, config.default_class, config.tenants, config.models)
         self.clients = [_Client(item) for item in requests]
         self.retries = config.limits.retries_before_first_byte
@@ -430,6 +446,10 @@ class Simulation:
                 failures += 1
                 last_error = failure.error
                 request.excluded.add(backend.name)
+            except ProxyError as error:
+                if not request.first_byte_sent and self.pool.reroute_after_refusal(request, backend, error):
+                    continue  # to a backend whose window holds it, as the forwarder does
+                raise
             finally:
                 request.evict = None
                 scheduler.release(request, backend, request.tokens_used)
@@ -439,7 +459,10 @@ class Simulation:
         instance = self.instances[backend.name]
         request = client.request
         assert request is not None
-        refusal = instance.refusal(client.item)
+        request.clamped_to = request.clamps.get(backend.name) if request.clamps is not None else None
+        item = client.item
+        requested = request.clamped_to if request.clamped_to is not None else item.max_tokens
+        refusal = instance.refusal(item, backend, requested)
         if refusal is not None:
             if refusal.status in RETRYABLE_STATUSES:
                 raise _Retryable(refusal)
@@ -466,7 +489,9 @@ class Simulation:
         assert request is not None
         engine = instance.engine
         prompt = item.prompt_tokens
-        max_new = item.max_tokens if item.max_tokens is not None else instance.max_model_len - prompt
+        requested = request.clamped_to if request.clamped_to is not None else item.max_tokens
+        room = instance.max_model_len - prompt  # every engine ends a reply at its window (or refused it above)
+        max_new = room if requested is None else min(requested, room)
         natural = max(item.output_tokens, 1)  # the emulator's lengths table holds the workload's lengths
         target, hit_limit = (max_new, True) if natural >= max_new else (natural, False)
         engine_priority = getattr(backend.adapter, "engine_priority", None)
