@@ -182,7 +182,8 @@ def place_by_window(request: ProxyRequest, serving: Iterable[Backend], clamp: bo
             if len(windows) == len(serving):
                 largest = max((b.context for b in windows), key=lambda window: window.prompt_limit)  # type: ignore[union-attr]
                 raise context_error(request, size.low, largest)
-            return  # a backend of unknown window may hold it
+            request.excluded.update(b.name for b in windows)  # a backend of unknown window may hold it
+            return
         widest = max(b.context.prompt_limit for b, verdict, _ in fits if verdict != Fit.NONE)  # type: ignore[union-attr]
         fits = [(b, v, limit) if b.context.prompt_limit == widest else (b, Fit.NONE, None) for b, v, limit in fits]  # type: ignore[union-attr]
     best = min(verdict for _, verdict, _ in fits)
