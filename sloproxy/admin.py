@@ -65,6 +65,8 @@ def _backend_state(backend: Any) -> dict[str, Any]:
         "in_flight_here": backend.mine,
         "budget": backend.budget,
         "kv_reserved_tokens": backend.kv_reserved_tokens,
+        "context_window": None if backend.context is None else backend.context.total,  # tokens, prompt + reply
+        "context_window_source": None if backend.context is None else backend.context.source,
         "load_reported": backend.load_reported,  # False: /metrics answers without the engine's load figures
         "load": None
         if load is None
