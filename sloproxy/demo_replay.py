@@ -56,9 +56,7 @@ async def replay_policies(
             lengths_dir=str(data / "lengths"),
             models=parse_models(",".join(f"{m}={GENERATORS.get(m, 'Meta-Llama-3-8B-Instruct')}" for m in models)),
             duration_s=seconds,
-            rate_scale=rate_scale,
-            max_context=4096,
-            max_tokens_caps=(1024, 2048),  # the fleet's smallest context is 4096 tokens (TGI on an A10)
+            rate_scale=rate_scale,  # prompts as long as the trace says: the proxy places each where it fits
             seed=1,
         )
     )
