@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import aiohttp
 
 from .adapters.base import BackendLoad, EngineAdapter
 from .config import BackendConfig, ContextConfig, HealthConfig, LoadPolling
-from .context import ContextWindow, place_by_window, reroute_after_refusal
+from .context import ContextWindow, place_by_window, quick_token_bound, reroute_after_refusal
 from .plugins import load_adapter_class
 
 if TYPE_CHECKING:
@@ -133,6 +134,7 @@ class BackendPool:
         self.health = health
         self.polling = polling
         self.context = context or ContextConfig()
+        self._window_floors: dict[str, tuple[int, int]] = {}  # model -> its tightest prompt limit and window
         self.backends: list[Backend] = []
         self.by_model: dict[str, list[Backend]] = {}
         for config in configs:
@@ -161,8 +163,24 @@ class BackendPool:
 
     def fit_by_window(self, request: ProxyRequest) -> None:
         """Narrow ``request`` to the backends whose context window holds it (context.py); raises the
-        400 when none does."""
+        400 when none does. A request whose prompt and reply limit surely fit the model's tightest
+        window (its body's size bounds its tokens) costs a dict lookup and two comparisons."""
+        floor = self._window_floors.get(request.model)
+        if floor is None:
+            windows = [b.context for b in self.by_model.get(request.model, ()) if b.context is not None]
+            floor = self._window_floors[request.model] = (
+                min((w.prompt_limit for w in windows), default=sys.maxsize),
+                min((w.total for w in windows), default=sys.maxsize),
+            )
+        quick = quick_token_bound(request)
+        if quick <= floor[0] and quick + (request.max_tokens or 0) <= floor[1]:
+            return
         place_by_window(request, self.by_model.get(request.model, ()), self.context.clamp_max_tokens)
+
+    def set_context(self, backend: Backend, window: ContextWindow | None) -> None:
+        """``backend``'s window from now on (learned from its engine)."""
+        backend.context = window
+        self._window_floors.clear()
 
     def reroute_after_refusal(self, request: ProxyRequest, backend: Backend, error: ProxyError) -> bool:
         """True if ``error`` is ``backend``'s refusal of ``request`` as too long and another backend of
@@ -235,7 +253,7 @@ class BackendPool:
                 log.warning(
                     "backend %s: context window %d -> %d tokens", backend.name, backend.context.total, window.total
                 )
-            backend.context = window
+            self.set_context(backend, window)
 
     async def read_load(self, backend: Backend) -> None:
         assert self._session is not None

@@ -57,7 +57,7 @@ def _pool(windows: dict[str, tuple[str, int | None]], clamp: bool = True) -> Bac
     pool = BackendPool(configs, HealthConfig(), LoadPolling(), context=ContextConfig(clamp_max_tokens=clamp))
     for backend in pool.backends:
         size = windows[backend.name][1]
-        backend.context = None if size is None else ContextWindow(size)
+        pool.set_context(backend, None if size is None else ContextWindow(size))
     return pool
 
 
@@ -137,7 +137,7 @@ def test_near_a_window_the_likely_count_decides_and_the_engine_has_the_last_word
 
 def test_a_refusal_reroutes_to_a_larger_window() -> None:
     pool = _pool({"small": ("tgi", 4096), "big": ("vllm", 8192)})
-    pool.backends[0].context = None  # not learned yet
+    pool.set_context(pool.backends[0], None)  # not learned yet
     request = parse_request("chat", _chat(5000))
     pool.fit_by_window(request)
     assert request.excluded == set()

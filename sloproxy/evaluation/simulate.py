@@ -239,7 +239,7 @@ class Simulation:
             self.scheduler.predict_many = self.estimates.predict_many  # as live: off the first-chunk path
         self._backends = {b.name: b for b in self.pool.backends}
         for backend in self.pool.backends:  # as live, where each engine reports its window at start
-            backend.context = self.instances[backend.name].window
+            self.pool.set_context(backend, self.instances[backend.name].window)
         self.classifier = Classifier(config.slo_classes, config.default_class, config.tenants, config.models)
         self.clients = [_Client(item) for item in requests]
         self.retries = config.limits.retries_before_first_byte
