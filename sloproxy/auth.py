@@ -37,6 +37,11 @@ def hash_key(key: str) -> str:
     return DIGEST_PREFIX + hashlib.sha256(key.encode()).hexdigest()
 
 
+def is_digest(entry: str) -> bool:
+    """A stored key in its digest form (``sha256:`` and 64 lowercase hex digits)."""
+    return _DIGEST.match(entry) is not None
+
+
 def stored_form(entry: str) -> tuple[str, bool]:
     """(digest, was plain text) for a configured key entry."""
     if _DIGEST.match(entry):
@@ -67,8 +72,8 @@ class KeyRing:
             self._owners[digest] = (digest.encode(), owner)
         if plain:
             log.warning(
-                "%d %s key(s) are written in plain text in the config: store their digests instead "
-                "(`sloproxy hash-key`), so the config file no longer holds usable keys",
+                "%d %s key(s) are written in plain text in the config (allow_plaintext_keys): store their "
+                "digests instead (`sloproxy hash-key`), so the config file no longer holds usable keys",
                 plain,
                 what,
             )

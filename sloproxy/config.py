@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from .auth import stored_form
+from .auth import DIGEST_PREFIX, is_digest, stored_form
 from .fleet.profile import load_profile
 from .regions import RegionsConfig
 from .scheduler_config import SchedulingConfig
@@ -200,6 +200,9 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True):
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     swapping: SwappingConfig = msgspec.field(default_factory=SwappingConfig)
     regions: RegionsConfig = msgspec.field(default_factory=RegionsConfig)
+    # Keys in tenants' and the admin's `api_keys` are SHA-256 digests (`sloproxy hash-key`). A key in
+    # plain text is refused unless this is set, and then warned about at every start.
+    allow_plaintext_keys: bool = False
 
 
 class ConfigError(ValueError):
@@ -277,6 +280,7 @@ def _check_tenants(config: ProxyConfig, source: str) -> None:
             raise ConfigError(f"{source}: {where}: tenant name {tenant.name!r} is used twice")
         seen_names.add(tenant.name)
         for position, entry in enumerate(tenant.api_keys):
+            _check_key(entry, f"{where}.api_keys[{position}]", config.allow_plaintext_keys, source)
             digest = stored_form(entry)[0]
             if digest in seen_keys:
                 raise ConfigError(
@@ -287,8 +291,27 @@ def _check_tenants(config: ProxyConfig, source: str) -> None:
             if model not in served:
                 raise ConfigError(f"{source}: {where}.models names {model!r}, which no backend serves")
     for position, entry in enumerate(config.admin.api_keys):
+        _check_key(entry, f"`$.admin.api_keys[{position}]`", config.allow_plaintext_keys, source)
         if stored_form(entry)[0] in seen_keys:
             raise ConfigError(f"{source}: `$.admin.api_keys[{position}]` is also a tenant's key")
+
+
+def _check_key(entry: str, where: str, allow_plaintext: bool, source: str) -> None:
+    """A key entry is a well-formed digest, or plain text where the config opts in. An entry that looks
+    like a digest but is not one (a placeholder, a truncated copy) is never taken as a plain key: its
+    text would then be the key. Messages never quote the entry."""
+    if is_digest(entry):
+        return
+    if entry.lower().startswith(DIGEST_PREFIX):
+        raise ConfigError(
+            f"{source}: {where} starts with {DIGEST_PREFIX!r} but is not a SHA-256 digest (64 lowercase hex "
+            "digits after it, as `sloproxy hash-key` prints)"
+        )
+    if not allow_plaintext:
+        raise ConfigError(
+            f"{source}: {where} is a key in plain text: store its digest instead (`sloproxy hash-key` prints "
+            "it), or set `allow_plaintext_keys: true`"
+        )
 
 
 def _check_limits(limits: Limits, source: str) -> None:

@@ -94,7 +94,10 @@ def test_open_mode_tenant_names_are_checked_and_bounded(caplog):
 
 
 def test_config_refuses_shared_keys_unknown_models_and_duplicate_tenants_without_quoting_keys():
-    base = {"backends": [{"name": "a", "engine": "vllm", "url": "http://127.0.0.1:1", "models": ["m1"]}]}
+    base = {
+        "backends": [{"name": "a", "engine": "vllm", "url": "http://127.0.0.1:1", "models": ["m1"]}],
+        "allow_plaintext_keys": True,
+    }
     cases = [
         (
             {"tenants": [{"name": "x", "api_keys": [ACME_KEY]}, {"name": "y", "api_keys": [hash_key(ACME_KEY)]}]},
@@ -390,3 +393,31 @@ def test_keys_never_reach_logs_traces_or_metrics(proxy):
     for secret in (ACME_KEY, BETA_KEY, ADMIN_KEY, "sk-wrong-secret-000", "sk-not-a-key", "sk-guess"):
         for text in (output, metrics):
             assert secret not in text and hash_key(secret) not in text and hash_key(secret)[7:] not in text
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("sha256:...", "starts with 'sha256:' but is not a SHA-256 digest"),  # the README's placeholder
+        ("sha256:" + "a" * 63, "starts with 'sha256:' but is not a SHA-256 digest"),
+        ("SHA256:" + "a" * 64, "starts with 'sha256:' but is not a SHA-256 digest"),
+        ("sha256:" + "A" * 64, "starts with 'sha256:' but is not a SHA-256 digest"),
+        (ACME_KEY, "is a key in plain text: store its digest instead"),
+    ],
+)
+def test_a_key_entry_must_be_a_digest_unless_plain_keys_are_allowed(entry, message):
+    """A malformed digest is never taken as the plain key it spells (``Bearer sha256:...`` once got in)."""
+    base = {"backends": [{"name": "a", "engine": "vllm", "url": "http://127.0.0.1:1", "models": ["m1"]}]}
+    for extra, where in (
+        ({"admin": {"api_keys": [entry]}}, "`$.admin.api_keys[0]`"),
+        ({"tenants": [{"name": "x", "api_keys": [hash_key(BETA_KEY), entry]}]}, "`$.tenants[0]`.api_keys[1]"),
+    ):
+        with pytest.raises(ConfigError) as caught:
+            parse_config({**base, **extra})
+        assert f"{where} {message}" in str(caught.value), str(caught.value)
+        assert entry not in str(caught.value)
+        if entry.lower().startswith("sha256:"):  # no opt-in makes a broken digest a plain key
+            with pytest.raises(ConfigError):
+                parse_config({**base, **extra, "allow_plaintext_keys": True})
+    allowed = parse_config({**base, "admin": {"api_keys": [ACME_KEY]}, "allow_plaintext_keys": True})
+    assert allowed.admin.api_keys == [ACME_KEY]
