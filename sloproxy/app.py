@@ -102,7 +102,14 @@ class Proxy:
     async def start(self) -> None:
         await self.pool.start()
         if self.coordinator is not None:
-            await self.coordinator.start()  # Redis down: degraded, not an error (the log says so)
+            await self.coordinator.start()  # Redis down: degraded (the log says so)
+            if self.coordinator.degraded and not self.config.state.start_without_redis:
+                await self.pool.stop()
+                url = self.config.state.url or ""
+                raise ConnectionError(
+                    f"Redis at {url.split('@')[-1]} is unreachable at start (state.start_without_redis: true "
+                    "starts degraded instead)"
+                )
             self.scheduler.shares_changed()
         await self.swapper.start()  # reads who sleeps; before the first request is scheduled
         if self.placement is not None:

@@ -145,6 +145,9 @@ class StateConfig(msgspec.Struct, forbid_unknown_fields=True):
     replica_id: str | None = None  # None: hostname-pid-random (unique per process)
     lease_s: float = 3.0  # a replica silent this long is dead: its reservations expire
     sync_interval_s: float = 0.05  # how often a replica exchanges its numbers with Redis
+    # Redis unreachable at start: refuse to start (exit 2, one line), unless this is set; then start
+    # degraded (dispatching within the last known shares: none) and join once Redis answers.
+    start_without_redis: bool = False
 
 
 class AdminConfig(msgspec.Struct, forbid_unknown_fields=True):
