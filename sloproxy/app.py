@@ -13,6 +13,7 @@ from urllib.parse import unquote
 import msgspec
 
 from . import openapi
+from .access_log import AccessLog
 from .admin import AdminAPI
 from .auth import Authenticator, check_model_allowed
 from .backends import BackendPool
@@ -55,6 +56,7 @@ class Proxy:
         if self.tracing is not None:
             self.tracing.policy = config.policy.name
         self.pool = BackendPool(config.backends, config.health, config.load_polling, context=config.context)
+        self.access_log = AccessLog(config.access_log.path) if config.access_log.enabled else None
         self.metrics = ProxyMetrics(self.pool)
         self.policy = load_policy(config.policy.name, config.policy.params)
         self.coordinator: RedisCoordinator | None = None
@@ -135,6 +137,8 @@ class Proxy:
         if self.coordinator is not None:
             await self.coordinator.stop()  # after the last request: its capacity returns to the fleet now
         await self.pool.stop()
+        if self.access_log is not None:
+            self.access_log.close()
         if self.tracing is not None:  # flushes buffered spans: blocking, so off the event loop
             await asyncio.get_running_loop().run_in_executor(None, self.tracing.shutdown)
 
@@ -197,6 +201,8 @@ class Proxy:
                 self.limits.settle(tenant, proxy_request)  # type: ignore[arg-type]
             ended = time.monotonic()
             met = metrics.finished(proxy_request, outcome, error, ended)
+            if self.access_log is not None:
+                self.access_log.write(proxy_request, outcome, error, met, ended, started)
             if trace is not None:
                 trace.finish(proxy_request, outcome, error, met, ended)
             error = None  # this frame <-> the traceback: a cycle would keep the body alive until a GC pass

@@ -82,6 +82,14 @@ class ContextConfig(msgspec.Struct, forbid_unknown_fields=True):
     clamp_max_tokens: bool = True
 
 
+class AccessLogConfig(msgspec.Struct, forbid_unknown_fields=True):
+    """One JSON line per finished request (access_log.py): ids, tenant, model, class, backend, status,
+    outcome, times and token counts; never keys or prompt text."""
+
+    enabled: bool = False
+    path: str | None = None  # appended to; None: standard output
+
+
 class HealthConfig(msgspec.Struct, forbid_unknown_fields=True):
     interval_s: float = 2.0
     timeout_s: float = 1.0
@@ -199,6 +207,7 @@ class ProxyConfig(msgspec.Struct, forbid_unknown_fields=True):
     models: dict[str, ModelDefaults] = msgspec.field(default_factory=dict)
     predictor: PredictorConfig = msgspec.field(default_factory=PredictorConfig)
     tracing: TracingConfig = msgspec.field(default_factory=TracingConfig)
+    access_log: AccessLogConfig = msgspec.field(default_factory=AccessLogConfig)
     state: StateConfig = msgspec.field(default_factory=StateConfig)
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     swapping: SwappingConfig = msgspec.field(default_factory=SwappingConfig)

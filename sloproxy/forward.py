@@ -303,13 +303,24 @@ class Forwarder:
             if not response.started:
                 error = ProxyError(status, f"Backend {backend.name} failed mid-stream ({exc}).")
                 raise _RetryableFailure(error) from None
+            log.warning(
+                "request %s: backend %s failed mid-stream after the first bytes: %s", request.id, backend.name, exc
+            )
             await _client_write(response, error_frame(status, f"The backend failed mid-stream ({exc})."))
             await _client_end(response)
             return False
         ok = translator.done and not translator.failed
+        if translator.failed and response.started and translator.failure is not None:
+            log.warning(
+                "request %s: backend %s reported an error mid-stream: %s",
+                request.id,
+                backend.name,
+                translator.failure.message,
+            )
         if not translator.done:
             if not response.started:
                 raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} closed the stream early."))
+            log.warning("request %s: backend %s closed the stream before it finished", request.id, backend.name)
             await _client_write(response, error_frame(502, "The backend closed the stream before it finished."))
         if not response.started:  # a stream with nothing in it at all
             raise _RetryableFailure(ProxyError(502, f"Backend {backend.name} sent an empty stream."))
