@@ -37,6 +37,9 @@ class SGLangAdapter(OpenAICompatibleAdapter):
         return -request.urgency_rank if self.priority_scheduling else None
 
     def build(self, request: ProxyRequest) -> UpstreamCall:
+        spliced = self._spliced(request)
+        if spliced is not None:
+            return UpstreamCall(openai_route(request), spliced, self.headers)
         body = dict(request.decoded_body())
         body["rid"] = _rid(request)
         if request.stream and not request.include_usage:
@@ -50,6 +53,27 @@ class SGLangAdapter(OpenAICompatibleAdapter):
         else:
             body["priority"] = priority
         return UpstreamCall(openai_route(request), msgspec.json.encode(body), self.headers)
+
+    def _spliced(self, request: ProxyRequest) -> bytes | None:
+        """The client's body with the fields the proxy sets written at its end, without decoding and
+        re-encoding the prompt (a JSON object's last field of a name wins in SGLang's parser, so ``rid``
+        and ``priority`` are the proxy's even where the client sent its own); None where the client's
+        ``stream_options`` must be merged or the reply limit changes (the body is rebuilt then)."""
+        if request.stream_options_given or request.clamped_to is not None:
+            return None
+        raw = request.raw.rstrip()
+        if not raw.endswith(b"}"):
+            return None
+        tail = [b'"rid":"', _rid(request).encode(), b'"']
+        if request.stream and not request.include_usage:
+            tail.append(b',"stream_options":{"include_usage":true}')
+        priority = self.engine_priority(request)
+        if priority is not None:
+            tail.append(b',"priority":%d' % priority)
+        elif request.priority_given:
+            return None  # the client's priority must go: only a rebuilt body drops it
+        body = raw[:-1].rstrip()
+        return b"".join([body, b"" if body.endswith(b"{") else b",", *tail, b"}"])
 
     def abort_call(self, request: ProxyRequest) -> UpstreamCall:
         return UpstreamCall("/abort_request", msgspec.json.encode({"rid": _rid(request)}), self.headers)

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from adapters.openai_compat import OpenAICompatibleAdapter
-from adapters.sglang import SGLangAdapter
-from adapters.tgi import TGIAdapter, TGIStream
-from adapters.vllm import VLLMAdapter
+from sloproxy.adapters.openai_compat import OpenAICompatibleAdapter
+from sloproxy.adapters.sglang import SGLangAdapter
+from sloproxy.adapters.tgi import TGIAdapter, TGIStream
+from sloproxy.adapters.vllm import VLLMAdapter
 from sloproxy.request import parse_request
 
 SGLANG_PRIORITY_METRICS = """\
@@ -185,7 +185,7 @@ def test_engine_errors_reach_clients_with_param_filled(body: dict, param: str) -
 
 
 def test_sglang_in_stream_queue_full_is_a_retryable_503() -> None:
-    from adapters.openai_compat import PassThroughStream
+    from sloproxy.adapters.openai_compat import PassThroughStream
 
     request = parse_request("chat", b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true}')
     stream = PassThroughStream(request)
@@ -206,3 +206,35 @@ def test_vllm_priority_goes_in_a_header_and_the_body_passes_untouched() -> None:
     assert call.body == raw  # no re-encoding of the prompt
     fcfs = VLLMAdapter().build(parse_request("chat", raw))
     assert "X-Vllm-Priority" not in fcfs.headers and "priority" not in json.loads(fcfs.body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "rid": "theirs", "priority": 9},
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+            "stream_options": {"continuous_usage_stats": True},
+        },
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 99},
+    ],
+)
+@pytest.mark.parametrize("priority_scheduling", [True, False])
+def test_sglang_body_written_at_its_end_means_what_a_rebuilt_one_does(body: dict, priority_scheduling: bool) -> None:
+    """The proxy's fields are written after the client's (the last of a name wins in SGLang's JSON
+    parser), so the prompt is never re-encoded; what the engine reads is what a rebuilt body says."""
+    adapter = SGLangAdapter(priority_scheduling=priority_scheduling)
+    request = parse_request("chat", json.dumps(body).encode())
+    request.band = 1
+    sent = json.loads(adapter.build(request).body)  # json.loads: the last of a name wins, as in SGLang
+    assert sent["rid"] == f"{request.id}-0" and sent["messages"] == body["messages"]
+    assert sent.get("priority") == (-request.urgency_rank if priority_scheduling else None)
+    if body.get("stream"):
+        assert sent["stream_options"]["include_usage"] is True
+        assert sent["stream_options"].get("continuous_usage_stats") == body.get("stream_options", {}).get(
+            "continuous_usage_stats"
+        )
+    assert sent.get("max_tokens") == body.get("max_tokens")

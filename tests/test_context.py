@@ -8,10 +8,10 @@ import json
 import msgspec
 import pytest
 
-from adapters.openai_compat import OpenAICompatibleAdapter
-from adapters.sglang import SGLangAdapter
-from adapters.tgi import TGIAdapter
-from adapters.vllm import VLLMAdapter
+from sloproxy.adapters.openai_compat import OpenAICompatibleAdapter
+from sloproxy.adapters.sglang import SGLangAdapter
+from sloproxy.adapters.tgi import TGIAdapter
+from sloproxy.adapters.vllm import VLLMAdapter
 from sloproxy.backends import BackendPool
 from sloproxy.config import BackendConfig, ContextConfig, HealthConfig, LoadPolling
 from sloproxy.context import (
