@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import os
 import sys
 from collections.abc import Coroutine, Sequence
@@ -174,11 +175,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"sloproxy {args.command}: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:  # a bad config or file, a port in use: one line, no traceback
+        print(f"sloproxy {args.command}: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if type(exc).__module__.startswith("redis"):  # Redis unreachable or refusing at start
+            print(f"sloproxy {args.command}: Redis: {_one_line(exc)}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error as one line an operator can act on (what failed, on what)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return f"the address is already in use ({text})"
+    if isinstance(exc, PermissionError) and exc.filename:
+        return f"cannot read {exc.filename}: permission denied"
+    if isinstance(exc, IsADirectoryError) and exc.filename:
+        return f"{exc.filename} is a directory, not a file"
+    return text
 
 
 if __name__ == "__main__":
