@@ -56,6 +56,8 @@ def _emulate(args: argparse.Namespace) -> int:
             max_concurrent_requests=args.max_concurrent_requests,
             sse_space=args.sse_space,
             legacy_errors=args.legacy_errors,
+            engine_version=args.engine_version,
+            max_queued_requests=args.max_queued_requests,
         )
         configs = [instance_config(spec)]
     run_async(serve_forever(configs))
@@ -135,7 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     emulate.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs")
     emulate.add_argument("--max-num-seqs", type=int)
     emulate.add_argument("--max-concurrent-requests", type=int, default=128, help="TGI: 429 past this")
-    emulate.add_argument("--sse-space", action="store_true", help="TGI: write 'data: ' as TGI >= 2 does")
+    emulate.add_argument(
+        "--sse-space",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="TGI: force 'data: ' (TGI >= 2.1, the default) or, with --no-sse-space, 'data:'",
+    )
+    emulate.add_argument("--engine-version", help="behave as this engine release (default: the newest modelled)")
+    emulate.add_argument("--max-queued-requests", type=int, help="vLLM / SGLang: 503 past this many queued")
     emulate.add_argument("--legacy-errors", action="store_true", help="vLLM: flat error bodies")
     emulate.set_defaults(func=_emulate)
 

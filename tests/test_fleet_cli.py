@@ -32,7 +32,7 @@ def test_minimal_fleet_file(tmp_path):
         ("{name: a, engine: vllm, model: m, port: 1, colour: red}", "colour"),
         ("{name: a, engine: triton, model: m, port: 1}", "engine"),
         ("{name: a, engine: vllm, model: m, port: high}", "port"),
-        ("{name: a, engine: vllm, model: m}", "port"),
+        ("{name: a, model: m, port: 1}", "engine"),
     ],
 )
 def test_bad_fleet_files_name_the_field(tmp_path, line, message):
@@ -40,6 +40,13 @@ def test_bad_fleet_files_name_the_field(tmp_path, line, message):
     path.write_text(f"instances:\n  - {line}\n")
     with pytest.raises(ValueError, match=message):
         load_fleet(path)
+
+
+def test_a_fleet_without_ports_loads_for_the_simulator(tmp_path):
+    """Ports mean nothing to simulate and sweep; emulate refuses such an instance (tests/test_sweep.py)."""
+    path = tmp_path / "fleet.yaml"
+    path.write_text("instances:\n  - {name: a, engine: vllm, model: m}\n  - {name: b, engine: tgi, model: m}\n")
+    assert [i.port for i in load_fleet(path).instances] == [None, None]
 
 
 def test_duplicate_ports_and_unknown_profile(tmp_path, capsys):

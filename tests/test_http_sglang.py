@@ -60,8 +60,8 @@ async def test_chat_stream_separate_finish_chunk(fleet):
     events = sse_events(raw)
     assert events[-1] == b"[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert chunks[-1]["choices"][0]["delta"]["content"] == ""
+    assert chunks[0]["choices"][0]["delta"] == {"reasoning_content": None, "role": "assistant", "content": ""}
+    assert chunks[-1]["choices"][0]["delta"] == {"reasoning_content": None}
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
     assert "matched_stop" in chunks[0]["choices"][0]
@@ -107,19 +107,23 @@ async def test_context_overflow_and_info_routes(fleet):
     url = fleet.url("sglang")
     status, body, _ = await post_json(url + "/generate", {"text": "word " * 5000})
     assert status == 400
-    assert "longer than the model's context length (4096 tokens)" in body["message"]
+    assert "longer than the model's context length (4096 tokens)" in body["error"]["message"]
     status, body, _ = await post_json(
         url + "/v1/chat/completions", {"model": "qwen-7b", "messages": [{"role": "user", "content": "a " * 5000}]}
     )
     assert status == 400 and body["object"] == "error" and body["code"] == 400
-    _, raw, _ = await get(url + "/get_model_info")
-    assert json.loads(raw) == {"model_path": "qwen-7b", "tokenizer_path": "qwen-7b", "is_generation": True}
+    for route in ("/get_model_info", "/model_info"):
+        _, raw, _ = await get(url + route)
+        info = json.loads(raw)
+        assert info["model_path"] == "qwen-7b" and info["is_generation"] is True and "context_length" not in info
     for route in ("/get_server_info", "/server_info"):
         status, raw, _ = await get(url + route)
-        assert status == 200 and json.loads(raw)["context_length"] == 4096
-    _, raw, _ = await get(url + "/get_load")
-    load = json.loads(raw)
-    assert isinstance(load, list) and {"num_reqs", "num_waiting_reqs", "num_tokens"} <= set(load[0])
+        info = json.loads(raw)
+        assert status == 200 and info["context_length"] == 4096 and info["max_req_input_len"] == 4090
+    assert (await get(url + "/get_load"))[0] == 404
+    _, raw, _ = await get(url + "/v1/loads")
+    load = json.loads(raw)["loads"]
+    assert {"num_running_reqs", "num_waiting_reqs", "num_used_tokens", "num_total_tokens"} <= set(load[0])
     status, _, _ = await get(url + "/health_generate")
     assert status == 200
 
@@ -151,7 +155,13 @@ async def test_metrics_names(fleet):
         "sglang:gen_throughput",
     ):
         assert types[gauge] == "gauge"
-        assert samples[gauge][0][0] == {"model_name": "qwen-7b"}
+        assert samples[gauge][0][0] == {
+            "model_name": "qwen-7b",
+            "engine_type": "unified",
+            "tp_rank": "0",
+            "pp_rank": "0",
+            "moe_ep_rank": "0",
+        }
     for counter in ("sglang:prompt_tokens", "sglang:generation_tokens", "sglang:num_aborted_requests"):
         assert types[counter] == "counter"
     for hist in (

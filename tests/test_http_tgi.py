@@ -1,4 +1,4 @@
-"""TGI emulator fidelity over real HTTP: native routes, SSE without a space, errors, 429, metrics."""
+"""TGI emulator fidelity over real HTTP: native routes, SSE framing, errors, 429, metrics."""
 
 from __future__ import annotations
 
@@ -33,13 +33,13 @@ async def test_generate_shape_and_timing_headers(fleet):
     assert headers["x-prompt-tokens"] == "6"
 
 
-async def test_generate_stream_frames_without_space_or_done(fleet):
+async def test_generate_stream_frames_without_done(fleet):
     status, raw = await stream_raw(
         fleet.url("tgi") + "/generate_stream",
         {"inputs": "Tell me a story", "parameters": {"max_new_tokens": 4, "details": True}},
     )
     assert status == 200
-    events = [json.loads(e) for e in sse_events(raw, prefix=b"data:")]
+    events = [json.loads(e) for e in sse_events(raw)]  # "data: " since TGI 2.1 (axum 0.7)
     assert b"[DONE]" not in raw
     assert [e["index"] for e in events] == list(range(1, len(events) + 1))
     assert all(e["generated_text"] is None and e["details"] is None for e in events[:-1])
@@ -51,14 +51,24 @@ async def test_generate_stream_frames_without_space_or_done(fleet):
 
 
 async def test_validation_error_422(fleet):
+    # Only input + min(max_new_tokens, 1024) is checked against max_total_tokens (4096 here).
     status, body, _ = await post_json(
         fleet.url("tgi") + "/generate", {"inputs": "hi " * 20, "parameters": {"max_new_tokens": 100000}}
     )
+    assert status == 200
+    status, body, _ = await post_json(
+        fleet.url("tgi") + "/generate", {"inputs": " x" * 3500, "parameters": {"max_new_tokens": 2000}}
+    )
     assert status == 422
     assert body["error_type"] == "validation"
-    assert body["error"].startswith("Input validation error: `inputs` tokens + `max_new_tokens` must be <=")
-    status, body, _ = await post_json(fleet.url("tgi") + "/generate", {"parameters": {}})
+    assert body["error"] == (
+        "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096. "
+        "Given: 3500 `inputs` tokens and 1024 `max_new_tokens`"
+    )
+    status, body, _ = await post_json(fleet.url("tgi") + "/generate", {"inputs": "", "parameters": {}})
     assert status == 422 and body["error_type"] == "validation"
+    status, body, _ = await post_json(fleet.url("tgi") + "/generate", {"parameters": {}})
+    assert status == 422 and body.startswith("Failed to deserialize the JSON body")  # axum: plain text
 
 
 async def test_overloaded_429_past_max_concurrent_requests(fleet):
@@ -73,10 +83,11 @@ async def test_overloaded_429_past_max_concurrent_requests(fleet):
     # Inside a stream the same refusal arrives as an event with HTTP 200.
     status, raw = await stream_raw(fleet.url("tgi") + "/generate_stream", {"inputs": "x"})
     assert status == 200
-    assert json.loads(sse_events(raw, prefix=b"data:")[0])["error_type"] == "overloaded"
+    assert json.loads(sse_events(raw)[0])["error_type"] == "overloaded"
     results = await asyncio.gather(*busy)
     assert [r[0] for r in results] == [200] * 4
-    assert all(r[1]["generated_text"].count(" ") == 2000 for r in results)  # the limit, not the natural 3000
+    # Not the natural 3000: two 1024-token rounds, each asking for min(2000, 1024) again.
+    assert all(r[1]["generated_text"].count(" ") == 2048 for r in results)
     _, raw, _ = await get(fleet.url("tgi") + "/metrics")
     failures = {labels["err"]: value for labels, value in metric_samples(raw.decode())["tgi_request_failure_total"]}
     assert failures["overloaded"] >= 2
@@ -88,13 +99,13 @@ async def test_openai_chat_stream_dialect(fleet):
         {"model": "tgi", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True},
     )
     assert status == 200
-    events = sse_events(raw, prefix=b"data:")
+    events = sse_events(raw)
     assert events[-1] == b"[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert next(iter(chunks[0])) == "object"
     assert all(c["id"] == "" and c["model"] == "llama-3-8b" for c in chunks)
     assert all(c["choices"][0]["delta"]["role"] == "assistant" for c in chunks)
-    assert "usage" not in chunks[-1] or chunks[-1]["choices"]  # include_usage defaults to false
+    assert all(c["usage"] is None for c in chunks)  # include_usage defaults to false: no usage chunk
     assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop")
 
 

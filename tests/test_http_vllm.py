@@ -50,7 +50,8 @@ async def test_chat_stream_frames(fleet):
 
 
 @pytest.mark.parametrize(
-    ("stream_options", "expect_usage"), [(None, False), ({}, True), ({"include_usage": False}, False)]
+    ("stream_options", "expect_usage"),
+    [(None, False), ({}, False), ({"include_usage": False}, False), ({"include_usage": True}, True)],
 )
 async def test_usage_chunk_rules(fleet, stream_options, expect_usage):
     body = {**CHAT, "max_tokens": 2, "stream": True}
@@ -80,6 +81,7 @@ async def test_unknown_model_is_404_nested(fleet):
     assert status == 404
     assert body["error"]["type"] == "NotFoundError"
     assert body["error"]["code"] == 404
+    assert body["error"]["param"] == "model"
     assert "gpt-5" in body["error"]["message"]
 
 
@@ -97,11 +99,18 @@ async def test_context_overflow_is_400(fleet):
     )
     assert status == 400
     assert "maximum context length is 4096 tokens" in body["error"]["message"]
+    assert body["error"]["param"] == "input_tokens"
     status, body, _ = await post_json(
         fleet.url("vllm") + "/v1/completions", {"model": "llama-3-8b", "prompt": "hi", "max_tokens": 5000}
     )
-    assert status == 400
+    assert status == 400  # max_tokens alone over the window
     assert body["error"]["type"] == "BadRequestError"
+    # prompt + max_tokens over the window but max_tokens alone within it: clamped, not refused
+    status, body, _ = await post_json(
+        fleet.url("vllm") + "/v1/completions",
+        {"model": "llama-3-8b", "prompt": [1] * 4000, "max_tokens": 4000, "ignore_eos": True},
+    )
+    assert status == 200 and body["usage"]["completion_tokens"] == 96
 
 
 async def test_bad_json_and_types_are_400(fleet):
@@ -111,14 +120,16 @@ async def test_bad_json_and_types_are_400(fleet):
         assert "error" in await response.json()
     status, _body, _ = await post_json(fleet.url("vllm") + "/v1/chat/completions", {**CHAT, "max_tokens": "ten"})
     assert status == 400
-    status, _, _ = await post_json(fleet.url("vllm") + "/v1/chat/completions", {"model": "llama-3-8b"})
+    status, body, _ = await post_json(fleet.url("vllm") + "/v1/chat/completions", {"model": "llama-3-8b"})
     assert status == 400
+    assert (body["error"]["type"], body["error"]["param"]) == ("Bad Request", "body.messages")
 
 
-async def test_priority_needs_priority_policy(fleet):
-    status, body, _ = await post_json(fleet.url("vllm") + "/v1/chat/completions", {**CHAT, "priority": 3})
-    assert status == 400
-    assert "Priority scheduling is not enabled" in body["error"]["message"]
+async def test_priority_is_ignored_under_fcfs(fleet):
+    """vLLM 0.33 ignores a non-zero priority without priority scheduling (0.11 refused it: see
+    tests/test_contract_vllm.py for the engine_version that keeps that)."""
+    status, _, _ = await post_json(fleet.url("vllm") + "/v1/chat/completions", {**CHAT, "priority": 3, "max_tokens": 2})
+    assert status == 200
     status, _, _ = await post_json(
         fleet.url("vllm-legacy") + "/v1/chat/completions", {**CHAT, "priority": 3, "max_tokens": 2}
     )
@@ -135,7 +146,7 @@ async def test_models_health_version_tokenize(fleet):
     status, raw, _ = await get(fleet.url("vllm") + "/health")
     assert status == 200 and raw == b""
     status, raw, _ = await get(fleet.url("vllm") + "/version")
-    assert "version" in json.loads(raw)
+    assert json.loads(raw) == {"version": "0.33.0"}
     status, body, _ = await post_json(fleet.url("vllm") + "/tokenize", {"prompt": "Hello world, hello!"})
     assert status == 200
     assert body["count"] == len(body["tokens"]) == 5
@@ -166,6 +177,7 @@ async def test_sleep_and_wake(fleet):
     async with aiohttp.ClientSession() as session:
         async with session.post(url + "/sleep?level=1") as r:
             assert r.status == 200
+            assert await r.json() == {"status": "sleeping", "level": 1}
         async with session.get(url + "/is_sleeping") as r:
             assert await r.json() == {"is_sleeping": True}
         # A request sent while asleep waits and completes after wake-up.
@@ -177,6 +189,7 @@ async def test_sleep_and_wake(fleet):
         assert states["weights_offloaded"] == 1.0
         async with session.post(url + "/wake_up") as r:
             assert r.status == 200
+            assert await r.json() == {"status": "awake", "tags": None}
         status, _, _ = await asyncio.wait_for(pending, 10)
         assert status == 200
         async with session.get(url + "/is_sleeping") as r:
@@ -206,6 +219,8 @@ async def test_metrics_names_and_labels(fleet):
     assert reasons == {"stop", "length", "abort"}
     info = samples["vllm:cache_config_info"][0][0]
     assert info["block_size"] == "16" and int(info["num_gpu_blocks"]) > 1000
+    assert int(info["kv_cache_size_tokens"]) == 16 * int(info["num_gpu_blocks"])
+    assert "vllm:gpu_cache_usage_perc" not in samples
     for hist in (
         "vllm:time_to_first_token_seconds",
         "vllm:inter_token_latency_seconds",

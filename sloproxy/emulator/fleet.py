@@ -18,6 +18,7 @@ from .http_common import LOOP_LAG_KEY
 from .instance import Instance, InstanceConfig
 from .lengths import LengthTable
 from .profiles import DEFAULT_PROFILE, get_profile
+from .versions import parse_version
 
 BUILDERS: dict[str, Callable[[Instance], web.Application]] = {
     "vllm": vllm_api.build_app,
@@ -27,12 +28,14 @@ BUILDERS: dict[str, Callable[[Instance], web.Application]] = {
 
 
 class InstanceSpec(msgspec.Struct, forbid_unknown_fields=True):
-    """One line of a fleet file; every field but name/engine/model/port has a default."""
+    """One line of a fleet file; every field but name/engine/model has a default.
+
+    ``port`` is needed only to serve the instance (``sloproxy emulate``); simulate/sweep ignore it."""
 
     name: str
     engine: Literal["vllm", "tgi", "sglang"]
     model: str
-    port: int
+    port: int | None = None
     profile: str = DEFAULT_PROFILE
     host: str | None = None
     speedup: float | None = None
@@ -43,9 +46,16 @@ class InstanceSpec(msgspec.Struct, forbid_unknown_fields=True):
     max_concurrent_requests: int = 128
     max_queued_requests: int | None = None
     prefix_caching: bool = True
-    legacy_errors: bool = False
-    sse_space: bool = False
+    legacy_errors: bool = False  # vLLM: flat {"object": "error", ...} error bodies
+    sse_space: bool | None = None  # TGI: force "data: " (True) or "data:" (False); None: as engine_version
     start_asleep: Literal[0, 1, 2] = 0  # 1: weights in host memory (slept at level 1); 2: cold, not loaded
+    engine_version: str | None = None  # behave as this release (versions.py); None: the newest modelled
+    disable_log_stats: bool = False  # vLLM: /metrics answers without the engine's families
+    request_header_overrides: bool = False  # SGLang: honour x-override-* headers (the env opt-in)
+
+    def __post_init__(self) -> None:
+        if self.engine_version is not None:
+            parse_version(self.engine_version)  # a bad version fails when the fleet file is read
 
 
 class FleetSpec(msgspec.Struct, forbid_unknown_fields=True):
@@ -66,7 +76,7 @@ def load_fleet(path: str | Path) -> FleetSpec:
     except msgspec.ValidationError as exc:
         raise ValueError(f"{path}: {exc}") from None
     names = [i.name for i in fleet.instances]
-    ports = [i.port for i in fleet.instances]
+    ports = [i.port for i in fleet.instances if i.port is not None]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: instance names must be unique")
     if len(set(ports)) != len(ports):
@@ -77,6 +87,8 @@ def load_fleet(path: str | Path) -> FleetSpec:
 def instance_config(
     spec: InstanceSpec, fleet: FleetSpec | None = None, tables: dict[str, LengthTable] | None = None
 ) -> InstanceConfig:
+    if spec.port is None:
+        raise ValueError(f"instance {spec.name}: no port (emulate serves every instance on its own port)")
     speedup = spec.speedup or (fleet.speedup if fleet else 1.0)
     if speedup <= 0:
         raise ValueError(f"instance {spec.name}: speedup must be positive")
@@ -103,6 +115,9 @@ def instance_config(
         legacy_errors=spec.legacy_errors,
         sse_space=spec.sse_space,
         start_asleep=spec.start_asleep,
+        engine_version=spec.engine_version,
+        disable_log_stats=spec.disable_log_stats,
+        request_header_overrides=spec.request_header_overrides,
     )
 
 

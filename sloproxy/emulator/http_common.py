@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgspec
@@ -20,13 +22,22 @@ _encode = msgspec.json.encode
 
 
 class ApiError(Exception):
-    """Raised by handlers; the middleware turns it into the engine's own error body."""
+    """Raised by handlers; the middleware turns it into the engine's own error body.
 
-    def __init__(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+    ``body`` is JSON-encoded, except a ``str`` body, which is sent as plain text (axum's extractor
+    rejections in TGI). ``stream_body`` is the encoded JSON the engine sends instead, after HTTP 200,
+    when the request streams and the engine only finds the problem once the stream has started
+    (TGI's validation and overload, SGLang's scheduler-side refusals); None: a real HTTP status.
+    """
+
+    def __init__(
+        self, status: int, body: Any, headers: dict[str, str] | None = None, *, stream_body: bytes | None = None
+    ) -> None:
         super().__init__(status)
         self.status = status
         self.body = body
         self.headers = headers
+        self.stream_body = stream_body
 
 
 @web.middleware
@@ -37,6 +48,8 @@ async def api_error_middleware(request: web.Request, handler: Callable) -> web.S
             return await fault.apply(request, handler)
         return await handler(request)
     except ApiError as error:
+        if isinstance(error.body, str):
+            return web.Response(text=error.body, status=error.status, headers=error.headers)
         return json_response(error.body, status=error.status, headers=error.headers)
 
 
@@ -48,15 +61,59 @@ def encode(obj: Any) -> bytes:
     return _encode(obj)
 
 
-async def decode_body(request: web.Request, type_: type[T], error: Callable[[str], ApiError]) -> T:
-    """Decode and validate the JSON body into ``type_``; malformed input becomes ``error(message)``."""
+@dataclass(frozen=True, slots=True)
+class DecodeProblem:
+    """Why a request body did not decode, in the terms the engines' own validators report."""
+
+    kind: str  # "json_invalid" (not JSON), "missing" (a required field), "invalid" (wrong type or value)
+    loc: tuple[str | int, ...]  # where, from the body's root: ("messages",), ("messages", 0, "role")
+    detail: str  # the decoder's own wording
+
+    @property
+    def syntax(self) -> bool:
+        return self.kind == "json_invalid"
+
+    def dotted(self, root: str = "body") -> str:
+        return ".".join([root, *map(str, self.loc)])
+
+
+_AT = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_MISSING = re.compile(r"^Object missing required field `(?P<field>[^`]+)`")
+
+
+def _problem(exc: Exception) -> DecodeProblem:
+    text = str(exc)
+    if isinstance(exc, msgspec.DecodeError) and not isinstance(exc, msgspec.ValidationError):
+        return DecodeProblem("json_invalid", (), text)
+    loc: list[str | int] = []
+    at = _AT.search(text)
+    if at:
+        for name, index in re.findall(r"\.([^.\[]+)|\[(\d+)\]", at.group("path")):
+            loc.append(name if name else int(index))
+        text = text[: at.start()]
+    missing = _MISSING.match(text)
+    if missing:
+        return DecodeProblem("missing", (*loc, missing.group("field")), text)
+    return DecodeProblem("invalid", tuple(loc), text)
+
+
+async def decode_request(request: web.Request, type_: type[T], error: Callable[[DecodeProblem], ApiError]) -> T:
+    """Decode and validate the JSON body into ``type_``; a bad body becomes ``error(problem)``."""
     raw = await request.read()
     try:
         return msgspec.json.decode(raw, type=type_)
-    except msgspec.ValidationError as exc:
-        raise error(f"Invalid request: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise error(f"Invalid JSON body: {exc}") from None
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise error(_problem(exc)) from None
+
+
+async def decode_body(request: web.Request, type_: type[T], error: Callable[[str], ApiError]) -> T:
+    """Decode and validate the JSON body into ``type_``; malformed input becomes ``error(message)``."""
+
+    def message(problem: DecodeProblem) -> ApiError:
+        what = "Invalid JSON body" if problem.syntax else "Invalid request"
+        return error(f"{what}: {problem.detail}")
+
+    return await decode_request(request, type_, message)
 
 
 async def json_object(request: web.Request, error: Callable[[str], ApiError]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from .engine import Engine, Sequence
 from .lengths import LengthTable, prompt_key, reply_length
 from .profiles import Profile
 from .tokens import block_hashes, piece_for, token_ids
+from .versions import parse_version, version_string
 
 if TYPE_CHECKING:
     from .faults import Fault
@@ -38,13 +39,18 @@ class InstanceConfig:
     max_model_len: int | None = None
     priority_scheduling: bool = False
     max_num_seqs: int | None = None
-    max_concurrent_requests: int = 128  # TGI: in flight past this -> 429
-    max_queued_requests: int | None = None  # SGLang / newest vLLM: waiting past this -> 503
+    max_concurrent_requests: int = 128  # TGI: in flight past this -> 429 (in-stream error when streaming)
+    # vLLM --max-num-queued-reqs (running + waiting past this -> 503); SGLang --max-queued-requests
+    # (waiting queue past this -> 503). TGI has no such limit.
+    max_queued_requests: int | None = None
     lengths: LengthTable | None = None
     prefix_caching: bool = True
     legacy_errors: bool = False  # vLLM: flat {"object": "error", ...} bodies as older releases send
-    sse_space: bool = False  # TGI: "data: " (axum >= 0.7, TGI >= 2) instead of "data:" (older TGI)
+    sse_space: bool | None = None  # TGI: "data: " or "data:"; None: as engine_version (space since 2.1)
     start_asleep: int = 0  # 0 awake; 1 as after sleep level 1; 2 cold: weights not loaded (wake reads disk)
+    engine_version: str | None = None  # None: the newest release modelled (versions.DEFAULT_VERSIONS)
+    disable_log_stats: bool = False  # vLLM --disable-log-stats: /metrics without the engine families
+    request_header_overrides: bool = False  # SGLang SGLANG_ENABLE_REQUEST_HEADER_OVERRIDES=1
 
 
 @dataclass(slots=True)
@@ -55,6 +61,7 @@ class Generation:
     seed: int
     prompt_tokens: int
     cached_tokens: int = 0
+    error: tuple[int, str] | None = None  # aborted by the engine with an HTTP status (SGLang queue eviction)
     _event: asyncio.Event = field(default_factory=asyncio.Event)
 
     def piece(self, index: int) -> str:
@@ -79,6 +86,8 @@ class Instance:
 
     def __init__(self, config: InstanceConfig) -> None:
         self.config = config
+        self.version_string = version_string(config.engine, config.engine_version)
+        self.version = parse_version(self.version_string)
         profile = config.profile
         self.max_model_len = min(config.max_model_len or profile.model.max_position, profile.kv_capacity_tokens)
         self.engine = Engine(
@@ -97,9 +106,13 @@ class Instance:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._generations: dict[str, Generation] = {}
+        self._held: list[Sequence] | None = None  # vLLM sleep mode "wait": new requests wait outside
+        self.asleep_tags: set[str] = set()  # memory still released: "weights", "kv_cache"
+        self.seen_priorities: set[int] = set()  # SGLang metrics keep exporting a priority once seen
         if config.start_asleep:  # started with sleep mode on and nothing loaded yet (or put to sleep before)
             self.engine.sleeping = True
             self.engine.sleep_level = config.start_asleep
+            self.asleep_tags = {"weights", "kv_cache"}
 
     # ----- clock -------------------------------------------------------------------------------
     def now(self) -> float:
@@ -190,7 +203,10 @@ class Instance:
         )
         generation = Generation(seq=seq, seed=int(key, 16), prompt_tokens=len(ids))
         self.engine.stats.requests_received += 1
-        self.engine.add(seq)
+        if self._held is not None:
+            self._held.append(seq)
+        else:
+            self.engine.add(seq)
         self._generations[rid] = generation
         self.wake()
         return generation
@@ -198,17 +214,25 @@ class Instance:
     def release(self, generation: Generation) -> None:
         """The HTTP side is done with it: abort if unfinished (client gone), forget it."""
         if not generation.seq.finished:
-            self.engine.abort(generation.seq, self.now())
-            self.wake()
+            self._abort_seq(generation.seq)
         self._generations.pop(generation.seq.rid, None)
 
-    def abort(self, rid: str) -> bool:
+    def abort(self, rid: str, error: tuple[int, str] | None = None) -> bool:
+        """Abort a request; ``error`` (status, message) makes its reply an error instead of a short reply."""
         generation = self._generations.get(rid)
         if generation is None or generation.seq.finished:
             return False
-        self.engine.abort(generation.seq, self.now())
-        self.wake()
+        generation.error = error
+        self._abort_seq(generation.seq)
         return True
+
+    def _abort_seq(self, seq: Sequence) -> None:
+        if self._held is not None and seq in self._held:
+            self._held.remove(seq)
+            self.engine._finish(seq, "abort", self.now())
+        else:
+            self.engine.abort(seq, self.now())
+        self.wake()
 
     def abort_all(self) -> int:
         count = 0
@@ -234,21 +258,49 @@ class Instance:
             return profile.model.weight_bytes / profile.disk_bytes_per_s
         return 0.0
 
-    async def sleep(self, level: int) -> None:
-        engine = self.engine
-        if engine.sleeping:
-            return
-        engine.sleeping = True  # stops new steps; in-flight work is recomputed after waking
-        engine.preempt_all()
-        engine.reset_prefix_cache()
-        await self.sleep_emulated(self.sleep_cost(level))
-        engine.sleep_level = level
+    async def sleep(self, level: int, mode: str = "keep") -> None:
+        """Pause scheduling, then (level >= 1) release GPU memory, as vLLM's sleep mode does.
 
-    async def wake_up(self) -> None:
+        ``mode`` says what happens to requests already inside (vLLM's pause modes): ``abort`` ends
+        them, ``wait`` lets them finish first (new ones wait outside meanwhile), ``keep`` keeps them
+        (from level 1 their KV is dropped, so they are recomputed after waking). New requests are
+        accepted while asleep and wait. Level 0 only pauses scheduling: no memory moves, the prefix
+        cache stays.
+        """
+        engine = self.engine
+        if engine.sleeping and level <= engine.sleep_level:
+            return
+        if mode == "abort":
+            self.abort_all()
+        elif mode == "wait" and not engine.sleeping:
+            self._held = self._held if self._held is not None else []
+            while not engine.idle:
+                await asyncio.sleep(0.002)
+        engine.sleeping = True  # stops new steps
+        if self._held is not None:
+            held, self._held = self._held, None
+            for seq in held:
+                engine.add(seq)
+        if level >= 1:
+            engine.preempt_all()  # the KV cache is discarded: kept work is recomputed after waking
+            engine.reset_prefix_cache()
+            await self.sleep_emulated(self.sleep_cost(level))
+            self.asleep_tags = {"weights", "kv_cache"}
+        engine.sleep_level = max(engine.sleep_level, level)
+
+    async def wake_up(self, tags: list[str] | None = None) -> bool:
+        """Bring back released memory (all, or only ``tags``); scheduling resumes once nothing is
+        released any more. Returns whether the instance is fully awake."""
         engine = self.engine
         if not engine.sleeping:
-            return
-        await self.sleep_emulated(self.wake_cost())
+            return True
+        waking = set(self.asleep_tags) if tags is None else self.asleep_tags & set(tags)
+        if "weights" in waking:
+            await self.sleep_emulated(self.wake_cost())
+        self.asleep_tags -= waking
+        if self.asleep_tags:
+            return False
         engine.sleeping = False
         engine.sleep_level = 0
         self.wake()
+        return True

@@ -1,26 +1,32 @@
-"""TGI v3's router surface: native ``/generate`` and ``/generate_stream`` plus OpenAI routes.
+"""TGI v3's router surface: native ``/generate`` and ``/generate_stream`` plus OpenAI routes, as TGI
+3.3.x serves them (tests/test_contract_tgi.py).
 
-TGI answers errors as ``{"error": "...", "error_type": "..."}``; inside a stream (both the
-native and the OpenAI routes) it sends the error as an SSE event with HTTP status 200.
-Older TGI (axum 0.6) wrote ``data:{json}`` without a space; TGI >= 2 (axum 0.7) writes
-``data: {json}``. The emulator defaults to the former and takes ``sse_space`` for the latter.
+TGI answers errors as ``{"error": "...", "error_type": "..."}``. Its SSE replies start (HTTP 200)
+before the request is validated or given a concurrency permit, so a streamed request learns of a
+refusal inside the stream: on the OpenAI routes as ``{"error": {"message", "http_status_code": 422}}``
+followed by ``[DONE]``, on ``/generate_stream`` as ``{"error", "error_type"}``. Frames are
+``data: {json}`` (axum >= 0.7, TGI >= 2.1); an ``engine_version`` below 2.1 or ``sse_space: false``
+writes ``data:{json}`` as older TGI did.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
 from . import openai_routes
-from .http_common import ApiError, decode_body, encode, json_response, new_app, start_sse
+from .http_common import ApiError, DecodeProblem, decode_request, encode, json_response, new_app, start_sse
 from .instance import Generation, Instance
 from .metrics_text import render_metrics
-from .openai_routes import Dialect
+from .openai_routes import Admission, Call, ChatRequest, Dialect
 from .tokens import piece_id, token_ids, tokenize
+from .versions import TGI_AUTO_MAX_NEW_TOKENS, TGI_CHUNKED_GENERATION, TGI_SSE_SPACE
 
-TGI_VERSION = "3.3.4"
+GENERATION_ROUND = 1024  # DEFAULT_GENERATION_LENGTH: the most one scheduling round generates
+OVERLOADED = "Model is overloaded"
 _FINISH = {"stop": "eos_token", "length": "length"}
 _ERROR_TYPES = {422: "validation", 429: "overloaded", 424: "generation", 503: "unhealthy", 404: "validation"}
 
@@ -29,30 +35,162 @@ def tgi_error(status: int, message: str, type_: str, param: str | None) -> dict:
     return {"error": message, "error_type": _ERROR_TYPES.get(status, "validation")}
 
 
-def _validation_message(prompt_tokens: int, requested: int | None, limit: int) -> str:
-    return (
-        f"Input validation error: `inputs` tokens + `max_new_tokens` must be <= {limit}. "
-        f"Given: {prompt_tokens} `inputs` tokens and {requested or 0} `max_new_tokens`"
-    )
+def sse_prefix(instance: Instance) -> bytes:
+    space = instance.config.sse_space
+    if space is None:
+        space = instance.version >= TGI_SSE_SPACE
+    return b"data: " if space else b"data:"
+
+
+def max_input_tokens(instance: Instance) -> int:
+    return instance.max_model_len - 1
+
+
+class Refused(Exception):
+    """A request TGI's router refuses: its ``error_type`` and message (the Display of InferError)."""
+
+    def __init__(self, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.message = message
+
+    @property
+    def status(self) -> int:
+        return 429 if self.error_type == "overloaded" else 422
+
+
+def _invalid(message: str) -> Refused:
+    return Refused("validation", f"Input validation error: {message}")
+
+
+def acquire(instance: Instance) -> None:
+    """The concurrency permit, taken before validation and never queued."""
+    if instance.engine.num_in_flight >= instance.config.max_concurrent_requests:
+        instance.engine.stats.rejected["overloaded"] += 1
+        raise Refused("overloaded", OVERLOADED)
+
+
+def output_limit(max_total: int, prompt: int, requested: int | None, version: tuple[int, ...]) -> int:
+    """Validate lengths as the router does and return the most tokens the reply can have.
+
+    Pure (the simulator can call it): ``max_total`` is max_total_tokens, max_input_tokens is one less.
+    Each scheduling round asks for ``min(max_new_tokens, 1024)`` (the rest of the window when
+    ``max_new_tokens`` is absent) and must fit the window; after a round that ran out, the router
+    re-validates the longer input and schedules another round while the reply is under
+    ``max_new_tokens``; once that fails the reply ends with finish_reason ``length``. Raises
+    :class:`Refused` (validation) when the first round does not fit.
+    """
+    max_input = max_total - 1
+    chunked = version >= TGI_CHUNKED_GENERATION
+    if requested is None and version < TGI_AUTO_MAX_NEW_TOKENS:
+        requested = 100  # before 3.0 /generate defaulted max_new_tokens to 100
+
+    def round_tokens(inputs: int) -> int:
+        wanted = requested if requested is not None else max(max_total - inputs, 0)
+        tokens = min(wanted, GENERATION_ROUND) if chunked else wanted
+        if inputs + tokens > max_total:
+            raise _invalid(
+                f"`inputs` tokens + `max_new_tokens` must be <= {max_total}. "
+                f"Given: {inputs} `inputs` tokens and {tokens} `max_new_tokens`"
+            )
+        if inputs > max_input:
+            raise _invalid(f"`inputs` must have less than {max_input} tokens. Given: {inputs}")
+        return tokens
+
+    generated = round_tokens(prompt)
+    total = requested if requested is not None else max(max_total - prompt, 0)
+    while chunked and generated < total:
+        try:
+            more = round_tokens(prompt + generated)
+        except Refused:
+            break
+        if more == 0:
+            break
+        generated += more
+    return generated
+
+
+def validate(instance: Instance, prompt: int, requested: int | None, *, temperature=None, top_p=None) -> int:
+    """The router's parameter checks, then the lengths (:func:`output_limit`)."""
+    if temperature is not None and temperature < 0:  # 0 means greedy on the OpenAI routes
+        raise _invalid("`temperature` must be strictly positive")
+    if top_p is not None and not 0.0 < top_p < 1.0:
+        raise _invalid("`top_p` must be > 0.0 and < 1.0")
+    if requested == 0:
+        raise _invalid("`max_new_tokens` must be strictly positive")
+    return output_limit(instance.max_model_len, prompt, requested, instance.version)
+
+
+def _counted(instance: Instance, refused: Refused) -> Refused:
+    if refused.error_type != "overloaded":  # acquire() counted its own
+        instance.engine.stats.rejected[refused.error_type] += 1
+    return refused
+
+
+def _openai_error(instance: Instance, refused: Refused) -> ApiError:
+    """A real status when not streaming; inside a stream the OpenAI-style event, always 422."""
+    event = encode({"error": {"message": refused.message, "http_status_code": 422}})
+    body = {"error": refused.message, "error_type": refused.error_type}
+    return ApiError(refused.status, body, stream_body=event)
+
+
+def _axum_rejection(problem: DecodeProblem) -> ApiError:
+    """axum's Json extractor: plain-text rejections, 400 for bad JSON and 422 for the wrong shape."""
+    if problem.syntax:
+        return ApiError(400, f"Failed to parse the request body as JSON: {problem.detail}")
+    where = ".".join(map(str, problem.loc))
+    return ApiError(422, f"Failed to deserialize the JSON body into the target type: {where}: {problem.detail}")
+
+
+def _admit(instance: Instance, call: Call) -> Admission:
+    body = call.body
+    if isinstance(body, ChatRequest):
+        # The request's model is echoed unless absent or "tgi"; any other name is a LoRA adapter id.
+        model = body.model if body.model not in (None, "tgi") else instance.config.model
+        requested = call.max_tokens if call.max_tokens is not None else body.max_completion_tokens
+    else:
+        if body.suffix is not None:  # refused before the stream starts
+            message = "Suffix is not supported and can be achieved by preprocessing the prompt."
+            raise ApiError(422, {"error": message, "error_type": "suffix not supported"})
+        model, requested = instance.config.model, call.max_tokens
+    if requested is not None and requested < 0:  # u32: a deserialization failure
+        raise _axum_rejection(DecodeProblem("invalid", ("max_tokens",), "invalid value: integer, expected u32"))
+    temperature = body.temperature if body.temperature != 0 else None
+    try:
+        acquire(instance)
+        limit = validate(instance, call.prompt_tokens, requested, temperature=temperature, top_p=body.top_p)
+    except Refused as refused:
+        raise _openai_error(instance, _counted(instance, refused)) from None
+    return Admission(model, limit)
+
+
+def _usage(call: Call) -> tuple[bool, bool]:
+    options = call.body.stream_options or {}
+    return bool(options.get("include_usage")), False
 
 
 def _dialect(instance: Instance) -> Dialect:
     return Dialect(
         name="tgi",
         error=tgi_error,
-        sse_prefix=b"data: " if instance.config.sse_space else b"data:",
+        admit=partial(_admit, instance),
+        decode_error=_axum_rejection,
+        usage=_usage,
+        sse_prefix=sse_prefix(instance),
         role_on_every_chunk=True,
-        empty_chat_id=True,
-        completion_id_prefix="",
-        echo_model=False,
-        extra_chunk_fields=lambda inst: {"system_fingerprint": f"{TGI_VERSION}-native"},
-        context_error_message=_validation_message,
-        context_error_status=422,
+        usage_null_on_chunks=True,
+        completion_final_usage=True,
+        completion_running_finish="",
+        completion_stream_finish_map=_FINISH,
+        empty_ids=True,
+        finish_on_abort=False,
+        stream_headers={"X-Accel-Buffering": "no"},
+        extra_chunk_fields=lambda inst: {"system_fingerprint": f"{inst.version_string}-native"},
     )
 
 
 class GenerateParameters(msgspec.Struct):
-    max_new_tokens: int | None = 100
+    max_new_tokens: int | None = None  # None: the rest of the window (100 before 3.0)
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -78,31 +216,20 @@ def build_app(instance: Instance) -> web.Application:
     dialect = _dialect(instance)
     prefix = dialect.sse_prefix
 
-    def invalid(message: str) -> ApiError:
-        instance.engine.stats.rejected["validation"] += 1
-        return ApiError(422, {"error": f"Input validation error: {message}", "error_type": "validation"})
-
-    def admit(body: GenerateRequest) -> tuple[int, int]:
-        """Validate as TGI's router does; returns (prompt tokens, max_new_tokens)."""
-        if not body.inputs:
-            raise invalid("`inputs` cannot be empty")
-        prompt_tokens = instance.count_tokens_of(body.inputs)
-        max_new = body.parameters.max_new_tokens or 100
-        if max_new < 1:
-            raise invalid("`max_new_tokens` must be strictly positive")
-        if prompt_tokens + max_new > instance.max_model_len:
-            instance.engine.stats.rejected["validation"] += 1
-            raise ApiError(
-                422,
-                {
-                    "error": _validation_message(prompt_tokens, max_new, instance.max_model_len),
-                    "error_type": "validation",
-                },
+    def admit(body: GenerateRequest) -> int:
+        """The router's order: the concurrency permit, then validation; returns the reply's token limit."""
+        try:
+            acquire(instance)
+            if not body.inputs:
+                raise _invalid("`inputs` cannot be empty")
+            params = body.parameters
+            prompt_tokens = instance.count_tokens_of(body.inputs)
+            return validate(
+                instance, prompt_tokens, params.max_new_tokens, temperature=params.temperature, top_p=params.top_p
             )
-        if instance.engine.num_in_flight >= instance.config.max_concurrent_requests:
-            instance.engine.stats.rejected["overloaded"] += 1
-            raise ApiError(429, {"error": "Model is overloaded", "error_type": "overloaded"})
-        return prompt_tokens, max_new
+        except Refused as refused:
+            _counted(instance, refused)
+            raise ApiError(refused.status, {"error": refused.message, "error_type": refused.error_type}) from None
 
     def timing_headers(generation: Generation) -> dict[str, str]:
         seq = generation.seq
@@ -137,10 +264,10 @@ def build_app(instance: Instance) -> web.Application:
         return out
 
     async def generate(request: web.Request) -> web.StreamResponse:
-        body = await decode_body(request, GenerateRequest, invalid)
+        body = await decode_request(request, GenerateRequest, _axum_rejection)
         if body.stream:
             return await generate_stream_body(request, body)
-        _, max_new = admit(body)
+        max_new = admit(body)
         generation = instance.submit(body.inputs, max_new)
         try:
             async for _ in generation.updates():
@@ -156,19 +283,19 @@ def build_app(instance: Instance) -> web.Application:
             instance.release(generation)
 
     async def generate_stream(request: web.Request) -> web.StreamResponse:
-        body = await decode_body(request, GenerateRequest, invalid)
+        body = await decode_request(request, GenerateRequest, _axum_rejection)
         return await generate_stream_body(request, body)
 
     async def generate_stream_body(request: web.Request, body: GenerateRequest) -> web.StreamResponse:
         try:
-            _, max_new = admit(body)
-        except ApiError as error:  # inside a stream, TGI reports errors as an event
-            response = await start_sse(request)
+            max_new = admit(body)
+        except ApiError as error:  # inside a stream, TGI reports errors as an event (and no [DONE])
+            response = await start_sse(request, {"X-Accel-Buffering": "no"})
             await response.write(prefix + encode(error.body) + b"\n\n")
             await response.write_eof()
             return response
         generation = instance.submit(body.inputs, max_new)
-        response = await start_sse(request)
+        response = await start_sse(request, {"X-Accel-Buffering": "no"})
         seq = generation.seq
         sent = 0
         try:
@@ -197,7 +324,7 @@ def build_app(instance: Instance) -> web.Application:
             instance.release(generation)
 
     async def tokenize_route(request: web.Request) -> web.Response:
-        body = await decode_body(request, GenerateRequest, invalid)
+        body = await decode_request(request, GenerateRequest, _axum_rejection)
         pieces, ids = tokenize(body.inputs), token_ids(body.inputs)
         out, offset = [], 0
         for piece, token_id in zip(pieces, ids, strict=True):
@@ -219,12 +346,12 @@ def build_app(instance: Instance) -> web.Application:
                 "max_concurrent_requests": instance.config.max_concurrent_requests,
                 "max_best_of": 2,
                 "max_stop_sequences": 4,
-                "max_input_tokens": instance.max_model_len - 1,
+                "max_input_tokens": max_input_tokens(instance),
                 "max_total_tokens": instance.max_model_len,
                 "validation_workers": 2,
                 "max_client_batch_size": 4,
                 "router": "text-generation-router",
-                "version": TGI_VERSION,
+                "version": instance.version_string,
                 "sha": None,
                 "docker_label": None,
             }
