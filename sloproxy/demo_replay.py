@@ -17,7 +17,7 @@ import msgspec
 from .emulator.fleet import FleetSpec, InstanceSpec
 from .evaluation.agreement import base_config, scaled_config
 from .evaluation.build import BuildOptions, build_workload, parse_models
-from .evaluation.records import RequestRecord, RunMeta, write_run
+from .evaluation.records import RequestRecord, RunMeta, fleet_record, write_run
 from .evaluation.replay import replay_run
 from .evaluation.report import figure_png, render_html, render_text, summarize
 from .evaluation.simulate import proxy_config
@@ -78,6 +78,9 @@ async def replay_policies(
                 meta, records = await replay_run(
                     workload, proxy.url, workload=str(workload_path), label=policy, speedup=speedup
                 )
+        # what the report states about the run (the replayer only knows the workload and the URL)
+        meta.trace, meta.window_s, meta.fleet = "azure_conv_2023.csv", [0.0, seconds], fleet_record(specs)
+        meta.extra.update(policy=policy, rate_scale=rate_scale)
         write_run(out_dir / f"demo-run-{policy}.jsonl", meta, records)
         runs.append((meta, records))
         ok = sum(r.status == "ok" for r in records)

@@ -22,7 +22,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from .backends import BackendPool
 from .errors import ProxyError
 from .request import ProxyRequest
-from .slo_outcome import rejected_in_queue, rejection_reason, slo_met, time_per_output_token, was_rejected
+from .slo_outcome import (
+    CLIENT_ERROR,
+    outcome_kind,
+    rejected_in_queue,
+    rejection_reason,
+    slo_met,
+    time_per_output_token,
+    was_rejected,
+)
 
 if TYPE_CHECKING:
     from .estimates import LengthEstimates
@@ -252,6 +260,7 @@ class _Series:
     """Everything counted per (model, SLO class)."""
 
     __slots__ = (
+        "client_errors",
         "e2e",
         "evictions",
         "outcomes",
@@ -276,6 +285,7 @@ class _Series:
         self.prediction_ratio = _Histogram(PREDICTION_RATIO_BUCKETS)
         self.slo_evaluated = 0
         self.slo_met = 0
+        self.client_errors = 0
         self.evictions = 0
         self.predictions = 0
         self.within_p90 = 0
@@ -301,6 +311,12 @@ class _RequestCollector:
             labels=labels,
         )
         met = CounterMetricFamily("sloproxy_slo_met", "Requests that met their SLO class.", labels=labels)
+        client_errors = CounterMetricFamily(
+            "sloproxy_client_errors",
+            "Requests failed by their own fault (4xx but 408/429: invalid, unknown model, too long, auth); "
+            "not judged against the SLO.",
+            labels=labels,
+        )
         evictions = CounterMetricFamily(
             "sloproxy_evictions", "Times the scheduler moved a request to another backend.", labels=labels
         )
@@ -341,6 +357,7 @@ class _RequestCollector:
                 rejections.add_metric([*key, reason], count)
             evaluated.add_metric(key, series.slo_evaluated)
             met.add_metric(key, series.slo_met)
+            client_errors.add_metric(key, series.client_errors)
             evictions.add_metric(key, series.evictions)
             predicted.add_metric(key, series.predictions)
             p90.add_metric(key, series.within_p90)
@@ -349,9 +366,9 @@ class _RequestCollector:
                 family.add_metric(key, histogram.buckets(), histogram.sum)
         if not self.metrics.predicting:  # the predictor is off: no predictor series at all
             histograms.pop("prediction_ratio")
-            yield from (requests, rejections, evaluated, met, evictions, *histograms.values())
-        else:
-            yield from (requests, rejections, evaluated, met, evictions, *histograms.values(), predicted, p90)
+        yield from (requests, rejections, evaluated, met, client_errors, evictions, *histograms.values())
+        if self.metrics.predicting:
+            yield from (predicted, p90)
         upstream = HistogramMetricFamily(
             "sloproxy_upstream_time_to_first_token_seconds",
             "Upstream call to its first streamed event: the engine's TTFT as the proxy sees it.",
@@ -431,15 +448,18 @@ class ProxyMetrics:
     ) -> bool | None:
         """Record one finished request; returns whether it met its SLO (None: not judged)."""
         ended = time.monotonic() if ended is None else ended
+        client_error = outcome != "ok" and outcome_kind(outcome) == CLIENT_ERROR  # not judged, counted apart
         if request is None:  # refused before it could be parsed
             series = self._series("other", "none")
             series.outcomes[outcome] = series.outcomes.get(outcome, 0) + 1
+            series.client_errors += client_error
             if isinstance(error, ProxyError):
                 reason = rejection_reason(error)
                 series.rejections[reason] = series.rejections.get(reason, 0) + 1
             return None
         series = self._series(request.model, request.slo.name if request.slo is not None else "none")
         series.outcomes[outcome] = series.outcomes.get(outcome, 0) + 1
+        series.client_errors += client_error
         series.e2e.observe(ended - request.received_at)
         if request.queued_at is not None:
             wait = request.queue_wait_s + (ended - request.queued_at if rejected_in_queue(request) else 0.0)

@@ -112,12 +112,14 @@ async def test_counters_move_as_requests_flow(fleet):
     other = {"model": "other", "slo_class": "interactive"}
     assert value(after, "sloproxy_rejections_total", **other, reason="model_not_found") == 1
     assert value(after, "sloproxy_requests_total", **other, outcome="http_404") == 1
-    assert (
-        value(after, "sloproxy_slo_evaluated_total", **other) == 1
-        and value(after, "sloproxy_slo_met_total", **other) == 0
-    )
+    # Client errors (unknown model, unknown class, invalid body) are counted apart and not judged.
+    assert value(after, "sloproxy_client_errors_total", **other) == 1
+    assert value(after, "sloproxy_slo_evaluated_total", **other) == value(after, "sloproxy_slo_met_total", **other) == 0
+    assert value(after, "sloproxy_client_errors_total", **interactive) == 0
     assert value(after, "sloproxy_rejections_total", model="m", slo_class="none", reason="invalid_request") == 1
     assert value(after, "sloproxy_rejections_total", model="other", slo_class="none", reason="invalid_request") == 1
+    assert value(after, "sloproxy_client_errors_total", model="m", slo_class="none") == 1
+    assert value(after, "sloproxy_client_errors_total", model="other", slo_class="none") == 1
     # Tokens from the engines' usage, the backend as the proxy sees it.
     assert value(after, "sloproxy_tokens_total", model="m", kind="completion") > 0
     assert value(after, "sloproxy_backend_healthy", backend="good") == 1
@@ -181,6 +183,42 @@ def test_slo_judgement():
     assert slo_met(left, "client_disconnected", 101.5) is False  # no first token after 1.5 s
     unclassified = parse_request("chat", b'{"model": "m", "messages": [{"role": "user", "content": "x"}]}')
     assert slo_met(unclassified, "ok", 1.0) is None
+
+
+def test_client_errors_are_counted_apart_and_misses_are_judged():
+    """Live counting of the one SLO rule (tests/test_slo_rule.py): a 4xx other than 408/429 is a client
+    error (its own counter, outside attainment); refusals, timeouts and failures are judged misses."""
+    proxy = Proxy(
+        parse_config({"backends": [{"name": "b", "engine": "vllm", "url": "http://127.0.0.1:9", "models": ["m"]}]})
+    )
+    metrics = proxy.metrics
+    outcomes = {
+        "http_400": ProxyError(400, "too long", code="context_length_exceeded"),
+        "http_401": ProxyError(401, "bad key"),
+        "http_429": ProxyError(429, "full", code="queue_full"),
+        "http_503": ProxyError(503, "none"),
+        "http_504": ProxyError(504, "slow"),
+        "http_502": ProxyError(502, "broken"),
+    }
+    verdicts = {}
+    for outcome, error in outcomes.items():
+        request = _request(INTERACTIVE)
+        verdicts[outcome] = metrics.finished(request, outcome, error, request.received_at + 0.2)
+    assert metrics.finished(None, "http_401", ProxyError(401, "no key"), 1.0) is None  # before parsing
+    assert verdicts == {
+        "http_400": None,
+        "http_401": None,
+        "http_429": False,
+        "http_503": False,
+        "http_504": False,
+        "http_502": False,
+    }
+    samples = scrape(metrics.render().decode())
+    key = {"model": "m", "slo_class": "interactive"}
+    assert value(samples, "sloproxy_client_errors_total", **key) == 2
+    assert value(samples, "sloproxy_slo_evaluated_total", **key) == 4
+    assert value(samples, "sloproxy_slo_met_total", **key) == 0
+    assert value(samples, "sloproxy_client_errors_total", model="other", slo_class="none") == 1
 
 
 def test_rejection_reasons_are_bounded():

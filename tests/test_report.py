@@ -9,7 +9,17 @@ import pytest
 
 from sloproxy.cli import main
 from sloproxy.evaluation.records import RequestRecord, RunMeta, read_run, slo_met, tpot, write_run
-from sloproxy.evaluation.report import render_text, report_json, summarize
+from sloproxy.evaluation.report import (
+    METRIC_HELP,
+    OUTCOMES,
+    figure_png,
+    outcome_counts,
+    render_html,
+    render_text,
+    report_figure,
+    report_json,
+    summarize,
+)
 
 CLASSES = {
     "interactive": {"ttft_s": 1.5, "tpot_s": 0.10, "deadline_s": None},
@@ -188,6 +198,136 @@ def test_multi_run_json_and_text(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert report_json([single]) is single
 
 
+# Client errors: a 400 (prompt fits no backend), a 404 (unknown model) and a 401. Not judged.
+CLIENT_ERRORS = [
+    failed("c1", "interactive", "error", 400),
+    failed("c2", "batch", "error", 404),
+    failed("c3", "interactive", "error", 401),
+]
+
+
+def test_client_errors_are_counted_apart() -> None:
+    summary = summarize(meta(duration_s=10.0), RECORDS + CLIENT_ERRORS)
+    overall = summary["overall"]
+    assert (overall["requests"], overall["client_errors"], overall["slo_judged"], overall["slo_met"]) == (13, 3, 10, 4)
+    assert overall["slo_attainment"] == pytest.approx(0.4)  # 4 met of the 10 judged: client errors excluded
+    assert overall["errors"] == 1  # only the 500 is a failure
+    parts = ("ok", "rejected", "errors", "timeouts", "client_errors")
+    assert sum(overall[k] for k in parts) == overall["requests"]
+    assert summary["classes"]["interactive"]["client_errors"] == 2
+    assert summary["classes"]["batch"]["client_errors"] == 1
+    only = summarize(meta(), CLIENT_ERRORS)["overall"]
+    assert only["slo_judged"] == 0 and only["slo_attainment"] is None and only["goodput_rps"] == 0.0
+    text = render_text([summary])
+    assert any(line.split() == ["client_errors", "3"] for line in text.splitlines())
+    assert any(line.split() == ["slo_judged", "10"] for line in text.splitlines())
+    assert outcome_counts(summary) == {
+        "met": 4,
+        "late": 3,
+        "rejected": 1,
+        "errors": 1,
+        "timeouts": 1,
+        "client_errors": 3,
+    }
+
+
+def described_meta(label: str) -> RunMeta:
+    described = meta(label)
+    described.trace, described.window_s = "azure_conv_2023.csv", [0.0, 120.0]
+    described.fleet = [
+        {"name": "v1", "engine": "vllm", "model": "m", "profile": "h100-llama3-8b"},
+        {"name": "v2", "engine": "vllm", "model": "m", "profile": "h100-llama3-8b"},
+    ]
+    described.extra = {"policy": "edf"}
+    return described
+
+
+def test_figure_states_the_setup_and_shows_every_outcome() -> None:
+    from matplotlib import pyplot as plt
+
+    records = RECORDS + CLIENT_ERRORS
+    runs = [(described_meta("edf"), records), (meta("round-robin"), RECORDS[:5])]
+    summaries = [summarize(m, r) for m, r in runs]
+    fig = report_figure(runs, summaries)
+    try:
+        header = "\n".join(t.get_text() for t in fig.texts)
+        for expected in ("TTFT ≤ 1.5 s", "TPOT ≤ 100 ms/token", "end to end ≤ 60 s", "azure_conv_2023.csv"):
+            assert expected in header
+        assert "2 x vllm m (h100-llama3-8b)" in header and "trace seconds 0-120" in header
+        assert "requests over 10 s" in header
+        titles = [axis.get_title() for axis in fig.axes]
+        assert titles == [
+            "Time to first token (interactive)",
+            "Time per output token (interactive)",
+            "End to end (batch)",
+            "SLO attainment per class",
+            "How requests ended (all classes)",
+        ]
+        assert all(axis.get_legend() is None for axis in fig.axes)  # the runs' legend is the figure's own
+        assert [t.get_text() for t in fig.legends[0].get_texts()] == ["edf", "round-robin"]
+        ttft, _tpot, _e2e, attainment, outcomes = fig.axes
+        fig.canvas.draw()
+        labels = [t.get_text() for t in ttft.get_xticklabels() if t.get_text()]
+        assert ttft.get_xscale() == "log" and len(labels) >= 3 and "1\u2009s" in labels
+        # the attainment axis spreads 97% and 99% apart (about a tenth of its height)
+        lo, hi = attainment.transData.transform([(0, 97.0), (0, 99.0)])[:, 1]
+        bottom, top = attainment.transData.transform([(0, 0.0), (0, 99.95)])[:, 1]
+        assert (hi - lo) / (top - bottom) > 0.09
+        # one bar per non-zero outcome per run, every outcome named on the axis
+        names = [t.get_text() for t in outcomes.get_xticklabels()]
+        assert names == [label for _, label in OUTCOMES]
+        heights = sorted(round(p.get_height()) for p in outcomes.patches)
+        expected = [c for s in summaries for c in outcome_counts(s).values() if c]
+        assert heights == sorted(expected)
+        assert "refused\n(429/503)" in names and "client error\n(not judged)" in names
+    finally:
+        plt.close(fig)
+
+
+def test_png_metadata_and_html_page() -> None:
+    from io import BytesIO
+
+    from PIL import Image
+
+    runs = [(described_meta("edf"), RECORDS + CLIENT_ERRORS)]
+    summaries = [summarize(m, r) for m, r in runs]
+    png = figure_png(runs, summaries)
+    info = Image.open(BytesIO(png)).info
+    assert info["Title"] == "SLO report: edf"
+    description = info["Description"]
+    assert "SLO targets: interactive: TTFT ≤ 1.5 s, TPOT ≤ 100 ms/token; batch: end to end ≤ 60 s" in description
+    assert "outcomes: met 4, late 3, rejected 1, errors 1, timeouts 1, client_errors 3" in description
+    page = render_html(summaries, png, ["a.jsonl"])
+    assert "<th>SLO targets</th><td>interactive: TTFT ≤ 1.5 s, TPOT ≤ 100 ms/token<br>batch: end to end ≤ 60 s" in page
+    assert "azure_conv_2023.csv, trace seconds 0-120" in page and "2 x vllm m (h100-llama3-8b)" in page
+    assert "How a request is judged." in page
+    # every metric row carries its one-line explanation
+    for name in ("client_errors", "slo_judged", "slo_attainment", "rejected", "timeouts", "goodput_rps"):
+        assert f"<td class='name'>{name}</td>" in page
+        assert METRIC_HELP[name].replace("'", "&#x27;") in page
+    assert "<td class='name'>client_errors</td><td>3</td><td>2</td><td>1</td>" in page  # overall, interactive, batch
+    assert "Median arrival → first content, answered requests." in page
+
+
+def test_old_run_files_still_read(tmp_path: Path) -> None:
+    """Run files written before trace/window/fleet and record.stream existed read with their defaults."""
+    path = tmp_path / "old.jsonl"
+    path.write_text(
+        '{"type":"meta","label":"old","source":"replay","workload":"w.jsonl","target":null,"speedup":1.0,'
+        '"duration_s":10.0,"slo_classes":{},"started_at":"2025-01-01T00:00:00+00:00","extra":{}}\n'
+        '{"type":"request","id":"a","model":"m","slo_class":"interactive","arrival_s":0.0,"status":"ok",'
+        '"http_status":200,"error":null,"ttft_s":0.5,"tpot_s":0.01,"e2e_s":1.0,"prompt_tokens":5,'
+        '"output_tokens":51,"expected_output_tokens":51}\n'
+    )
+    old_meta, records = read_run(path)
+    assert old_meta.trace is None and old_meta.window_s is None and old_meta.fleet is None
+    assert records[0].stream is True and slo_met(records[0], {})
+    summary = summarize(old_meta, records)
+    assert summary["setup"]["trace"] is None
+    text = "\n".join(t.get_text() for t in report_figure([(old_meta, records)], [summary]).texts)
+    assert "trace: not recorded in the run file" in text
+
+
 def test_png_and_html(tmp_path: Path) -> None:
     run = tmp_path / "a.jsonl"
     write_run(run, meta("edf"), RECORDS)
@@ -196,3 +336,4 @@ def test_png_and_html(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = page.read_text()
     assert "data:image/png;base64," in html and "edf" in html and "slo_attainment" in html
+    assert "<td class='name'>client_errors</td>" in html

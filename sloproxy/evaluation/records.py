@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 
 from ..slo import DEFAULT_CLASSES
+from ..slo_outcome import CLIENT_ERROR, FAILED, OK, REFUSED, TIMEOUT, is_client_error, judge
 
 STATUSES = ("ok", "rejected", "error", "timeout")
 
@@ -29,6 +30,10 @@ class RunMeta(msgspec.Struct, tag_field="type", tag="meta", kw_only=True):
     slo_classes: dict[str, dict[str, Any]]  # name -> {"ttft_s", "tpot_s", "deadline_s"}, None = unbounded
     started_at: str
     extra: dict[str, Any] = {}
+    # What the run was, for the reader of a report (None: not recorded; files without them still read).
+    trace: str | None = None  # the trace the workload was built from (file name)
+    window_s: list[float] | None = None  # [start, end] of that trace kept, in trace seconds
+    fleet: list[dict[str, Any]] | None = None  # one {"name", "engine", "model", "profile"} per engine instance
 
 
 class RequestRecord(msgspec.Struct, tag_field="type", tag="request", kw_only=True):
@@ -45,10 +50,16 @@ class RequestRecord(msgspec.Struct, tag_field="type", tag="request", kw_only=Tru
     prompt_tokens: int | None = None
     output_tokens: int | None = None
     expected_output_tokens: int | None = None
+    stream: bool = True  # the client asked for a stream (the replayer and the simulator always do)
 
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(RunMeta | RequestRecord)
+
+
+def fleet_record(instances: Iterable[Any]) -> list[dict[str, Any]]:
+    """``RunMeta.fleet`` from fleet instances (``sloproxy.emulator.fleet.InstanceSpec``)."""
+    return [{"name": i.name, "engine": i.engine, "model": i.model, "profile": i.profile} for i in instances]
 
 
 def default_slo_classes() -> dict[str, dict[str, Any]]:
@@ -68,22 +79,38 @@ def tpot(e2e_s: float | None, ttft_s: float | None, output_tokens: int | None) -
     return (e2e_s - ttft_s) / (output_tokens - 1)
 
 
-def slo_met(record: RequestRecord, classes: Mapping[str, Mapping[str, Any]]) -> bool:
-    """Whether a request met its class's SLO (EVALUATION.md).
+def outcome(record: RequestRecord) -> str:
+    """How the request ended, as the SLO rule sees it (``sloproxy.slo_outcome``): ``ok``, ``client_error``
+    (a 4xx other than 408/429, whatever the record's status), ``refused`` (status ``rejected``: 429/503),
+    ``timeout``, or ``failed`` (status ``error``: 5xx, a broken connection or stream)."""
+    if record.status == "ok":
+        return OK
+    if is_client_error(record.http_status):
+        return CLIENT_ERROR
+    return {"rejected": REFUSED, "timeout": TIMEOUT}.get(record.status, FAILED)
 
-    Only an ``ok`` request can meet it. Each bound the class sets must hold: TTFT, mean TPOT
-    (skipped for replies of one token, which have none) and the end-to-end deadline. A class
-    with no bounds, or a class the mapping does not know, is met by any ``ok`` request.
-    """
-    if record.status != "ok":
-        return False
+
+def slo_verdict(record: RequestRecord, classes: Mapping[str, Mapping[str, Any]]) -> bool | None:
+    """The one SLO rule (``sloproxy.slo_outcome.judge``) on a run record: True met, False missed,
+    None not judged (a client error). A class the mapping does not know has no targets."""
     bounds = classes.get(record.slo_class) or {}
-    ttft_bound, tpot_bound, deadline = bounds.get("ttft_s"), bounds.get("tpot_s"), bounds.get("deadline_s")
-    if ttft_bound is not None and (record.ttft_s is None or record.ttft_s > ttft_bound):
-        return False
-    if tpot_bound is not None and record.tpot_s is not None and record.tpot_s > tpot_bound:
-        return False
-    return not (deadline is not None and (record.e2e_s is None or record.e2e_s > deadline))
+    return judge(
+        outcome(record),
+        ttft_target=bounds.get("ttft_s"),
+        tpot_target=bounds.get("tpot_s"),
+        deadline=bounds.get("deadline_s"),
+        ttft_s=record.ttft_s,
+        tpot_s=record.tpot_s,
+        e2e_s=record.e2e_s,
+        streamed=record.stream,
+        tokens=record.output_tokens,
+    )
+
+
+def slo_met(record: RequestRecord, classes: Mapping[str, Mapping[str, Any]]) -> bool:
+    """Whether the request was judged and met its SLO (:func:`slo_verdict` is True). Attainment divides
+    the count of these by the judged requests, i.e. without client errors (report.py)."""
+    return slo_verdict(record, classes) is True
 
 
 def write_run(path: str | Path, meta: RunMeta, records: Iterable[RequestRecord]) -> None:

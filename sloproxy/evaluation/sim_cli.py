@@ -30,7 +30,15 @@ def register(commands: argparse._SubParsersAction) -> None:
     sweep = commands.add_parser("sweep", help="SLO capacity per policy over rate scales (simulated)")
     _common(sweep)
     sweep.add_argument("--policies", required=True, help="A,B,... (NAME+oracle: with true reply lengths)")
-    sweep.add_argument("--scales", default="0.5,0.75,1,1.25,1.5,2", help="rate scales to simulate")
+    sweep.add_argument(
+        "--scales",
+        help="a fixed grid of rate scales, e.g. 0.5,0.75,1,1.25,1.5,2 (default: search each policy's capacity)",
+    )
+    sweep.add_argument(
+        "--resolution",
+        type=float,
+        help="search: stop when the capacity's bracket is within this fraction (default 0.05: 5%%)",
+    )
     sweep.add_argument("--jobs", type=int, default=1, help="worker processes (the machine may be shared)")
     sweep.add_argument(
         "--phases",
@@ -38,7 +46,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         default=1,
         help="average attainment over N load-polling phases (queued policies are sensitive)",
     )
-    sweep.add_argument("--json", action="store_true", help='print {"capacity": ..., "attainment": ...}')
+    sweep.add_argument(
+        "--json", action="store_true", help='print {"capacity": ..., "attainment": ...} (a search: and "bracket")'
+    )
     sweep.add_argument("--png", help="write attainment vs rate scale per policy")
     sweep.set_defaults(func=_sweep)
 
@@ -121,12 +131,28 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     from .simprep import load_inputs
-    from .sweep import figure_png, parse_policies, parse_scales, render_table, scale_key, sweep, to_json
+    from .sweep import (
+        DEFAULT_RESOLUTION,
+        check_resolution,
+        figure_png,
+        parse_policies,
+        parse_scales,
+        render_table,
+        scale_key,
+        search,
+        sweep,
+        to_json,
+    )
 
     runs = parse_policies(args.policies)
-    scales = parse_scales(args.scales)
+    scales = parse_scales(args.scales) if args.scales is not None else None
+    if scales is not None and args.resolution is not None:
+        raise ValueError("--resolution is for the capacity search: drop it or --scales (a grid runs as given)")
+    resolution = check_resolution(DEFAULT_RESOLUTION if args.resolution is None else args.resolution)
     if args.jobs < 1:
         raise ValueError("--jobs must be at least 1")
+    if args.phases < 1:
+        raise ValueError("--phases must be at least 1")
     base = _base_config(args.config)
     fleet, requests = load_inputs(args.fleet, args.workload)
     started = time.perf_counter()
@@ -139,17 +165,11 @@ def _sweep(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
-    result = sweep(
-        fleet,
-        requests,
-        runs,
-        scales,
-        base=base,
-        timeout_s=args.timeout,
-        jobs=args.jobs,
-        phases=args.phases,
-        progress=progress,
-    )
+    common = {"base": base, "timeout_s": args.timeout, "jobs": args.jobs, "phases": args.phases, "progress": progress}
+    if scales is None:
+        result = search(fleet, requests, runs, resolution=resolution, **common)
+    else:
+        result = sweep(fleet, requests, runs, scales, **common)
     if args.png:
         Path(args.png).write_bytes(figure_png(result, f"{Path(args.workload).name} on {Path(args.fleet).name}"))
     if args.json:

@@ -46,7 +46,7 @@ from ..plugins import load_policy
 from ..request import ProxyRequest, parse_request
 from ..scheduler import Scheduler
 from ..slo import Classifier, tenant_named
-from .records import RequestRecord, RunMeta, tpot
+from .records import RequestRecord, RunMeta, fleet_record, tpot
 from .simloop import Task, VirtualLoop
 from .simprep import SimRequest
 
@@ -102,7 +102,10 @@ def proxy_config(fleet: FleetSpec, policy: str, params: dict[str, Any] | None = 
         BackendConfig(
             name=spec.name,
             engine=spec.engine,
-            url=f"http://{spec.host or fleet.host}:{spec.port}",
+            # nothing connects in the simulator: an address only where the fleet file gives one
+            url=f"http://{spec.host or fleet.host}:{spec.port}"
+            if spec.port is not None
+            else f"http://{spec.name}.invalid",
             models=[spec.model],
             priority_scheduling=spec.scheduling_policy == "priority",
         )
@@ -604,6 +607,7 @@ def simulate(
             c.name: {"ttft_s": c.ttft_s, "tpot_s": c.tpot_s, "deadline_s": c.deadline_s} for c in classes.values()
         },
         started_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        fleet=fleet_record(fleet.instances),
         extra={
             "policy": policy,
             "oracle": oracle,
