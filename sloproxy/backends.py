@@ -185,7 +185,9 @@ class BackendPool:
     def reroute_after_refusal(self, request: ProxyRequest, backend: Backend, error: ProxyError) -> bool:
         """True if ``error`` is ``backend``'s refusal of ``request`` as too long and another backend of
         its model may hold it: the caller tries again (context.py)."""
-        return reroute_after_refusal(request, backend.name, error, self.by_model.get(request.model, ()))
+        return reroute_after_refusal(
+            request, backend.name, error, self.by_model.get(request.model, ()), self.context.clamp_max_tokens
+        )
 
     def refresh(self) -> None:
         """Recompute every backend's ``healthy`` (what routing reads) from its parts; for callers

@@ -94,7 +94,8 @@ def test_whole_fits_are_preferred_and_clamps_noted_where_the_engine_would_refuse
     only_small.fit_by_window(request)
     size = prompt_size(request)
     assert request.excluded == set()
-    assert request.clamps == {"small": 4096 - size.high}  # by the prompt's upper bound: never refused
+    assert size.high > 4096 >= size.likely  # its bytes do not fit: the likely count places and clamps it
+    assert request.clamps == {"small": 4096 - size.likely}
     off = _pool({"small": ("sglang", 4096)}, clamp=False)
     with pytest.raises(ProxyError) as caught:
         off.fit_by_window(parse_request("chat", _chat(3000, 4096)))
@@ -104,19 +105,19 @@ def test_whole_fits_are_preferred_and_clamps_noted_where_the_engine_would_refuse
 def test_a_request_no_window_holds_is_a_400_naming_the_largest() -> None:
     pool = _pool({"small": ("tgi", 4096), "big": ("vllm", 8192)})
     with pytest.raises(ProxyError) as caught:
-        pool.fit_by_window(parse_request("chat", _chat(20000)))
+        pool.fit_by_window(parse_request("chat", _chat(40000)))
     error = caught.value
     assert (error.status, error.code, error.param) == (400, CONTEXT_CODE, "messages")
     assert "maximum context length is 8192 tokens" in error.message
     # a backend whose window is not known yet may hold it: no 400 from the proxy
     unknown = _pool({"small": ("tgi", 4096), "new": ("vllm", None)})
-    request = parse_request("chat", _chat(20000))
+    request = parse_request("chat", _chat(40000))
     unknown.fit_by_window(request)
     assert request.excluded == {"small"}
 
 
 def test_near_a_window_the_likely_count_decides_and_the_engine_has_the_last_word() -> None:
-    # 7,900 emulator tokens: the upper bound (x1.10) is over 8,192, the likely count is not
+    # 7,900 emulator tokens: the upper bound (its bytes) is over 8,192, the likely count is not
     pool = _pool({"small": ("tgi", 4096), "big": ("vllm", 8192)})
     request = parse_request("chat", _chat(7900))
     size = prompt_size(request)
@@ -223,13 +224,33 @@ def test_prompt_size_brackets_the_emulators_count_on_long_prompts(shared_data, w
     assert size.likely - engine <= 64  # the template's allowance, not a share of the prompt
 
 
+def test_an_engine_count_that_fits_once_clamped_keeps_the_backend() -> None:
+    """SGLang refused prompt + max_tokens, naming its count: the same backend serves it with the limit cut."""
+    pool = _pool({"small": ("sglang", 4096)})
+    pool.set_context(pool.backends[0], None)
+    request = parse_request("chat", _chat(3000, 4000))
+    pool.fit_by_window(request)
+    pool.set_context(pool.backends[0], ContextWindow(4096))  # learned meanwhile
+    refusal = ProxyError(
+        400,
+        "Requested token count exceeds the model's maximum context length of 4096 tokens. You requested a total of "
+        "7010 tokens: 3010 tokens from the input messages and 4000 tokens for the completion.",
+    )
+    assert pool.reroute_after_refusal(request, pool.backends[0], refusal)
+    assert request.excluded == set() and request.prompt_token_count == 3010
+    pool.fit_by_window(request)
+    assert request.clamps == {"small": 4096 - 3010}
+    # the same refusal again says nothing new: the backend is out, and nothing is left
+    assert not pool.reroute_after_refusal(request, pool.backends[0], refusal)
+
+
 def test_prompt_size_of_token_ids_and_non_ascii_text() -> None:
     ids = parse_request("completions", b'{"model": "m", "prompt": [1, 2, 3, 4, 5]}')
-    assert prompt_size(ids).high == prompt_size(ids).low == 5
+    assert prompt_size(ids).likely == prompt_size(ids).low == 5
     wide = parse_request(
         "chat", json.dumps({"model": "m", "messages": [{"role": "user", "content": "排队论" * 100}]}).encode()
     )
-    assert prompt_size(wide).high >= 3 * 300  # up to 3 tokens per CJK character
+    assert prompt_size(wide).high >= 4 * 300  # up to 4 tokens per rare CJK character: their \\u escapes
     raw_utf8 = parse_request(
         "chat",
         json.dumps(

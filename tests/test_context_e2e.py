@@ -103,7 +103,7 @@ def test_a_reply_limit_over_the_only_window_is_clamped_and_said(proxy: ProxyProc
 
 def test_what_fits_nowhere_is_a_400_before_it_queues(proxy: ProxyProcess) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        client(proxy).chat.completions.create(model="llama", messages=[{"role": "user", "content": WORD * 20000}])
+        client(proxy).chat.completions.create(model="llama", messages=[{"role": "user", "content": WORD * 40000}])
     error = caught.value.body
     assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
     assert "8192" in error["message"]

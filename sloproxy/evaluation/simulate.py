@@ -35,11 +35,13 @@ import msgspec
 from ..adapters.base import BackendLoad
 from ..backends import Backend, BackendPool
 from ..config import BackendConfig, ProxyConfig
-from ..context import ContextWindow, Fit, fit
+from ..context import ContextWindow
+from ..emulator import sglang_api, tgi_api, vllm_api
 from ..emulator.engine import Engine
 from ..emulator.engine import Sequence as EngineSequence
 from ..emulator.fleet import FleetSpec, InstanceSpec
 from ..emulator.profiles import get_profile
+from ..emulator.versions import parse_version, version_string
 from ..errors import ProxyError
 from ..estimates import LengthEstimates
 from ..plugins import load_policy
@@ -131,6 +133,7 @@ class _Instance:
     spec: InstanceSpec
     engine: Engine
     max_model_len: int
+    version: tuple[int, ...] = ()  # the engine release it behaves as (emulator/versions.py)
     step_token: int = -1  # the order number of the step event that is current (older ones are stale)
 
     @classmethod
@@ -144,30 +147,68 @@ class _Instance:
             prefix_caching=spec.prefix_caching,
         )
         limit = min(spec.max_model_len or profile.model.max_position, profile.kv_capacity_tokens)
-        return cls(spec, engine, limit)
+        return cls(spec, engine, limit, parse_version(version_string(spec.engine, spec.engine_version)))
 
     @property
     def window(self) -> ContextWindow:
-        """The window the engine reports (TGI's /info says a prompt may be one token shorter)."""
+        """The window the engine reports (what its adapter parses at start): TGI's /info says a prompt
+        may be one token shorter, SGLang's scheduler refuses one within six tokens of it."""
         limit = self.max_model_len
-        return ContextWindow(limit, limit - 1 if self.spec.engine == "tgi" else None)
+        if self.spec.engine == "tgi":
+            return ContextWindow(limit, limit - 1)
+        if self.spec.engine == "sglang":
+            return ContextWindow(limit, limit - 6)
+        return ContextWindow(limit)
 
-    def refusal(self, item: SimRequest, backend: Backend, requested: int | None) -> ProxyError | None:
-        """The emulator's checks, in its order (``openai_routes``): capacity, then the engine's rule for
-        a request over its window (the adapter's :class:`~sloproxy.context.LengthRule`)."""
-        spec, engine = self.spec, self.engine
-        if spec.max_queued_requests is not None and len(engine.waiting) >= spec.max_queued_requests:
-            return ProxyError(503, "The request queue is full.")
-        if spec.engine == "tgi" and engine.num_in_flight >= spec.max_concurrent_requests:
-            return ProxyError(429, "Model is overloaded")
-        prompt, window = item.prompt_tokens, self.window
-        if fit(backend.adapter.length_rule, window, prompt, requested, clamp=False)[0] == Fit.NONE:
-            return ProxyError(
-                400,
-                f"This model's maximum context length is {window.total} tokens. However, your request has "
-                f"{prompt} input tokens.",
-            )
-        return None
+    def admit(self, prompt: int, requested: int | None) -> int:
+        """The emulator's checks for a chat request, in each engine's order (``emulator/*_api.py``
+        ``_admit``): the most tokens the reply may have, or the :class:`ProxyError` the engine's answer
+        becomes through its adapter (TGI's in-stream events included)."""
+        spec, engine, window = self.spec, self.engine, self.max_model_len
+        limit = spec.max_queued_requests
+        if spec.engine == "vllm":
+            if limit is not None and engine.num_in_flight + 1 > limit:  # running + waiting
+                return _refuse(503, vllm_api.QUEUE_FULL)
+            if requested is not None and requested > window:
+                return _refuse(400, f"max_tokens={requested} cannot be greater than max_model_len={window}.")
+            if prompt > window:
+                return _refuse(
+                    400,
+                    f"This model's maximum context length is {window} tokens. However, your prompt contains "
+                    f"at least {window + 1} input tokens, which exceeds this limit even without any output tokens.",
+                )
+            max_new = window - prompt if requested is None else min(window - prompt, requested)
+            return max_new if max_new >= 1 else _refuse(400, f"max_tokens must be at least 1, got {max_new}.")
+        if spec.engine == "sglang":
+            if prompt >= window:
+                return _refuse(
+                    400, f"The input ({prompt} tokens) is longer than the model's context length ({window} tokens)."
+                )
+            if requested is not None and prompt + requested > window:
+                return _refuse(
+                    400,
+                    f"Requested token count exceeds the model's maximum context length of {window} tokens. You "
+                    f"requested a total of {prompt + requested} tokens: {prompt} tokens from the input messages "
+                    f"and {requested} tokens for the completion.",
+                )
+            max_req_len, max_input = sglang_api.request_limits(window, engine.kv.num_blocks * engine.kv.block_size)
+            if prompt >= max_input:
+                return _refuse(
+                    400, f"Input length ({prompt} tokens) exceeds the maximum allowed length ({max_input} tokens)."
+                )
+            if limit is not None and len(engine.waiting) + 1 > limit:
+                return _refuse(503, sglang_api.QUEUE_FULL)
+            return sglang_api.clamp_max_new_tokens(max_req_len, prompt, requested)
+        if engine.num_in_flight >= spec.max_concurrent_requests:  # TGI: the permit comes before validation
+            return _refuse(429, tgi_api.OVERLOADED)
+        try:
+            return tgi_api.output_limit(window, prompt, requested, self.version)
+        except tgi_api.Refused as refused:
+            return _refuse(400, refused.message)
+
+
+def _refuse(status: int, message: str) -> int:
+    raise ProxyError(status, message)
 
 
 @dataclass(slots=True, eq=False)
@@ -465,12 +506,13 @@ class Simulation:
         request.clamped_to = request.clamps.get(backend.name) if request.clamps is not None else None
         item = client.item
         requested = request.clamped_to if request.clamped_to is not None else item.max_tokens
-        refusal = instance.refusal(item, backend, requested)
-        if refusal is not None:
+        try:
+            max_new = instance.admit(item.prompt_tokens, requested)
+        except ProxyError as refusal:
             if refusal.status in RETRYABLE_STATUSES:
-                raise _Retryable(refusal)
-            raise refusal
-        seq = self._submit(client, instance, backend)
+                raise _Retryable(refusal) from None
+            raise
+        seq = self._submit(client, instance, backend, max_new)
         attempt = _Attempt(client, instance, seq, self.loop.create_future())
         self._attempts[id(seq)] = attempt
 
@@ -487,14 +529,11 @@ class Simulation:
                 self._abort(attempt)
             raise
 
-    def _submit(self, client: _Client, instance: _Instance, backend: Backend) -> EngineSequence:
+    def _submit(self, client: _Client, instance: _Instance, backend: Backend, max_new: int) -> EngineSequence:
         item, request = client.item, client.request
         assert request is not None
         engine = instance.engine
         prompt = item.prompt_tokens
-        requested = request.clamped_to if request.clamped_to is not None else item.max_tokens
-        room = instance.max_model_len - prompt  # every engine ends a reply at its window (or refused it above)
-        max_new = room if requested is None else min(requested, room)
         natural = max(item.output_tokens, 1)  # the emulator's lengths table holds the workload's lengths
         target, hit_limit = (max_new, True) if natural >= max_new else (natural, False)
         engine_priority = getattr(backend.adapter, "engine_priority", None)
