@@ -1,9 +1,12 @@
 """TGI adapter: its OpenAI routes, normalised to what OpenAI clients expect.
 
 TGI takes any ``model`` other than ``"tgi"`` as a LoRA adapter id, answers with ``"id": ""``
-and its own model id, repeats ``role`` in every chunk, frames SSE as ``data:{…}``, and
-reports errors as ``{"error": "...", "error_type": "..."}`` (422 for validation). The
-translator rewrites each chunk; errors map to OpenAI statuses (422 -> 400).
+and its own model id, repeats ``role`` in every chunk, frames SSE as ``data: {…}`` (``data:{…}``
+before 2.1: the SSE decoder takes both), says ``eos_token`` / ``stop_sequence`` / ``""`` where OpenAI
+says ``stop`` / null, and reports errors as ``{"error": "...", "error_type": "..."}`` (422 for
+validation), or, inside its OpenAI streams, as ``{"error": {"message", "http_status_code": 422}}``
+after HTTP 200 whatever went wrong. The translator rewrites each chunk; errors map to OpenAI statuses
+by type or message (overloaded -> 429, retried elsewhere before the first byte; validation -> 400).
 """
 
 from __future__ import annotations

@@ -26,7 +26,9 @@ class VLLMAdapter(OpenAICompatibleAdapter):
 
     # Sleep mode: the server must run with VLLM_SERVER_DEV_MODE=1 and --enable-sleep-mode.
     def sleep_call(self, level: int) -> AdminCall:
-        return AdminCall("POST", f"/sleep?level={level}")
+        # 0.33 aborts whatever runs unless told to wait (mode=wait); the swapper has drained it by then,
+        # and an older vLLM ignores the parameter (tests/test_contract_vllm.py).
+        return AdminCall("POST", f"/sleep?level={level}&mode=wait")
 
     def wake_call(self) -> AdminCall:
         return AdminCall("POST", "/wake_up")

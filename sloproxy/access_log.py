@@ -38,7 +38,12 @@ class AccessLog:
         ended: float,
         started: float,
     ) -> None:
-        status = error.status if isinstance(error, ProxyError) else (200 if outcome == "ok" else None)
+        if isinstance(error, ProxyError):
+            status: int | None = error.status
+        elif outcome.startswith("http_") and outcome[5:].isdigit():  # e.g. a stream broken mid-way: 502
+            status = int(outcome[5:])
+        else:
+            status = 200 if outcome == "ok" else None
         line: dict[str, Any] = {
             "time": round(time.time(), 3),
             "id": None,

@@ -181,6 +181,8 @@ class Proxy:
             if proxy_request.disconnected:
                 outcome = "client_disconnected"
                 metrics.disconnects.labels(proxy_request.model).inc()
+            elif proxy_request.failed_mid_stream:  # the client got an error frame, not its reply: a miss
+                outcome = "http_502"
             else:
                 outcome = "ok"
                 self.estimates.finished(proxy_request)

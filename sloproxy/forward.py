@@ -139,6 +139,7 @@ class Forwarder:
                 served = await self._attempt(response, request, backend)
                 if served is False:
                     reason = "its stream failed after the client had the first bytes"
+                    request.failed_mid_stream = True
                 return
             except _RetryableFailure as failure:
                 if request.evicted:  # the scheduler moved it: back to the queue, not a failure

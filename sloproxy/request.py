@@ -96,6 +96,7 @@ class ProxyRequest:
     backend: str | None = None
     attempts: int = 0
     disconnected: bool = False  # the client went away before its reply ended
+    failed_mid_stream: bool = False  # its stream broke after the client had bytes (an error frame ended it)
     client_request_id: str | None = None  # X-Request-Id as the client sent it (for logs), never a key
     # Scheduling: filled by the classifier (tenant, class) and the estimates below.
     seq: int = field(default_factory=lambda: next(_arrival_seq))  # arrival order, unique
@@ -224,6 +225,8 @@ def parse_request(
             raise ProxyError(400, f"`{name}` must be at least 1, got {value}.", param=name)
         if value is not None and value > limits.max_tokens:
             raise ProxyError(400, f"`{name}` must be at most {limits.max_tokens}, got {value}.", param=name)
+    if fields.priority is not None and not -(2**63) <= fields.priority < 2**63:  # msgspec takes uint64 too
+        raise ProxyError(400, f"`priority` must be a 64-bit signed integer, got {fields.priority}.", param="priority")
     if fields.n < 1:
         raise ProxyError(400, f"`n` must be at least 1, got {fields.n}.", param="n")
     if fields.n > limits.max_n:

@@ -63,7 +63,14 @@ async def test_openai_compatible_backend():
     with EmulatorProcess([{"name": "o", "engine": "vllm", "model": "gpt-x"}], speedup=20) as fleet:
         config = {
             "backends": [
-                {"name": "o", "engine": "openai", "url": fleet.url("o"), "models": ["gpt-x"], "api_key": "sk-test"}
+                {
+                    "name": "o",
+                    "engine": "openai",
+                    "url": fleet.url("o"),
+                    "models": ["gpt-x"],
+                    "api_key": "sk-test",
+                    "max_context_tokens": 8192,
+                }
             ]
         }
         with ProxyProcess(config) as proxy:

@@ -92,6 +92,17 @@ class Progress:
             self.stream.flush()
 
 
+def _stream_error_status(error: Any) -> int | None:
+    """The status an in-stream error event stands for: its ``code`` (vLLM, SGLang) or, for TGI's events
+    (``http_status_code`` 422 whatever happened), 429 when the message says it is overloaded."""
+    if not isinstance(error, dict):
+        return None
+    if error.get("message") == "Model is overloaded":
+        return 429
+    code = error.get("code", error.get("http_status_code"))
+    return code if isinstance(code, int) else None
+
+
 def _error_message(body: bytes) -> str:
     try:
         parsed = msgspec.json.decode(body)
@@ -126,7 +137,10 @@ async def send_one(
                     state["error"] = _error_message(raw)
                 else:
                     await _read_stream(response, state)
-                    if state["error"] is not None:
+                    shed = state.get("error_status") in SHED_STATUSES and state["first"] is None
+                    if shed:  # refused for load inside a stream before any content (TGI 3, SGLang 0.5)
+                        status, http_status = "rejected", state["error_status"]
+                    elif state["error"] is not None:
                         status = "error"
                     elif not state["done"]:
                         status, state["error"] = "error", "the stream ended before [DONE]"
@@ -178,6 +192,7 @@ async def _read_stream(response: aiohttp.ClientResponse, state: dict[str, Any]) 
                 continue
             if "error" in event:
                 state["error"] = _error_message(payload)
+                state["error_status"] = _stream_error_status(event["error"])
                 return
             for choice in event.get("choices") or ():
                 content = (choice.get("delta") or {}).get("content")
