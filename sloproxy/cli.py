@@ -64,6 +64,22 @@ def _emulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    """Validate a proxy config and print it as it takes effect (defaults filled in, secrets masked)."""
+    import msgspec
+    import yaml
+
+    from .config import load_config
+
+    effective = msgspec.to_builtins(load_config(args.config))  # a bad config: one line, exit 2 (main)
+    for backend in effective["backends"]:
+        if backend.get("api_key"):
+            backend["api_key"] = "***"  # a backend's own credential: never printed
+    print(f"# {args.config}: valid; every field as it takes effect")
+    print(yaml.safe_dump(effective, sort_keys=False, default_flow_style=None, width=110), end="")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from .config import load_config
     from .serve import configure_logging, run_proxy
@@ -113,29 +129,41 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .emulator.profiles import DEFAULT_PROFILE, PROFILES
 
-    parser = argparse.ArgumentParser(prog="sloproxy", description=__doc__)
+    parser = argparse.ArgumentParser(prog="sloproxy", description="sloproxy: one subcommand per job.")
     parser.add_argument("--version", action="version", version=f"sloproxy {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    check = commands.add_parser("check", help="validate a proxy config and print it with every default filled in")
+    check.add_argument("--config", required=True, help="proxy YAML config")
+    check.set_defaults(func=_check)
+
     serve = commands.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", required=True, help="proxy YAML config")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    serve.add_argument("--log-level", default=os.environ.get("SLOPROXY_LOG_LEVEL", "WARNING"))
+    serve.add_argument("--host", help="listen address (default: the config's listen.host)")
+    serve.add_argument("--port", type=int, help="listen port (default: the config's listen.port)")
+    serve.add_argument(
+        "--log-level",
+        default=os.environ.get("SLOPROXY_LOG_LEVEL", "WARNING"),
+        help="DEBUG, INFO, WARNING (default, or $SLOPROXY_LOG_LEVEL) or ERROR",
+    )
     serve.set_defaults(func=_serve)
 
     emulate = commands.add_parser("emulate", help="run emulated vLLM / TGI / SGLang engines")
     emulate.add_argument("--fleet", help="fleet YAML: start every instance it lists")
-    emulate.add_argument("--engine", choices=("vllm", "tgi", "sglang"))
+    emulate.add_argument("--engine", choices=("vllm", "tgi", "sglang"), help="one instance of this engine")
     emulate.add_argument("--model", help="served model name")
-    emulate.add_argument("--port", type=int)
-    emulate.add_argument("--host", default="127.0.0.1")
-    emulate.add_argument("--profile", default=DEFAULT_PROFILE, choices=sorted(PROFILES))
+    emulate.add_argument("--port", type=int, help="its port (one instance; a fleet file gives each its own)")
+    emulate.add_argument("--host", default="127.0.0.1", help="listen address")
+    emulate.add_argument(
+        "--profile", default=DEFAULT_PROFILE, choices=sorted(PROFILES), help="GPU and model performance profile"
+    )
     emulate.add_argument("--speedup", type=float, default=None, help="divide every duration by K")
     emulate.add_argument("--lengths", help="JSONL of true reply lengths (workload or prompt_hash keyed)")
-    emulate.add_argument("--max-model-len", type=int)
-    emulate.add_argument("--scheduling-policy", choices=("fcfs", "priority"), default="fcfs")
-    emulate.add_argument("--max-num-seqs", type=int)
+    emulate.add_argument("--max-model-len", type=int, help="context window (default: the model's, within the KV cache)")
+    emulate.add_argument(
+        "--scheduling-policy", choices=("fcfs", "priority"), default="fcfs", help="the engine's own queue order"
+    )
+    emulate.add_argument("--max-num-seqs", type=int, help="most sequences running at once (default: the profile's)")
     emulate.add_argument("--max-concurrent-requests", type=int, default=128, help="TGI: 429 past this")
     emulate.add_argument(
         "--sse-space",
@@ -152,15 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     hash_key.set_defaults(func=_hash_key)
 
     bench = commands.add_parser("bench", help="benchmarks that print measured figures")
-    bench.add_argument("which", choices=("calibration",))
-    bench.add_argument("--json", action="store_true")
+    bench.add_argument("which", choices=("calibration",), help="calibration: emulated vs measured figures")
+    bench.add_argument("--json", action="store_true", help="print JSON")
     bench.set_defaults(func=_bench)
 
     demo = commands.add_parser("demo", help="start an emulated fleet and send it real traffic")
-    demo.add_argument("--speedup", type=float, default=4.0)
-    demo.add_argument("--requests", type=int, default=24)
+    demo.add_argument("--speedup", type=float, default=4.0, help="the fleet runs this many times faster")
+    demo.add_argument("--requests", type=int, default=24, help="OpenAI-client requests in the first half")
     demo.add_argument("--replay-seconds", type=float, default=120.0, help="trace seconds to replay (0: skip)")
-    demo.add_argument("--replay-speedup", type=float, default=10.0)
+    demo.add_argument("--replay-speedup", type=float, default=10.0, help="the trace replays this many times faster")
     demo.add_argument("--policies", default="round-robin,least-load,slo", help="compared in the replay")
     demo.add_argument("--out-dir", default="build/demo", help="run files, figure and HTML report")
     demo.set_defaults(func=_demo)

@@ -21,7 +21,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--start", type=float, default=0.0, help="skip this many trace seconds")
     build.add_argument("--duration", type=float, help="keep this many trace seconds (before rate scaling)")
     build.add_argument("--max-requests", type=int, help="keep the first N requests of the window")
-    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--seed", type=int, default=0, help="every draw is seeded from it (same seed, same file)")
     build.add_argument(
         "--output-lengths",
         choices=("match", "dataset"),
@@ -35,7 +35,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     build.set_defaults(func=_build)
 
     replay = commands.add_parser("replay", help="replay a workload open loop against an OpenAI-compatible URL")
-    replay.add_argument("--workload", required=True)
+    replay.add_argument("--workload", required=True, help="workload JSONL (sloproxy workload build)")
     replay.add_argument(
         "--target", required=True, help="base URL, e.g. http://127.0.0.1:8000 (several, comma-separated: alternated)"
     )

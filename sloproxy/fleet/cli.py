@@ -20,7 +20,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     where.add_argument("--target", help="the backend's base URL (live, over HTTP)")
     where.add_argument("--emulated", metavar="PROFILE", help="an emulator profile, run in virtual time (no HTTP)")
     profile.add_argument("--model", required=True, help="served model name")
-    profile.add_argument("--engine", choices=("vllm", "tgi", "sglang", "openai"), default="vllm")
+    profile.add_argument(
+        "--engine", choices=("vllm", "tgi", "sglang", "openai"), default="vllm", help="the backend's engine kind"
+    )
     profile.add_argument("--gpu-type", help="GPU type name (default: the emulator profile's, else 'unknown')")
     profile.add_argument("--gpus", type=int, help="GPUs per instance (default: the emulator profile's, else 1)")
     profile.add_argument("--cost-per-hour", type=float, default=1.0, help="price of one GPU-hour")
@@ -48,7 +50,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     plan.add_argument("--interval-s", type=float, default=3600.0, help="planning interval")
     plan.add_argument("--window-s", type=float, default=60.0, help="sliding window of the peak demand rate")
     plan.add_argument("--headroom", type=float, default=0.1, help="capacity above the forecast (0.1: +10%%)")
-    plan.add_argument("--forecast", choices=("seasonal", "ewma"), default="seasonal")
+    plan.add_argument(
+        "--forecast", choices=("seasonal", "ewma"), default="seasonal", help="how each interval's demand is forecast"
+    )
     plan.add_argument("--alpha", type=float, default=0.5, help="EWMA smoothing")
     plan.add_argument("--min-instances", type=int, default=1, help="per (model, region), every interval")
     plan.add_argument(
