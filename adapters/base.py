@@ -176,6 +176,14 @@ class EngineAdapter(ABC):
         engine's load families (vLLM with ``--disable-log-stats`` still answers 200): load unknown,
         which routing treats as a stale reading, never as an idle engine."""
 
+    # A reply header in which the engine reports its load with every (non-streamed) reply; None: none.
+    reply_load_header: ClassVar[bytes | None] = None
+
+    def parse_reply_load(self, value: bytes, last: BackendLoad | None) -> BackendLoad | None:
+        """The load a reply's :attr:`reply_load_header` reports, merged into the last reading (the
+        header carries only some figures); None when it says nothing usable."""
+        return None
+
     def parse_context(self, body: bytes, models: frozenset[str]) -> ContextWindow | None:
         """The window the engine reports at :attr:`context_path` (None: it does not say)."""
         return None

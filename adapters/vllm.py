@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from sloproxy.context import ContextWindow, LengthRule
 from sloproxy.request import ProxyRequest
 
-from .base import AdminCall, BackendLoad, Metrics, as_int, decode_json
+from .base import AdminCall, BackendLoad, Metrics, UpstreamCall, as_int, decode_json
 from .openai_compat import OpenAICompatibleAdapter, window_from_models
 
 
@@ -16,6 +18,35 @@ class VLLMAdapter(OpenAICompatibleAdapter):
     length_rule = LengthRule("clamp")  # 0.33 clamps prompt + max_tokens to max_model_len (tests/test_contract_vllm.py)
     context_path = "/v1/models"
     priority_header = "X-Vllm-Priority"  # 0.33: overrides the body's priority (tests/test_contract_vllm.py)
+    # ORCA: asked for per request, sent only with non-streamed successes, with the waiting count and the KV
+    # usage (no running count): a fresher reading of those two between polls (tests/test_contract_vllm.py).
+    reply_load_header = b"endpoint-load-metrics"
+
+    def build(self, request: ProxyRequest) -> UpstreamCall:
+        call = super().build(request)
+        if not request.stream:
+            call.headers["endpoint-load-metrics-format"] = "TEXT"
+        return call
+
+    def parse_reply_load(self, value: bytes, last: BackendLoad | None) -> BackendLoad | None:
+        """``TEXT named_metrics.kv_cache_usage_perc=0.4, named_metrics.num_requests_waiting=0.0``."""
+        if last is None or not value.startswith(b"TEXT "):
+            return None
+        figures: dict[str, float] = {}
+        for item in value[5:].split(b","):
+            name, _, number = item.strip().partition(b"=")
+            try:
+                figures[name.decode().removeprefix("named_metrics.")] = float(number)
+            except ValueError:
+                continue
+        waiting, usage = figures.get("num_requests_waiting"), figures.get("kv_cache_usage_perc")
+        if waiting is None and usage is None:
+            return None  # stats logging off: an empty report
+        return msgspec.structs.replace(
+            last,
+            waiting=last.waiting if waiting is None else int(waiting),
+            kv_usage=last.kv_usage if usage is None else usage,
+        )
 
     def parse_context(self, body: bytes, models: frozenset[str]) -> ContextWindow | None:
         return window_from_models(body, models, "max_model_len")

@@ -177,6 +177,17 @@ class BackendPool:
             return
         place_by_window(request, self.by_model.get(request.model, ()), self.context.clamp_max_tokens)
 
+    def reply_load(self, backend: Backend, headers: list[tuple[bytes, bytes]]) -> None:
+        """A reply's own load report (vLLM's ORCA header): the figures it has replace the last reading's,
+        which counts as fresh from now on; the budget controller still adapts on full readings only."""
+        name = backend.adapter.reply_load_header
+        value = next((v for n, v in headers if n.lower() == name), None)
+        if value is None:
+            return
+        load = backend.adapter.parse_reply_load(value, backend.load)
+        if load is not None:
+            backend.load, backend.load_read_at = load, backend.clock()
+
     def set_context(self, backend: Backend, window: ContextWindow | None) -> None:
         """``backend``'s window from now on (learned from its engine)."""
         backend.context = window

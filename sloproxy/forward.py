@@ -218,6 +218,8 @@ class Forwarder:
                 body = await self._read(upstream, backend)
                 finished = True  # read whole: the connection may serve again whatever the body says
                 reply = self._translate_reply(adapter, request, body, backend)
+                if adapter.reply_load_header is not None:
+                    self.pool.reply_load(backend, upstream.headers)
                 try:
                     response.send(200, reply, JSON, _clamp_header(request))
                 except ConnectionResetError:

@@ -238,3 +238,29 @@ def test_sglang_body_written_at_its_end_means_what_a_rebuilt_one_does(body: dict
             "continuous_usage_stats"
         )
     assert sent.get("max_tokens") == body.get("max_tokens")
+
+
+def test_vllm_orca_report_freshens_waiting_and_kv_between_polls() -> None:
+    """vLLM 0.33 sends `endpoint-load-metrics` with non-streamed successes when asked: the proxy asks for
+    it on non-streamed calls only (streams never get one) and takes the two figures it carries."""
+    from sloproxy.adapters.base import BackendLoad
+    from sloproxy.backends import BackendPool
+    from sloproxy.config import BackendConfig, HealthConfig, LoadPolling
+
+    adapter = VLLMAdapter()
+    plain = parse_request("chat", b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}')
+    streamed = parse_request("chat", b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true}')
+    assert adapter.build(plain).headers["endpoint-load-metrics-format"] == "TEXT"
+    assert "endpoint-load-metrics-format" not in adapter.build(streamed).headers
+    pool = BackendPool([BackendConfig("v", "vllm", "http://127.0.0.1:9", ["m"])], HealthConfig(), LoadPolling())
+    backend = pool.backends[0]
+    header = b"TEXT named_metrics.num_requests_waiting=3.0, named_metrics.kv_cache_usage_perc=0.625"
+    pool.reply_load(backend, [(b"Endpoint-Load-Metrics", header)])
+    assert backend.load is None  # nothing to merge into before the first full reading
+    backend.load, backend.load_read_at = BackendLoad(running=7, waiting=0, kv_usage=0.1, kv_capacity_tokens=1000), 0.0
+    pool.reply_load(backend, [(b"content-type", b"application/json"), (b"Endpoint-Load-Metrics", header)])
+    assert backend.load == BackendLoad(running=7, waiting=3, kv_usage=0.625, kv_capacity_tokens=1000)
+    assert backend.load_read_at > 0.0
+    before = backend.load
+    pool.reply_load(backend, [(b"endpoint-load-metrics", b"TEXT ")])  # stats logging off: an empty report
+    assert backend.load is before
