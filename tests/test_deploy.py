@@ -1,7 +1,9 @@
 """Deployment artifacts under deploy/: what can be proven without a Docker engine, GPUs or a cluster.
 
 * every sloproxy config under deploy/ (compose configs, the Kubernetes ConfigMap) loads with the real loader;
-* both compose files validate with ``docker-compose config -q`` and describe the same topology;
+* both compose files validate against the Compose Specification's JSON schema after compose's interpolation, with
+  the references ``docker compose config`` resolves (depends_on, named volumes, repository files), and describe the
+  same topology;
 * the Dockerfile's build context holds what it copies, and the wheel built from it carries every module, the
   compiled extensions and the predictor model;
 * every Kubernetes manifest validates strictly against the Kubernetes JSON schemas (kubernetes-validate), the
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -23,14 +26,16 @@ import sys
 import time
 import urllib.request
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from check_jsonschema.builtin_schemas import get_builtin_schema
 
 from sloproxy.config import ConfigError, load_config, parse_config
 from sloproxy.processes import free_port
@@ -51,35 +56,6 @@ OUTSIDE_KUSTOMIZE = {K8S / "prometheus-adapter" / "adapter-config.yaml"}  # live
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-def docker_compose() -> str:
-    exe = shutil.which("docker-compose")
-    if exe is None:
-        pytest.fail(
-            "docker-compose is not installed, so the compose files cannot be validated. Install Debian's "
-            "package (`apt-get install docker-compose`; .ci/run does this) - it validates without a Docker engine."
-        )
-    return exe
-
-
-def compose_env() -> dict[str, str]:
-    """The environment compose interpolates from, without the caller's own overrides of our variables."""
-    ours = ("HF_TOKEN", "GRAFANA_ADMIN_PASSWORD", "SLOPROXY_MODELS_DIR", "VLLM_GPU", "SGLANG_GPU", "TGI_GPU")
-    return {k: v for k, v in os.environ.items() if k not in ours and not k.startswith("COMPOSE_")}
-
-
-def compose_config(name: str) -> dict[str, Any]:
-    """The file as docker-compose resolves it (anchors, merges, interpolation, relative paths)."""
-    result = subprocess.run(
-        [docker_compose(), "-f", str(DEPLOY / name), "config"],
-        capture_output=True,
-        text=True,
-        env=compose_env(),
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    return yaml.safe_load(result.stdout)
 
 
 def raw_compose(name: str) -> dict[str, Any]:
@@ -200,17 +176,277 @@ def test_images_are_pinned():
 # ------------------------------------------------------------------------------------------------ compose
 
 
+# Compose without Docker: what `docker compose config` resolves and refuses, done in-process. The file is
+# interpolated, validated against the Compose Specification's JSON schema (the copy check-jsonschema ships
+# for its `--builtin-schema vendor.compose-spec`, taken from the compose-spec/compose-spec repository),
+# and the references compose resolves are checked: depends_on (no undefined service, no cycle), named
+# volumes, networks, secrets and configs declared, and the repository files it uses present (build
+# context and Dockerfile, bind-mount sources, env files). deploy/.env is not read: the defaults are tested.
+
+COMPOSE_VARIABLES = ("HF_TOKEN", "GRAFANA_ADMIN_PASSWORD", "SLOPROXY_MODELS_DIR", "VLLM_GPU", "SGLANG_GPU", "TGI_GPU")
+# Bind-mount sources that are the user's to provide (deploy/.gitignore'd; compose creates them if missing).
+USER_PROVIDED = {DEPLOY / "models"}
+VARIABLE_NAME = re.compile(r"[_a-zA-Z][_a-zA-Z0-9]*")
+
+
+class ComposeError(Exception):
+    """A compose file docker compose refuses, accepts with a warning (an unset variable) or only fails on at
+    `up` or `build` (a missing repository file)."""
+
+
+def compose_env() -> dict[str, str]:
+    """The environment compose interpolates from, without the caller's own overrides of our variables."""
+    return {k: v for k, v in os.environ.items() if k not in COMPOSE_VARIABLES}
+
+
+def interpolate(text: str, env: Mapping[str, str], unset: set[str]) -> str:
+    """Compose's substitution: ``$$``, ``$VAR``, ``${VAR}``, and ``${VAR<op>argument}`` for the operators
+    ``:-`` ``-`` (default), ``:?`` ``?`` (required) and ``:+`` ``+`` (alternative); the argument is itself
+    interpolated. With a colon an empty variable counts as unset. Unset variables without a default go
+    into ``unset`` (compose substitutes "" with a warning). Checked against docker compose 2.40's output."""
+    out, i = [], 0
+    while (j := text.find("$", i)) >= 0:
+        out.append(text[i:j])
+        if text.startswith("$$", j):
+            out.append("$")
+            i = j + 2
+        elif text.startswith("${", j):
+            end = _closing_brace(text, j)
+            out.append(_substitute(text[j + 2 : end], text, env, unset))
+            i = end + 1
+        elif name := VARIABLE_NAME.match(text, j + 1):
+            out.append(_lookup(name.group(), env, unset))
+            i = name.end()
+        else:  # a '$' before neither a name nor '{' is kept, as compose v2 does
+            out.append("$")
+            i = j + 1
+    out.append(text[i:])
+    return "".join(out)
+
+
+def _closing_brace(text: str, start: int) -> int:
+    """Where the ``}`` closing the ``${`` at ``start`` is, past any ``${...}`` nested in its argument."""
+    depth, i = 0, start
+    while i < len(text):
+        if text.startswith("${", i):
+            depth, i = depth + 1, i + 2
+            continue
+        if text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    raise ComposeError(f"invalid interpolation format in {text!r}: '${{' is not closed")
+
+
+def _substitute(expression: str, text: str, env: Mapping[str, str], unset: set[str]) -> str:
+    name = VARIABLE_NAME.match(expression)
+    if name is None:
+        raise ComposeError(f"invalid interpolation format in {text!r}: '${{{expression}}}'")
+    variable, rest = name.group(), expression[name.end() :]
+    if not rest:
+        return _lookup(variable, env, unset)
+    operator = next((op for op in (":-", ":?", ":+", "-", "?", "+") if rest.startswith(op)), None)
+    if operator is None:
+        raise ComposeError(f"invalid interpolation format in {text!r}: '${{{expression}}}'")
+    argument, value = rest[len(operator) :], env.get(variable)
+    is_set = value is not None and (value != "" or ":" not in operator)
+    if operator.endswith("-"):
+        return value if is_set and value is not None else interpolate(argument, env, unset)
+    if operator.endswith("+"):
+        return interpolate(argument, env, unset) if is_set else ""
+    if not is_set or value is None:
+        raise ComposeError(f"required variable {variable} is missing a value: {interpolate(argument, env, unset)}")
+    return value
+
+
+def _lookup(variable: str, env: Mapping[str, str], unset: set[str]) -> str:
+    if variable not in env:
+        unset.add(variable)
+    return env.get(variable, "")
+
+
+def _interpolated(node: Any, env: Mapping[str, str], unset: set[str]) -> Any:
+    """Every string value interpolated (keys are not, as in compose)."""
+    if isinstance(node, str):
+        return interpolate(node, env, unset)
+    if isinstance(node, dict):
+        return {key: _interpolated(value, env, unset) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_interpolated(value, env, unset) for value in node]
+    return node
+
+
+@functools.cache
+def compose_schema_validator() -> jsonschema.protocols.Validator:
+    schema = get_builtin_schema("vendor.compose-spec")
+    assert schema["title"] == "Compose Specification", schema.get("title")
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def _host_path(source: str, base: Path) -> Path:
+    return Path(os.path.normpath(base / Path(source).expanduser()))
+
+
+def _volume(volume: str | dict[str, Any], base: Path) -> dict[str, Any]:
+    """A service's volume in the long syntax, a bind mount's source made absolute (``src:dst[:mode]``:
+    a source starting with '.', '/' or '~' is a host path, any other a named volume)."""
+    if isinstance(volume, str):
+        parts = volume.split(":")
+        if len(parts) == 1:
+            volume = {"type": "volume", "target": parts[0]}
+        else:
+            kind = "bind" if parts[0].startswith((".", "/", "~")) else "volume"
+            volume = {"type": kind, "source": parts[0], "target": parts[1], "read_only": "ro" in parts[2:]}
+    if volume.get("type") == "bind":
+        volume = {**volume, "source": str(_host_path(volume["source"], base))}
+    return volume
+
+
+def _dependency_cycle(services: dict[str, Any]) -> list[str] | None:
+    visiting: list[str] = []
+    done: set[str] = set()
+
+    def visit(name: str) -> list[str] | None:
+        if name in visiting:
+            return [*visiting[visiting.index(name) :], name]
+        if name in done or name not in services:
+            return None
+        visiting.append(name)
+        for dependency in services[name].get("depends_on", {}):
+            if cycle := visit(dependency):
+                return cycle
+        visiting.pop()
+        done.add(name)
+        return None
+
+    return next((cycle for name in services if (cycle := visit(name))), None)
+
+
+def compose_config(name: str, text: str | None = None, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """deploy/NAME (or ``text`` in its place) as compose resolves it: anchors and ``<<`` merges, interpolation,
+    depends_on and volumes in the long syntax, relative paths made absolute. ComposeError lists every problem."""
+    base = DEPLOY
+    raw = yaml.safe_load((base / name).read_text() if text is None else text)
+    unset: set[str] = set()
+    config = _interpolated(raw, compose_env() if env is None else env, unset)
+    problems = [f"variable {v} is not set and has no default (compose would use '')" for v in sorted(unset)]
+    for error in sorted(compose_schema_validator().iter_errors(config), key=lambda e: list(map(str, e.path))):
+        problems.append(f"{'.'.join(map(str, error.absolute_path)) or '(top)'}: {error.message}")
+    if problems:  # the checks below rely on the schema's shapes
+        raise ComposeError(f"{name}:\n" + "\n".join(problems))
+
+    services: dict[str, Any] = config["services"]
+    declared = {kind: set(config.get(kind) or {}) for kind in ("volumes", "networks", "secrets", "configs")}
+    declared["networks"].add("default")
+    files: list[tuple[str, Path]] = []
+    for kind in ("secrets", "configs"):
+        for key, item in (config.get(kind) or {}).items():
+            if item and "file" in item:
+                files.append((f"{kind}.{key}.file", _host_path(item["file"], base)))
+    for service_name, service in services.items():
+        where = f"services.{service_name}"
+        if "image" not in service and "build" not in service:
+            problems.append(f"{where}: neither an image nor a build context")
+        if "build" in service:
+            build = service["build"] if isinstance(service["build"], dict) else {"context": service["build"]}
+            service["build"] = build = {**build, "context": str(_host_path(build.get("context", "."), base))}
+            files.append((f"{where}.build.context", Path(build["context"])))
+            if "dockerfile_inline" not in build:
+                dockerfile = Path(build["context"]) / build.get("dockerfile", "Dockerfile")
+                files.append((f"{where}.build.dockerfile", dockerfile))
+        depends_on = service.get("depends_on", {})
+        if isinstance(depends_on, list):
+            depends_on = {d: {"condition": "service_started", "required": True} for d in depends_on}
+        service["depends_on"] = depends_on
+        for dependency in depends_on:
+            if dependency not in services:
+                problems.append(f"{where}.depends_on: undefined service {dependency!r}")
+        mode = service.get("network_mode", "")
+        if mode.startswith("service:") and mode.split(":", 1)[1] not in services:
+            problems.append(f"{where}.network_mode: undefined service {mode.split(':', 1)[1]!r}")
+        for kind in ("networks", "secrets", "configs"):
+            for reference in service.get(kind) or []:
+                reference = reference["source"] if isinstance(reference, dict) else reference
+                if reference not in declared[kind]:
+                    problems.append(f"{where}.{kind}: {reference!r} is not declared under top-level {kind}")
+        service["volumes"] = [_volume(v, base) for v in service.get("volumes", [])]
+        for volume in service["volumes"]:
+            if volume["type"] == "volume" and volume.get("source") and volume["source"] not in declared["volumes"]:
+                problems.append(f"{where}.volumes: named volume {volume['source']!r} is not declared under volumes")
+            if volume["type"] == "bind" and Path(volume["source"]) not in USER_PROVIDED:
+                files.append((f"{where}.volumes", Path(volume["source"])))
+        env_files = service.get("env_file", [])
+        for env_file in [env_files] if isinstance(env_files, str) else env_files:
+            entry = {"path": env_file} if isinstance(env_file, str) else env_file
+            if entry.get("required", True):
+                files.append((f"{where}.env_file", _host_path(entry["path"], base)))
+    if cycle := _dependency_cycle(services):
+        problems.append(f"depends_on cycle: {' -> '.join(cycle)}")
+    problems += [f"{where}: {path} does not exist" for where, path in files if not path.exists()]
+    if problems:
+        raise ComposeError(f"{name}:\n" + "\n".join(problems))
+    return config
+
+
 @pytest.mark.parametrize("name", COMPOSE_FILES)
 def test_compose_file_validates(name: str):
-    result = subprocess.run(
-        [docker_compose(), "-f", str(DEPLOY / name), "config", "-q"],
-        capture_output=True,
-        text=True,
-        env=compose_env(),
-        timeout=60,
-    )
-    assert result.returncode == 0, f"docker-compose config -q {name}:\n{result.stderr}"
-    assert "WARNING" not in result.stderr, result.stderr  # e.g. an unset variable without a default
+    try:
+        compose_config(name)
+    except ComposeError as error:
+        pytest.fail(str(error), pytrace=False)
+
+
+# (what is broken, text replaced in compose.yaml, its replacement, what the refusal says)
+BROKEN_COMPOSE = [
+    ("a misspelt field", "    depends_on:\n      redis:", "    depend_on:\n      redis:", "'depend_on' was unexpected"),
+    ("a wrong type", "      replicas: 2\n", "      replicas: [2]\n", r"deploy\.replicas: \[2\] is not of type"),
+    ("an undefined service", "depends_on: [prometheus, jaeger]", "depends_on: [prometheus, tempo]", "service 'tempo'"),
+    ("a dependency cycle", "  prometheus:\n", "  prometheus:\n    depends_on: [grafana]\n", "cycle: "),
+    ("an undeclared named volume", "  hf-cache:\n", "", "volume 'hf-cache' is not declared"),
+    ("a missing repository file", "/sloproxy_rules.yml:/", "/rules.yml:/", "rules.yml does not exist"),
+    ("a missing build context", "    context: ..\n", "    context: ../no-such-dir\n", "no-such-dir does not exist"),
+    ("an unset variable", "${HF_TOKEN:-}", "${HF_TOKEN}", "variable HF_TOKEN is not set"),
+    ("a required variable", "${GRAFANA_ADMIN_PASSWORD:-admin}", "${GRAFANA_ADMIN_PASSWORD:?unset}", "value: unset"),
+    ("an unclosed variable", '"${VLLM_GPU:-0}"', '"${VLLM_GPU:-0"', "is not closed"),
+]
+
+
+@pytest.mark.parametrize(("broken", "old", "new", "message"), BROKEN_COMPOSE, ids=[c[0] for c in BROKEN_COMPOSE])
+def test_compose_validation_refuses_a_broken_file(broken: str, old: str, new: str, message: str):
+    """The validation above has teeth: each of these fails it, while the same text unbroken passes. docker compose
+    2.40's `config` refuses them too, except the unset variable (it warns and uses "") and the missing files (it
+    creates a missing bind-mount source as an empty directory; the build fails without its context)."""
+    text = (DEPLOY / "compose.yaml").read_text()
+    assert text.count(old) == 1, f"{broken}: {old!r} is not in compose.yaml once"
+    compose_config("compose.yaml", text)
+    with pytest.raises(ComposeError, match=message):
+        compose_config("compose.yaml", text.replace(old, new))
+
+
+def test_compose_interpolation():
+    env = {"SET": "x", "EMPTY": ""}
+    cases = {
+        "$$SET ${SET} $SET-": "$SET x x-",
+        "${SET:-d} ${EMPTY:-d} ${UNSET:-d} ${EMPTY-d} ${UNSET-d}": "x d d  d",
+        "${SET:+a} ${EMPTY:+a} ${EMPTY+a} ${UNSET+a}": "a  a ",
+        "${UNSET:-${SET}} ${UNSET:-a${UNSET2:-b}c}": "x abc",
+        "${SET:?no} ${EMPTY?no}": "x ",
+        "$ x $- a$ $1 ${SET:-x}y}": "$ x $- a$ $1 xy}",  # a '$' starting no variable, a '}' closing none: kept
+    }
+    for text, expected in cases.items():
+        unset: set[str] = set()
+        assert interpolate(text, env, unset) == expected and not unset, text
+    unset = set()
+    assert interpolate("a${UNSET}b$UNSET2", env, unset) == "ab" and unset == {"UNSET", "UNSET2"}
+    for text, message in (("${EMPTY:?needed}", "EMPTY is missing a value: needed"), ("${UNSET?}", "UNSET is missing")):
+        with pytest.raises(ComposeError, match=message):
+            interpolate(text, env, set())
+    for text in ("${}", "${1A}", "${SET:x}", "${SET", "a${UNSET:-${SET}"):
+        with pytest.raises(ComposeError, match="invalid interpolation format"):
+            interpolate(text, env, set())
 
 
 def test_compose_files_run_the_same_topology():
@@ -225,12 +461,9 @@ def test_compose_files_run_the_same_topology():
         assert proxy["depends_on"]["redis"]["condition"] == "service_healthy"
         env = environment(proxy)
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318"
-        # Every file a service mounts from the repository exists (the models directory is the user's).
-        for service in services.values():
-            for volume in service.get("volumes", []):
-                source = volume.split(":")[0]
-                if source.startswith("/") and not source.endswith("/models"):
-                    assert Path(source).exists(), source
+        # Every file a service mounts from the repository exists (compose_config checks it).
+        mounted = {Path(v["source"]) for s in services.values() for v in s["volumes"] if v["type"] == "bind"}
+        assert DEPLOY / "config" in mounted and DEPLOY / "prometheus" / "sloproxy_rules.yml" in mounted
 
     # Real engines: pinned engine images, one GPU each, the shared model cache, the token from the environment.
     gpus = set()
@@ -239,7 +472,7 @@ def test_compose_files_run_the_same_topology():
         devices = service["deploy"]["resources"]["reservations"]["devices"]
         assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]
         gpus.update(devices[0]["device_ids"])
-        assert any(v.startswith("hf-cache:") for v in service["volumes"])
+        assert any(v["type"] == "volume" and v["source"] == "hf-cache" for v in service["volumes"])
         assert "HF_TOKEN" in environment(service)
     assert gpus == {"0", "1", "2"}
     assert real["services"]["vllm"]["image"].startswith("vllm/vllm-openai:")
