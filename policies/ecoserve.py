@@ -148,6 +148,7 @@ class KVReserveParams(QueuedParams, forbid_unknown_fields=True):
     kv_headroom: float = 1.0  # share of each backend's KV capacity the reservations may fill
     urgent_kv_margin: float = 1.25  # KV kept for band 0: this x its recent peak (at least `reserve`)
     urgent_kv_half_life_s: float = 30.0  # how fast that peak is forgotten
+    least_load_relative: bool = False  # least-load scores relative to the best candidate (parts.LeastLoad)
 
 
 class EcoServeParams(KVReserveParams, forbid_unknown_fields=True):
@@ -166,7 +167,7 @@ def kv_reserving(name: str, ordering: Callable[[], Ordering], params: Any) -> Po
             params.kv_limit, params.reserve, params.kv_headroom, params.urgent_kv_margin, params.urgent_kv_half_life_s
         ),
         scorers=[
-            (LeastLoad(), params.least_load_weight),
+            (LeastLoad(params.least_load_relative), params.least_load_weight),
             (LengthAffinity(params.length_edges), params.length_affinity_weight),
         ],
         fleet=EvictForUrgent(params.evict_margin_s) if params.evict else None,

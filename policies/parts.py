@@ -62,7 +62,17 @@ class BudgetAdmission(Admission):
 
 class LeastLoad(Scorer):
     """Fewer requests on the backend is better: the proxy's own in-flight count (always current)
-    plus the engine's waiting queue and KV pressure while its reading is fresh."""
+    plus the engine's waiting queue and KV pressure while its reading is fresh.
+
+    ``relative``: each score divided by the best candidate's, so the least-loaded backend scores 1
+    at any load. The absolute score ``1 / (1 + load)`` flattens as load grows (20 vs 30 in flight:
+    0.048 vs 0.032), so a second scorer of fixed weight (a 0.1 length affinity) that only breaks
+    near-ties at 3-5 requests per engine decides the route outright at 20-50; relative, a
+    weight-w scorer outweighs a load gap of at most about w at every load.
+    """
+
+    def __init__(self, relative: bool = False) -> None:
+        self.relative = relative
 
     def score(self, request: ProxyRequest, backend: BackendState, snapshot: Snapshot) -> float:
         load = backend.load
@@ -74,12 +84,17 @@ class LeastLoad(Scorer):
         return (1.0 - 0.5 * kv) / (1.0 + queued)
 
     def scores(self, request: ProxyRequest, backends: Sequence[BackendState], snapshot: Snapshot) -> list[float]:
-        return [
+        scores = [
             (1.0 - 0.5 * (load.kv_usage or 0.0)) / (1.0 + b.in_flight + load.waiting)
             if (load := b.load) is not None and not b.load_is_stale
             else 1.0 / (1.0 + b.in_flight)
             for b in backends
         ]
+        if self.relative and scores:
+            best = max(scores)
+            if best > 0:
+                scores = [s / best for s in scores]
+        return scores
 
 
 class EvictForUrgent(FleetPolicy):

@@ -22,6 +22,11 @@ class SLOParams(KVReserveParams, forbid_unknown_fields=True):
     kv_headroom: float = 1.5  # replies mostly end before p90 and engines admit by blocks used: overcommit KV
     length_edges: list[int] = msgspec.field(default_factory=lambda: [64, 256, 1024])
     length_affinity_weight: float = 0.1
+    # Least-load scores relative to the best candidate (parts.LeastLoad): with 20-50 requests in flight
+    # per engine the absolute 1 / (1 + load) differs by ~0.001 per request, and the 0.1 length affinity
+    # (noise for requests routed on the model's prior length) decided routes outright. Measured on a
+    # 4k-token-prompt conv workload (H100 + 3 A100s): 96.1 -> 98.3% at least-load's capacity.
+    least_load_relative: bool = True
     # Past a model's capacity, refuse the queued interactive work predicted to run longest (overload.py):
     # the share refused settles where about `refuse_longest_target` of the outcomes are misses (late
     # first tokens, overrun refusals, sheddable work shed).

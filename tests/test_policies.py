@@ -302,3 +302,13 @@ def test_edf_pops_what_it_peeked_even_when_deadlines_pass_in_between(specs, step
     while len(ordering):
         served.append(ordering.pop())
     assert ordering.peek() is None and sorted(map(id, served)) == sorted(map(id, requests))
+
+
+def test_relative_least_load_keeps_its_scale_at_high_load():
+    # 20 vs 30 in flight: absolutely 0.048 vs 0.032 (a 0.1-weight scorer outweighs it); relatively 1 vs 0.68.
+    light, heavy = _backend("light", in_flight=20), _backend("heavy", in_flight=30)
+    snapshot = Snapshot(0.0, [light, heavy])
+    absolute = LeastLoad().scores(make_request(1), [light, heavy], snapshot)
+    relative = LeastLoad(relative=True).scores(make_request(1), [light, heavy], snapshot)
+    assert absolute[0] - absolute[1] < 0.02
+    assert relative[0] == 1.0 and relative[1] < 0.7
