@@ -285,8 +285,8 @@ class BackendPool:
         backend.load_reported = load is not None
         if load is None:  # the engine answers without its load figures: unknown, as stale, never as idle
             backend.load, backend.load_read_at = None, None
-            return
-        backend.load, backend.load_read_at = load, time.monotonic()
+        else:
+            backend.load, backend.load_read_at = load, time.monotonic()
         if self.on_load_update is not None:
             self.on_load_update(backend)
 

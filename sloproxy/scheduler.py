@@ -796,6 +796,16 @@ class Scheduler:
                     backend.quiet_updates = 0
             if budget != backend.budget:
                 self._set_budget(backend, budget)
+        elif (
+            not backend.load_reported
+            and backend.ceiling is None
+            and backend.in_flight >= 0.7 * backend.budget
+            and backend.budget < config.budget_max
+        ):
+            # The engine answers /metrics without its load figures (vLLM --disable-log-stats): routing
+            # treats its load as unknown, never as zero. Its capacity then shows only by failing, as
+            # for an engine that reports no KV: the budget doubles while it is what limits dispatch.
+            self._set_budget(backend, min(config.budget_max, backend.budget * 2))
         if self.regions is not None:
             self.regions.completed(backend)
         if self.policy.queued:

@@ -264,3 +264,26 @@ def test_vllm_orca_report_freshens_waiting_and_kv_between_polls() -> None:
     before = backend.load
     pool.reply_load(backend, [(b"endpoint-load-metrics", b"TEXT ")])  # stats logging off: an empty report
     assert backend.load is before
+
+
+def test_load_unknown_routes_as_stale_and_its_budget_climbs_as_slow_start() -> None:
+    """An engine whose /metrics lacks its load figures: no reading (never zero load), stale for routing,
+    and the dispatch budget doubles while it is what limits dispatch (capacity shows only by failing)."""
+    from sloproxy.backends import BackendPool
+    from sloproxy.config import BackendConfig, HealthConfig, LoadPolling
+    from sloproxy.plugins import load_policy
+    from sloproxy.scheduler import Scheduler
+    from sloproxy.scheduler_config import SchedulingConfig
+
+    pool = BackendPool([BackendConfig("v", "vllm", "http://127.0.0.1:9", ["m"])], HealthConfig(), LoadPolling())
+    scheduler = Scheduler(load_policy("slo"), pool, SchedulingConfig(budget_initial=8))
+    backend = pool.backends[0]
+    load = backend.adapter.parse_load(NO_ENGINE_METRICS)
+    assert load is None
+    backend.load, backend.load_read_at, backend.load_reported = None, None, False
+    backend.in_flight = backend.mine = 4  # half the budget: not the limit
+    scheduler._on_load_update(backend)
+    assert backend.budget == 8 and backend.load_is_stale
+    backend.in_flight = backend.mine = 8
+    scheduler._on_load_update(backend)
+    assert backend.budget == 16
