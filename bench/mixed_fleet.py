@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -81,14 +82,22 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1)
     args = parser.parse_args()
     spec = fleet()
-    for name in WORKLOADS:
-        requests = workload(name)
-        prepared = prepare(requests)
+    workloads = {name: workload(name) for name in WORKLOADS}
+    prepared = {name: prepare(requests) for name, requests in workloads.items()}
+    if args.sweep:
+        # First, before this process predicts anything: the sweep forks its workers, and a fork after the
+        # length predictor's OpenMP threads have started can deadlock them.
+        scales = [float(s) for s in args.scales.split(",")]
+        for name in WORKLOADS:
+            result = sweep(spec, prepared[name], parse_policies(args.policies), scales, jobs=args.jobs)
+            print(f"\n## {name}: SLO capacity\n{render_table(result)}")
+            sys.stdout.flush()
+    for name, requests in workloads.items():
         too_long = sum(1 for r in requests if r.prompt_tokens >= max(w for *_, w in INSTANCES))
         print(f"\n## {name}: {len(requests)} requests, {too_long} with a prompt no window holds")
         for policy in args.policies.split(","):
             started = time.perf_counter()
-            meta, records = simulate(spec, prepared, policy)
+            meta, records = simulate(spec, prepared[name], policy)
             summary = summarize(meta, records)["overall"]
             failed = collections.Counter((r.status, r.http_status, cause(r.error)) for r in records if r.status != "ok")
             print(
@@ -97,15 +106,7 @@ def main() -> None:
             )
             for (status, http, text), count in failed.most_common():
                 print(f"    {count:5d}  {status} {http}: {text}")
-        if args.sweep:
-            result = sweep(
-                spec,
-                prepared,
-                parse_policies(args.policies),
-                [float(s) for s in args.scales.split(",")],
-                jobs=args.jobs,
-            )
-            print(render_table(result))
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":
