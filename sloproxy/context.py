@@ -9,10 +9,10 @@ clamped (by the engine, or by the proxy where the engine would refuse), or not a
 routes only where the request fits, whole where a backend holds it whole, and answers a request that
 no backend holds with a 400 ``context_length_exceeded`` naming the largest window.
 
-The prompt's size is not known before an engine tokenises it, so the proxy bounds it from above
-(:func:`prompt_token_bound`): a bound that undercounted would send a prompt to a window too small
+The prompt's size is not known before an engine tokenises it, so the proxy brackets it
+(:func:`prompt_size`): an upper bound that undercounted would send a prompt to a window too small
 for it. Where an engine refuses anyway (a window learned late, an unusual tokenizer), its message
-names the true count; the forwarder reads it (:func:`refused_prompt_tokens`) and re-routes.
+names its count; the forwarder reads it (:func:`refused_prompt_tokens`) and places the request again.
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ class ContextWindow:
 @dataclass(frozen=True, slots=True)
 class LengthRule:
     """One engine's treatment of ``prompt + max_tokens`` over its window: ``refuse`` answers 400,
-    ``clamp`` runs the request with the reply limit cut to the room left. A prompt that leaves no
-    room for a reply token is refused by every engine."""
+    ``clamp`` runs the request with the reply limit cut to the room left (vLLM 0.33, which still refuses
+    a ``max_tokens`` larger than the whole window). A prompt that leaves no room for a reply token is
+    refused by every engine."""
 
     over_window: Literal["refuse", "clamp"]
     # TGI checks only the first ``checked_reply`` reply tokens against the window (it generates in rounds
@@ -81,7 +82,7 @@ def fit(
     if requested is None or requested <= room:
         return Fit.WHOLE, None
     checked = requested if rule.checked_reply is None else min(requested, rule.checked_reply)
-    if rule.over_window == "clamp" or checked <= room:
+    if (rule.over_window == "clamp" and requested <= window.total) or checked <= room:
         return Fit.CLAMPED, None  # the engine cuts the reply at the window itself
     return (Fit.CLAMPED, room) if clamp else (Fit.NONE, None)
 

@@ -69,3 +69,15 @@ async def stream_to_end(base_url: str, model: str, max_tokens: int, messages: li
         if chunk.choices and chunk.choices[0].finish_reason:
             finish = chunk.choices[0].finish_reason
     return chunks, finish
+
+
+def exact_chat(model: str, tokens: int | None = None, **extra: Any) -> dict:
+    """A chat body whose rendered prompt is exactly ``tokens`` emulator tokens (a short one by default)."""
+    from sloproxy.emulator.tokens import count_tokens, render_chat
+
+    content = "Say something."
+    if tokens is not None:
+        base = count_tokens(render_chat([{"role": "user", "content": "x"}]))
+        content = "x" + " x" * (tokens - base)
+        assert count_tokens(render_chat([{"role": "user", "content": content}])) == tokens
+    return {"model": model, "messages": [{"role": "user", "content": content}], **extra}

@@ -38,6 +38,9 @@ def test_fit_follows_each_engines_rule() -> None:
     assert fit(CLAMP, window, 4095, None, clamp=True) == (Fit.WHOLE, None)
     # vLLM 0.33 clamps prompt + max_tokens itself: the proxy sends the client's limit
     assert fit(CLAMP, window, 3000, 2000, clamp=False) == (Fit.CLAMPED, None)
+    # ...but refuses a max_tokens larger than the whole window: the proxy clamps it, or the backend is out
+    assert fit(CLAMP, window, 3000, 5000, clamp=True) == (Fit.CLAMPED, 1096)
+    assert fit(CLAMP, window, 3000, 5000, clamp=False) == (Fit.NONE, None)
     # SGLang refuses it: the proxy clamps to the room left, or (clamping off) the backend is out
     assert fit(REFUSE, window, 3000, 2000, clamp=True) == (Fit.CLAMPED, 1096)
     assert fit(REFUSE, window, 3000, 2000, clamp=False) == (Fit.NONE, None)

@@ -15,9 +15,8 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import pytest
 
-from sloproxy.emulator.tokens import count_tokens, render_chat
 from sloproxy.processes import EmulatorProcess
-from tests.helpers import get, metric_samples, post_json, sse_events, stream_raw
+from tests.helpers import exact_chat, get, metric_samples, post_json, sse_events, stream_raw
 
 MODEL = "qwen-7b"
 WINDOW = 4096
@@ -51,12 +50,7 @@ def sglang() -> Iterator[EmulatorProcess]:
 
 def chat(tokens: int | None = None, **extra) -> dict:
     """A chat request whose rendered prompt is exactly ``tokens`` tokens (a short one by default)."""
-    content = "Say something."
-    if tokens is not None:
-        base = count_tokens(render_chat([{"role": "user", "content": "x"}]))
-        content = "x" + " x" * (tokens - base)
-        assert count_tokens(render_chat([{"role": "user", "content": content}])) == tokens
-    return {"model": MODEL, "messages": [{"role": "user", "content": content}], **extra}
+    return exact_chat(MODEL, tokens, **extra)
 
 
 async def chat_post(url: str, body: dict, headers: dict | None = None):
