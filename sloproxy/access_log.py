@@ -17,6 +17,7 @@ import msgspec
 
 from .errors import ProxyError
 from .request import ProxyRequest
+from .slo_outcome import outcome_status
 
 
 class AccessLog:
@@ -38,12 +39,7 @@ class AccessLog:
         ended: float,
         started: float,
     ) -> None:
-        if isinstance(error, ProxyError):
-            status: int | None = error.status
-        elif outcome.startswith("http_") and outcome[5:].isdigit():  # e.g. a stream broken mid-way: 502
-            status = int(outcome[5:])
-        else:
-            status = 200 if outcome == "ok" else None
+        status = error.status if isinstance(error, ProxyError) else outcome_status(outcome)
         line: dict[str, Any] = {
             "time": round(time.time(), 3),
             "id": None,

@@ -106,15 +106,23 @@ def judge(
 
 
 # ----- the live adapter ---------------------------------------------------------------------------
+def outcome_status(outcome: str) -> int | None:
+    """The HTTP status a live outcome label stands for (``ok``: 200, ``http_<status>``), else None."""
+    if outcome == "ok":
+        return 200
+    if outcome.startswith("http_") and outcome[5:].isdigit():
+        return int(outcome[5:])
+    return None
+
+
 def outcome_kind(outcome: str) -> str:
     """The kind of a live outcome label (``ok``, ``client_disconnected``, ``http_<status>``, ``error``)."""
     if outcome == "ok":
         return OK
     if outcome == "client_disconnected":
         return DISCONNECTED
-    if outcome.startswith("http_") and outcome[5:].isdigit():
-        return status_kind(int(outcome[5:]))
-    return FAILED
+    status = outcome_status(outcome)
+    return FAILED if status is None else status_kind(status)
 
 
 def time_per_output_token(request: ProxyRequest, ended: float) -> float | None:
