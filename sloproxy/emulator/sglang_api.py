@@ -68,16 +68,24 @@ def limits(instance: Instance) -> tuple[int, int, int]:
 
 def _context_checks(instance: Instance, prompt: int, requested: int | None) -> None:
     """The tokenizer manager's checks (a ValueError there: HTTP 400 even for a stream)."""
-    context = instance.max_model_len
+    message = context_refusal(instance.max_model_len, prompt, requested)
+    if message is not None:
+        raise _bad(message)
+
+
+def context_refusal(context: int, prompt: int, requested: int | None) -> str | None:
+    """The tokenizer manager's refusal of a request over the context length, or None (pure: the
+    simulator uses it too)."""
     if prompt >= context:
-        raise _bad(f"The input ({prompt} tokens) is longer than the model's context length ({context} tokens).")
+        return f"The input ({prompt} tokens) is longer than the model's context length ({context} tokens)."
     if requested is not None and prompt + requested > context:
-        raise _bad(
+        return (
             f"Requested token count exceeds the model's maximum context length of {context} tokens. "
             f"You requested a total of {prompt + requested} tokens: {prompt} tokens from the input messages "
             f"and {requested} tokens for the completion. Please reduce the number of tokens in the input "
             "messages or the completion to fit within the limit."
         )
+    return None
 
 
 def _scheduler_checks(instance: Instance, prompt: int, priority: int | None) -> None:

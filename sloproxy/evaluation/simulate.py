@@ -180,17 +180,9 @@ class _Instance:
             max_new = window - prompt if requested is None else min(window - prompt, requested)
             return max_new if max_new >= 1 else _refuse(400, f"max_tokens must be at least 1, got {max_new}.")
         if spec.engine == "sglang":
-            if prompt >= window:
-                return _refuse(
-                    400, f"The input ({prompt} tokens) is longer than the model's context length ({window} tokens)."
-                )
-            if requested is not None and prompt + requested > window:
-                return _refuse(
-                    400,
-                    f"Requested token count exceeds the model's maximum context length of {window} tokens. You "
-                    f"requested a total of {prompt + requested} tokens: {prompt} tokens from the input messages "
-                    f"and {requested} tokens for the completion.",
-                )
+            refusal = sglang_api.context_refusal(window, prompt, requested)
+            if refusal is not None:
+                return _refuse(400, refusal)
             max_req_len, max_input = sglang_api.request_limits(window, engine.kv.num_blocks * engine.kv.block_size)
             if prompt >= max_input:
                 return _refuse(
