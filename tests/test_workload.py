@@ -209,6 +209,22 @@ def test_max_context_clips_prompts(shared_data: Path) -> None:
             assert tokens + (r.max_tokens or r.output_tokens) <= 8192
 
 
+def test_input_scale_lengthens_prompts_by_the_factor(shared_data: Path) -> None:
+    plain = build_workload(options(shared_data, max_requests=40))
+    long = build_workload(options(shared_data, max_requests=40, input_scale=3.5))
+    for short, scaled in zip(plain, long, strict=True):
+        assert scaled.prompt_tokens == round(short.prompt_tokens * 3.5)
+        assert (scaled.output_tokens, scaled.max_tokens, scaled.prompt_id) == (
+            short.output_tokens,
+            short.max_tokens,
+            short.prompt_id,
+        )
+        if not scaled.messages[0]["content"].startswith("Request "):  # padded: its size is the scaled one
+            assert abs(count_tokens(render_chat(scaled.messages)) - scaled.prompt_tokens) <= 1
+    with pytest.raises(ValueError, match="--input-scale must be positive"):
+        build_workload(options(shared_data, max_requests=5, input_scale=0))
+
+
 def test_bad_input_is_reported(shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(ValueError, match="unknown generator 'Meta-Llama-3-8B'"):
         build_workload(options(shared_data, models=parse_models("m=Meta-Llama-3-8B")))

@@ -58,6 +58,7 @@ class BuildOptions(msgspec.Struct, kw_only=True):
     max_tokens_share: float = 0.5  # share of requests that send max_tokens at all
     max_tokens_caps: tuple[int, ...] = DEFAULT_MAX_TOKENS_CAPS
     max_context: int | None = None  # clip prompts so prompt + reply fits this many tokens
+    input_scale: float = 1.0  # multiply the trace's input sizes (long-prompt variants of a trace)
 
 
 def parse_models(text: str) -> list[ModelMix]:
@@ -117,6 +118,8 @@ def build_workload(options: BuildOptions) -> list[WorkloadRequest]:
         raise ValueError("--output-lengths must be match or dataset")
     if not 0.0 <= options.max_tokens_share <= 1.0:
         raise ValueError("--max-tokens-share must be within [0, 1]")
+    if options.input_scale <= 0:
+        raise ValueError("--input-scale must be positive")
     if options.max_tokens_share > 0 and (not options.max_tokens_caps or min(options.max_tokens_caps) < 1):
         raise ValueError("--max-tokens-caps must be positive integers")
     rows = select_rows(load_trace(options.trace), options)
@@ -168,7 +171,7 @@ def build_workload(options: BuildOptions) -> list[WorkloadRequest]:
         if options.max_tokens_share > 0 and streams["cap"].random() < options.max_tokens_share:
             max_tokens = streams["cap"].choice(options.max_tokens_caps)
         output_tokens = min(true_length, max_tokens) if max_tokens is not None else true_length
-        target = row.input_tokens
+        target = round(row.input_tokens * options.input_scale)
         if options.max_context is not None:
             target = min(target, options.max_context - (max_tokens or output_tokens) - 1)
         tail = f"Request {rid}: {data.instructions[prompt_id]}"
@@ -183,7 +186,7 @@ def build_workload(options: BuildOptions) -> list[WorkloadRequest]:
                 messages=[{"role": "user", "content": content}],
                 max_tokens=max_tokens,
                 output_tokens=max(output_tokens, 1),
-                prompt_tokens=row.input_tokens,
+                prompt_tokens=round(row.input_tokens * options.input_scale),
                 generator=model.generator,
                 prompt_id=prompt_id,
             )

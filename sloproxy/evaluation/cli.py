@@ -31,6 +31,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--max-tokens-share", type=float, default=0.5, help="share of requests sending max_tokens")
     build.add_argument("--max-tokens-caps", default="1024,2048,4096", help="the caps those requests send")
     build.add_argument("--max-context", type=int, help="clip prompts so prompt + reply fits this context")
+    build.add_argument(
+        "--input-scale", type=float, default=1.0, help="multiply the trace's input sizes (a long-prompt variant)"
+    )
     build.add_argument("--out", required=True, help="workload JSONL to write")
     build.set_defaults(func=_build)
 
@@ -77,6 +80,7 @@ def _build(args: argparse.Namespace) -> int:
         max_tokens_share=args.max_tokens_share,
         max_tokens_caps=caps,
         max_context=args.max_context,
+        input_scale=args.input_scale,
     )
     requests = build_to_file(options, args.out)
     span = requests[-1].arrival_s
