@@ -35,8 +35,8 @@ def main() -> None:
         requests = prepare(workload(args.workload, scale))
         sides: dict[str, dict[str, tuple[float, float]]] = {}
         for policy in POLICIES:
-            name, _, oracle = policy.partition("+")
-            meta, records = simulate(fleet, requests, name, base=base_config(), oracle=bool(oracle))
+            name, _, lengths = policy.partition("+")
+            meta, records = simulate(fleet, requests, name, base=base_config(), lengths=lengths or "predicted")
             classes = run_classes(meta)
             per_model = {}
             for model in sorted({r.model for r in records}):

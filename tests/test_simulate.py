@@ -108,7 +108,7 @@ def test_same_inputs_give_identical_records(workload) -> None:
 
 
 def test_the_oracle_changes_estimates_only(workload) -> None:
-    blind, oracle = _run(workload[:150], "round-robin"), _run(workload[:150], "round-robin", oracle=True)
+    blind, oracle = _run(workload[:150], "round-robin"), _run(workload[:150], "round-robin", lengths="oracle")
     # round-robin reads no estimate, so the outcome is identical; only the estimates differ
     assert [c.record for c in blind.clients] == [c.record for c in oracle.clients]
     assert [c.request.est_output_tokens for c in oracle.clients] == [w.output_tokens for w in workload[:150]]
@@ -119,9 +119,25 @@ def test_the_oracle_changes_estimates_only(workload) -> None:
 
 
 def test_edf_with_the_oracle_uses_the_true_lengths(workload) -> None:
-    meta, records = simulate(FLEET, workload[:150], "edf", oracle=True)
-    assert meta.source == "simulate" and meta.label == "edf+oracle" and meta.extra["oracle"] is True
+    meta, records = simulate(FLEET, workload[:150], "edf", lengths="oracle")
+    assert meta.source == "simulate" and meta.label == "edf+oracle" and meta.extra["lengths"] == "oracle"
     assert len(records) == 150
+
+
+def test_median_lengths_keep_each_models_prior(workload) -> None:
+    """``median``: the predictor's per-model prior stays every request's estimate (no prompt read);
+    ``predicted`` refines it, so some estimates differ; an unknown mode is refused."""
+    median, predicted = _run(workload[:150], "slo", lengths="median"), _run(workload[:150], "slo")
+    by_model: dict[str, set[int]] = {}
+    for client in median.clients:
+        assert client.request.estimate_source == "prior"
+        by_model.setdefault(client.request.model, set()).add(client.request.est_output_tokens)
+    uncapped = {c.request.model: c.request.est_output_tokens for c in median.clients if c.request.max_tokens is None}
+    for model, estimates in by_model.items():
+        assert max(estimates) == uncapped[model]  # the model's median, or lower where max_tokens caps it
+    assert "model" in {c.request.estimate_source for c in predicted.clients}  # refined from the prompt
+    with pytest.raises(ValueError, match="lengths: one of predicted, median, oracle"):
+        _run(workload[:5], "slo", lengths="exact")
 
 
 def test_arrivals_are_scaled(workload) -> None:
@@ -215,7 +231,7 @@ def test_simulate_cli_writes_a_run_and_prints_the_report(files, tmp_path: Path, 
     assert main([*args, "--out", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     meta, records = read_run(out)
-    assert meta.source == "simulate" and meta.label == "edf+oracle" and meta.extra["oracle"] is True
+    assert meta.source == "simulate" and meta.label == "edf+oracle" and meta.extra["lengths"] == "oracle"
     assert len(records) == 120 == report["requests"]
     assert report["overall"]["ok"] == sum(r.status == "ok" for r in records)
 

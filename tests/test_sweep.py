@@ -182,3 +182,15 @@ def test_sweep_resolution_checks(files, capsys, extra: list[str], message: str) 
     argv = ["sweep", "--fleet", str(files["fleet"]), "--workload", str(files["overloaded"]), "--policies", "edf"]
     assert main([*argv, *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_policy_labels_name_what_the_proxy_knows_of_lengths() -> None:
+    runs = {run.label: run for run in parse_policies("slo,slo+median,slo+oracle")}
+    assert list(runs) == ["round-robin", "least-load", "slo", "slo+median", "slo+oracle"]
+    assert [(runs[k].policy, runs[k].lengths) for k in ("slo", "slo+median", "slo+oracle")] == [
+        ("slo", "predicted"),
+        ("slo", "median"),
+        ("slo", "oracle"),
+    ]
+    with pytest.raises(ValueError, match="slo\\+guess"):
+        parse_policies("slo+guess")

@@ -16,7 +16,9 @@ def register(commands: argparse._SubParsersAction) -> None:
         "simulate", help="simulate a workload through a policy in front of an emulated fleet"
     )
     _common(simulate)
-    simulate.add_argument("--policy", required=True, help="policy name (NAME+oracle: with true reply lengths)")
+    simulate.add_argument(
+        "--policy", required=True, help="policy name (NAME+oracle: with true reply lengths; NAME+median: model medians)"
+    )
     simulate.add_argument("--params", help="policy parameters as a JSON object")
     simulate.add_argument("--oracle", action="store_true", help="estimate each reply at its true length")
     simulate.add_argument("--scale", type=float, default=1.0, help="multiply the request rate (arrivals / X)")
@@ -29,7 +31,9 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     sweep = commands.add_parser("sweep", help="SLO capacity per policy over rate scales (simulated)")
     _common(sweep)
-    sweep.add_argument("--policies", required=True, help="A,B,... (NAME+oracle: with true reply lengths)")
+    sweep.add_argument(
+        "--policies", required=True, help="A,B,... (NAME+oracle: with true reply lengths; NAME+median: model medians)"
+    )
     sweep.add_argument(
         "--scales",
         help="a fixed grid of rate scales, e.g. 0.5,0.75,1,1.25,1.5,2 (default: search each policy's capacity)",
@@ -87,10 +91,12 @@ def _simulate(args: argparse.Namespace) -> int:
     from .report import render_text, report_json, summarize
     from .simprep import load_inputs
     from .simulate import simulate
+    from .sweep import LENGTH_SUFFIXES
 
-    policy, oracle = args.policy, args.oracle
-    if policy.endswith("+oracle"):
-        policy, oracle = policy.removesuffix("+oracle"), True
+    policy, lengths = args.policy, "oracle" if args.oracle else "predicted"
+    for suffix, known in LENGTH_SUFFIXES.items():
+        if policy.endswith(suffix):
+            policy, lengths = policy.removesuffix(suffix), known
     if args.scale <= 0:
         raise ValueError("--scale must be positive")
     base = _base_config(args.config)
@@ -103,7 +109,7 @@ def _simulate(args: argparse.Namespace) -> int:
         policy,
         params=_params(args.params),
         base=base,
-        oracle=oracle,
+        lengths=lengths,
         scale=args.scale,
         timeout_s=args.timeout,
         poll_phase_s=args.poll_phase,

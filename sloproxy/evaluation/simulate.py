@@ -57,11 +57,16 @@ SHED_STATUSES = frozenset({429, 503})  # what the replayer records as "rejected"
 _ARRIVAL, _STEP, _POLL, _TICK, _TIMEOUT = range(5)
 
 
-def estimate(request: ProxyRequest, item: SimRequest, oracle: bool, estimates: LengthEstimates) -> None:
+LENGTHS = ("predicted", "median", "oracle")
+"""What a simulated proxy knows of reply lengths: the predictor (as live), only each model's median (the
+predictor's prior, never refined from the prompt), or the true lengths."""
+
+
+def estimate(request: ProxyRequest, item: SimRequest, lengths: str, estimates: LengthEstimates) -> None:
     """Set the request's arrival estimate as the live proxy does (``LengthEstimates.prior``; the
     scheduler runs ``predict_many`` later), or the true length for the oracle.
     Runs before classification, which derives deadlines from it."""
-    if oracle:
+    if lengths == "oracle":
         request.est_output_tokens = item.output_tokens
         request.pred_p50 = request.pred_p90 = float(item.output_tokens)
         request.estimate_source = "oracle"
@@ -236,13 +241,15 @@ class Simulation:
         requests: Sequence[SimRequest],
         config: ProxyConfig,
         *,
-        oracle: bool = False,
+        lengths: str = "predicted",
         timeout_s: float = 600.0,
         scale: float = 1.0,
         poll_phase_s: float = 0.0,
         overhead_s: float = 0.0,
         check_invariants: bool = False,
     ) -> None:
+        if lengths not in LENGTHS:
+            raise ValueError(f"lengths: one of {', '.join(LENGTHS)}, got {lengths!r}")
         if scale <= 0:
             raise ValueError("the rate scale must be positive")
         if timeout_s <= 0:
@@ -254,7 +261,7 @@ class Simulation:
         self.fleet = fleet
         self.requests = requests
         self.config = config
-        self.oracle = oracle
+        self.lengths = lengths
         self.timeout_s = timeout_s
         self.scale = scale
         self.poll_phase_s = poll_phase_s  # where the proxy's polling cycle stands when the trace starts
@@ -269,9 +276,10 @@ class Simulation:
         self.policy = load_policy(config.policy.name, config.policy.params)
         # The same estimates as live (no online learning: a run must not change its own predictor).
         uses = self.policy.uses_predictions
+        oracle = lengths == "oracle"
         self.estimates = LengthEstimates(None) if oracle else LengthEstimates.from_config(config.predictor, uses)
         self.scheduler = Scheduler(self.policy, self.pool, config.scheduling, clock=self.clock)
-        if self.estimates.enabled:
+        if self.estimates.enabled and lengths == "predicted":  # "median": the prior stays the estimate
             self.scheduler.predict_many = self.estimates.predict_many  # as live: off the first-chunk path
         self._backends = {b.name: b for b in self.pool.backends}
         for backend in self.pool.backends:  # as live, where each engine reports its window at start
@@ -428,7 +436,7 @@ class Simulation:
         try:
             request = parse_request("chat", item.raw)
             request.received_at = now
-            estimate(request, item, self.oracle, self.estimates)
+            estimate(request, item, self.lengths, self.estimates)
             headers = {"x-slo-class": item.slo_class}
             if item.tenant is not None:
                 headers["x-tenant"] = item.tenant
@@ -598,7 +606,7 @@ def simulate(
     *,
     params: dict[str, Any] | None = None,
     base: ProxyConfig | None = None,
-    oracle: bool = False,
+    lengths: str = "predicted",
     scale: float = 1.0,
     timeout_s: float = 600.0,
     poll_phase_s: float = 0.0,
@@ -609,6 +617,7 @@ def simulate(
 ) -> tuple[RunMeta, list[RequestRecord]]:
     """Simulate ``requests`` (arrivals divided by ``scale``) through ``policy``; the run's meta and records.
 
+    ``lengths``: what the proxy knows of reply lengths (:data:`LENGTHS`).
     ``poll_phase_s``: when the first load reading falls after the trace starts (live, that phase is
     arbitrary, and queued policies whose budgets adapt to readings are sensitive to it).
     ``overhead_s``: a fixed latency added to every TTFT and E2E the client sees (the proxy and HTTP
@@ -619,7 +628,7 @@ def simulate(
         fleet,
         requests,
         config,
-        oracle=oracle,
+        lengths=lengths,
         timeout_s=timeout_s,
         scale=scale,
         poll_phase_s=poll_phase_s,
@@ -628,7 +637,7 @@ def simulate(
     records = simulation.run()
     classes = simulation.classifier.classes
     meta = RunMeta(
-        label=label or (f"{policy}+oracle" if oracle else policy),
+        label=label or (policy if lengths == "predicted" else f"{policy}+{lengths}"),
         source="simulate",
         workload=workload,
         target=fleet_path,
@@ -641,7 +650,7 @@ def simulate(
         fleet=fleet_record(fleet.instances),
         extra={
             "policy": policy,
-            "oracle": oracle,
+            "lengths": lengths,
             "scale": scale,
             "timeout_s": timeout_s,
             "poll_phase_s": poll_phase_s,

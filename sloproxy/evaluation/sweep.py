@@ -3,7 +3,8 @@
 A scale ``s`` replays the same requests with arrivals at ``arrival_s / s`` (``s`` times the rate).
 A policy's SLO capacity is the highest measured scale up to which overall attainment stays at or above
 the target (90%, EVALUATION.md): a measured scale that misses it bounds the capacity even if a higher one
-happens to meet it again. ``NAME+oracle`` runs policy NAME with the true reply lengths as estimates.
+happens to meet it again. ``NAME+oracle`` runs policy NAME with the true reply lengths as estimates,
+``NAME+median`` with only each model's median reply (the predictor's prior, never refined from the prompt).
 The baselines round-robin and least-load always run, because capacity is reported as a ratio to them.
 
 Two ways to choose the scales: :func:`sweep` evaluates a fixed grid (``--scales``); :func:`search` finds
@@ -31,6 +32,7 @@ TARGET = 0.90
 BASELINES = ("round-robin", "least-load")
 DEFAULT_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 ORACLE_SUFFIX = "+oracle"
+LENGTH_SUFFIXES = {ORACLE_SUFFIX: "oracle", "+median": "median"}  # a label's suffix -> what the proxy knows
 SEARCH_START = 1.0
 SEARCH_BOUNDS = (1 / 64, 64.0)  # the search doubles / halves from SEARCH_START at most six times
 DEFAULT_RESOLUTION = 0.05  # the search stops when capacity and first miss are within 5% of each other
@@ -38,28 +40,31 @@ DEFAULT_RESOLUTION = 0.05  # the search stops when capacity and first miss are w
 
 @dataclass(frozen=True, slots=True)
 class PolicyRun:
-    """A policy as the sweep names it: ``edf`` or ``edf+oracle``."""
+    """A policy as the sweep names it: ``edf``, ``edf+median`` or ``edf+oracle``."""
 
     label: str
     policy: str
-    oracle: bool
+    lengths: str = "predicted"  # simulate.LENGTHS
 
 
 def parse_policies(text: str) -> list[PolicyRun]:
-    """``A,B+oracle,...``; the baselines are added when missing. Names are checked by loading them."""
+    """``A,B+oracle,C+median,...``; the baselines are added when missing. Names are checked by loading them."""
     from ..plugins import load_policy
 
     runs: list[PolicyRun] = []
     for label in (part.strip() for part in text.split(",")):
         if not label:
             continue
-        policy = label.removesuffix(ORACLE_SUFFIX)
+        policy, lengths = label, "predicted"
+        for suffix, known in LENGTH_SUFFIXES.items():
+            if label.endswith(suffix):
+                policy, lengths = label.removesuffix(suffix), known
         load_policy(policy)  # ValueError naming the known policies
         if label not in {r.label for r in runs}:
-            runs.append(PolicyRun(label, policy, label.endswith(ORACLE_SUFFIX)))
+            runs.append(PolicyRun(label, policy, lengths))
     if not runs:
         raise ValueError("--policies: at least one policy name")
-    missing = [PolicyRun(name, name, False) for name in BASELINES if name not in {r.label for r in runs}]
+    missing = [PolicyRun(name, name) for name in BASELINES if name not in {r.label for r in runs}]
     return missing + runs
 
 
@@ -97,7 +102,7 @@ def _one(task: tuple[PolicyRun, float, float]) -> tuple[str, float, dict[str, An
         _INPUTS["fleet"],
         _INPUTS["requests"],
         run.policy,
-        oracle=run.oracle,
+        lengths=run.lengths,
         scale=scale,
         base=_INPUTS["base"],
         timeout_s=_INPUTS["timeout_s"],
@@ -400,7 +405,7 @@ def figure_png(result: dict[str, Any], title: str = "") -> bytes:
     searched = "bracket" in result
     for label, values in result["attainment"].items():
         scales = sorted(values)
-        style = "--" if label.endswith(ORACLE_SUFFIX) else "-"
+        style = "--" if label.endswith(tuple(LENGTH_SUFFIXES)) else "-"
         (line,) = axes.plot(scales, [100 * values[s] for s in scales], style, marker="o", label=label)
         cap = result["capacity"][label]
         if searched and cap is not None:  # a search's scales span decades: mark where each policy's capacity is
