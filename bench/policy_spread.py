@@ -8,7 +8,7 @@ with the live scheduler and policies (``sloproxy sweep``'s code). Per case it re
 * each policy's SLO capacity (highest rate scale with >= 90% overall attainment, found by bisection to 5%):
   round-robin, least-load, ``slo`` with the length predictor, ``slo+median`` (each model's median reply only)
   and ``slo+oracle`` (true lengths): item 4's "what the predictor buys";
-* the fleet's throughput limit (``sloproxy/evaluation/limit.py``: least-load with true lengths and no
+* the fleet's throughput limit (``sloproxy/evaluation/limit.py``: least-load or slo with true lengths and no
   deadlines, the highest scale whose queues stay bounded) and each capacity as a share of it;
 * every policy's attainment on one common grid of loads (fractions of least-load's capacity), to check
   that ``slo`` is below least-load at no load by more than noise.
@@ -155,7 +155,13 @@ def run_case(case: Case, jobs: int, phases: int) -> dict[str, Any]:
         "held_out": case.held_out,
         "requests": len(requests),
         "limit": limit["limit"],
-        "limit_tail_ttft_s": {scale_key(s): t for s, t in limit["tail_ttft_s"].items()},
+        "limit_by_policy": {
+            policy: {
+                "bracket": list(entry["bracket"]),
+                "tail_ttft_s": {scale_key(s): t for s, t in entry["tail_ttft_s"].items()},
+            }
+            for policy, entry in limit["by_policy"].items()
+        },
         "capacity": capacities,
         "bracket": {label: list(pair) for label, pair in found["bracket"].items()},
         "share_of_limit": {

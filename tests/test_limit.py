@@ -8,10 +8,9 @@ import pytest
 
 from sloproxy.emulator.fleet import FleetSpec, InstanceSpec
 from sloproxy.evaluation.build import BuildOptions, build_workload, parse_models
-from sloproxy.evaluation.limit import LIMIT_POLICY, NO_TIMEOUT_S, last_third_ttft, sustained, throughput_limit
+from sloproxy.evaluation.limit import LIMIT_POLICIES, last_third_ttft, run_patient, sustained, throughput_limit
 from sloproxy.evaluation.records import RequestRecord
 from sloproxy.evaluation.simprep import prepare
-from sloproxy.evaluation.simulate import simulate
 from sloproxy.evaluation.sweep import parse_policies, search
 
 
@@ -63,15 +62,19 @@ def small(shared_data: Path):
 def test_the_limit_brackets_where_queues_stop_being_bounded(small) -> None:
     fleet, requests = small
     result = throughput_limit(fleet, requests, resolution=0.1)
-    low, high = result["bracket"]
-    assert low is not None and high is not None and 1 < high / low <= 1.1
-    assert result["limit"] == low
-    tails = result["tail_ttft_s"]
-    assert tails[low] <= 10.0 < tails[high]
-    # below the limit every measured scale is sustained, above it none is
-    assert all((tail is not None and tail <= 10.0) == (scale <= low) for scale, tail in tails.items())
-    _, records = simulate(fleet, requests, LIMIT_POLICY, lengths="oracle", scale=low, timeout_s=NO_TIMEOUT_S)
-    assert sustained(records) and all(r.status == "ok" for r in records)
+    assert set(result["by_policy"]) == set(LIMIT_POLICIES)
+    lows = []
+    for policy, entry in result["by_policy"].items():
+        low, high = entry["bracket"]
+        assert low is not None and high is not None and 1 < high / low <= 1.1
+        tails = entry["tail_ttft_s"]
+        assert tails[low] <= 10.0 < tails[high]
+        # below the limit every measured scale is sustained, above it none is
+        assert all((tail is not None and tail <= 10.0) == (scale <= low) for scale, tail in tails.items())
+        records = run_patient(fleet, requests, policy, low)
+        assert sustained(records) and all(r.status == "ok" for r in records)  # nothing refused for being late
+        lows.append(low)
+    assert result["limit"] == max(lows)
     # an SLO capacity is within the limit: meeting deadlines needs the work done first
-    capacity = search(fleet, requests, parse_policies("least-load"), resolution=0.1)["capacity"]["least-load"]
-    assert capacity is not None and capacity <= high
+    capacity = search(fleet, requests, parse_policies("least-load,slo"), resolution=0.1)["capacity"]
+    assert all(c is not None and c <= result["limit"] * 1.1 for c in capacity.values())
