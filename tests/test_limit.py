@@ -64,7 +64,7 @@ def test_the_limit_brackets_where_queues_stop_being_bounded(small) -> None:
     result = throughput_limit(fleet, requests, resolution=0.1)
     assert set(result["by_policy"]) == set(LIMIT_POLICIES)
     lows = []
-    for policy, entry in result["by_policy"].items():
+    for policy, entry in result["by_policy"].items():  # least-load
         low, high = entry["bracket"]
         assert low is not None and high is not None and 1 < high / low <= 1.1
         tails = entry["tail_ttft_s"]
