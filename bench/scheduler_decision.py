@@ -10,6 +10,10 @@ Two measurements:
 * **policy, all backends admit** — the policy alone when every one of the 64 backends could take
   the request (peek, admission over 64, scoring over 64, pop): the worst case for the parts.
 
+Policies: fcfs, edf, priority-fair and the default ``slo`` (EDF with KV reservation admission: every
+load reports a KV capacity of 1M tokens, so its admission reads each backend's reservations, and
+least-load with length affinity scores every backend that admits).
+
     .venv/bin/python bench/scheduler_decision.py [--waiting 10000] [--backends 64]
 """
 
