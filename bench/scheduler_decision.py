@@ -10,6 +10,10 @@ Two measurements:
 * **policy, all backends admit** — the policy alone when every one of the 64 backends could take
   the request (peek, admission over 64, scoring over 64, pop): the worst case for the parts.
 
+Policies: fcfs, edf, priority-fair and the default ``slo`` (EDF with KV reservation admission: every
+load reports a KV capacity of 1M tokens, so its admission reads each backend's reservations, and
+least-load with length affinity scores every backend that admits).
+
     .venv/bin/python bench/scheduler_decision.py [--waiting 10000] [--backends 64]
 """
 
@@ -55,7 +59,9 @@ async def live(policy_name: str, waiting: int, backends_count: int, decisions: i
         SchedulingConfig(budget_initial=16, max_queue=waiting * 4, max_queue_bytes=1 << 40),
     )
     for backend in pool.backends:
-        backend.load = SimpleNamespace(running=16, waiting=0, kv_usage=rng.random() * 0.8)
+        backend.load = SimpleNamespace(
+            running=16, waiting=0, kv_usage=rng.random() * 0.8, kv_capacity_tokens=1_000_000, preemptions=None
+        )
         backend.load_read_at = time.monotonic() + 3600  # fresh for the whole run
     loop = asyncio.get_running_loop()
     running: list[tuple[ProxyRequest, object]] = []
@@ -96,8 +102,10 @@ def policy_only(policy_name: str, waiting: int, backends_count: int, decisions: 
             budget=1_000_000,
             urgent_budget=1_000_000,
             priority_scheduling=False,
-            load=SimpleNamespace(running=4, waiting=0, kv_usage=rng.random() * 0.8),
+            load=SimpleNamespace(running=4, waiting=0, kv_usage=rng.random() * 0.8, kv_capacity_tokens=1_000_000),
             load_is_stale=False,
+            kv_reserved_tokens=0,  # the KV-reserving policies (slo) admit against the capacity above
+            kv_urgent_tokens=0,
         )
         for i in range(backends_count)
     ]
@@ -129,7 +137,7 @@ def main() -> int:
     print(f"{args.waiting} waiting, {args.backends} backends; microseconds per decision")
     print(f"{'policy':14} {'live median':>12} {'live p99':>9} {'all-admit median':>17} {'all-admit p99':>14}")
     ok = True
-    for name in ("fcfs", "edf", "priority-fair"):
+    for name in ("fcfs", "edf", "priority-fair", "slo"):
         live_samples = sorted(asyncio.run(live(name, args.waiting, args.backends, args.decisions)))
         worst = sorted(policy_only(name, args.waiting, args.backends, args.decisions))
         median = statistics.median(live_samples) * 1e6

@@ -94,8 +94,46 @@ class KVReserveAdmission(Admission):
     def admitted(
         self, request: ProxyRequest, backends: Sequence[BackendState], snapshot: Snapshot
     ) -> list[BackendState]:
+        """:meth:`admit` over ``backends``: :meth:`fits`, :meth:`kv_capacity` and :meth:`urgent_peak`
+        inlined (this runs over every backend with room for every dispatch decision), with what depends
+        on the request alone (its footprint, its band's limits) computed once rather than per backend.
+        ``tests/test_paper_policies.py`` holds it to the same decisions and records as :meth:`admit`."""
         now = snapshot.now
-        return [b for b in self.budget.admitted(request, backends, snapshot) if self.fits(request, b, now)]
+        admitted = []
+        footprint: int | None = None
+        urgent_work = request.band == 0
+        headroom, reserve, margin = self.headroom, self.budget.reserve, self.urgent_margin
+        capacities, peaks, half_life = self.capacity, self._urgent_peak, self.urgent_half_life_s
+        for b in self.budget.admitted(request, backends, snapshot):
+            name = b.name
+            load = b.load
+            if load is not None and load.kv_capacity_tokens:
+                capacities[name] = load.kv_capacity_tokens
+            capacity = capacities.get(name)
+            # urgent_peak(b, now): its decaying record is kept current whether or not it is read here
+            urgent = b.kv_urgent_tokens
+            peak, at = peaks.get(name, (0.0, now))
+            if now > at:
+                peak *= 0.5 ** ((now - at) / half_life)
+            if urgent >= peak or now > at:
+                if urgent > peak:  # max(peak, float(urgent))
+                    peak = float(urgent)
+                peaks[name] = (peak, now)
+            if capacity is None or b.in_flight == 0:
+                admitted.append(b)
+                continue
+            if footprint is None:
+                footprint = kv_footprint(request)
+            if urgent_work:
+                if b.kv_reserved_tokens + footprint <= headroom * capacity:
+                    admitted.append(b)
+                continue
+            limit = min(headroom, 1.0) * capacity
+            urgent = b.kv_urgent_tokens
+            held_for_urgent = max(urgent, reserve * limit, margin * peak)
+            if b.kv_reserved_tokens - urgent + footprint + held_for_urgent <= limit:
+                admitted.append(b)
+        return admitted
 
 
 def length_bucket(request: ProxyRequest, edges: Sequence[int] = (64, 256, 1024)) -> int:
@@ -124,6 +162,16 @@ class LengthAffinity(Scorer):
             return 0.0
         bucket = length_bucket(request, self.edges)
         return sum(1 for b in recent if b == bucket) / len(recent)
+
+    def scores(self, request: ProxyRequest, backends: Sequence[BackendState], snapshot: Snapshot) -> list[float]:
+        """:meth:`score` for each backend, the request's bucket computed once."""
+        bucket = length_bucket(request, self.edges)
+        history = self._recent
+        scores = []
+        for backend in backends:
+            recent = history.get(backend.name)
+            scores.append(recent.count(bucket) / len(recent) if recent else 0.0)
+        return scores
 
     def chosen(self, request: ProxyRequest, backend: BackendState) -> None:
         recent = self._recent.setdefault(backend.name, deque(maxlen=self.window))

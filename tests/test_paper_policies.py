@@ -4,6 +4,7 @@ preemptions than least-load on a KV-bound instance (simulated), and a live smoke
 from __future__ import annotations
 
 import asyncio
+import random
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -130,6 +131,41 @@ def test_length_affinity_prefers_the_backend_serving_the_same_bucket() -> None:
     assert (length_bucket(short), length_bucket(long)) == (0, 3)
     assert (scorer.score(short, a, None), scorer.score(short, b, None)) == (1.0, 0.0)
     assert (scorer.score(long, a, None), scorer.score(long, b, None)) == (0.0, 1.0)
+
+
+def test_kv_reservation_over_a_fleet_decides_as_one_backend_at_a_time() -> None:
+    """``admitted`` (the dispatch path, inlined) admits exactly the backends ``admit`` does, and leaves
+    the same decaying band-0 peaks behind, over random fleets, bands and times."""
+    rng = random.Random(7)
+    one_by_one, at_once = KVReserveAdmission(headroom=1.5), KVReserveAdmission(headroom=1.5)
+    for step in range(300):
+        fleet = [
+            backend(
+                f"b{i}",
+                in_flight=rng.choice((0, 1, 3, 7, 8)),
+                reserved=rng.randrange(0, 16_000),
+                capacity=rng.choice((None, 6_000, 12_000)),
+                kv=rng.choice((None, 0.2, 0.97)),
+            )
+            for i in range(12)
+        ]
+        for b in fleet:
+            b.kv_urgent_tokens = rng.randrange(0, b.kv_reserved_tokens + 1)
+        request = req(step, band=rng.randrange(2), prompt=rng.randrange(10, 4000), p50=rng.randrange(1, 900))
+        snapshot = Snapshot(step * 0.7, fleet)
+        expected = [b.name for b in fleet if one_by_one.admit(request, b, snapshot)]
+        assert [b.name for b in at_once.admitted(request, fleet, snapshot)] == expected
+    assert at_once._urgent_peak == one_by_one._urgent_peak and at_once.capacity == one_by_one.capacity
+
+
+def test_length_affinity_scores_a_fleet_as_one_backend_at_a_time() -> None:
+    rng = random.Random(3)
+    scorer = LengthAffinity(edges=(64, 256, 1024), window=8)
+    fleet = [backend(f"b{i}") for i in range(6)]
+    for i in range(200):
+        scorer.chosen(req(i, p50=rng.choice((10, 100, 500, 3000))), rng.choice(fleet[:5]))  # b5: no history
+        request = req(1000 + i, p50=rng.choice((10, 100, 500, 3000)))
+        assert scorer.scores(request, fleet, None) == [scorer.score(request, b, None) for b in fleet]
 
 
 def test_footprint_ordering_serves_big_kv_first_with_deadline_tie_break() -> None:

@@ -134,3 +134,25 @@ def test_inconsistent_arrays_are_refused_not_walked() -> None:
     forest = compile_booster(booster)
     with pytest.raises(ValueError, match="float64"):
         forest.predict(b"\0" * 8)
+
+
+def test_the_request_path_predicts_what_lightgbm_does_for_its_rows(shared_data) -> None:
+    """``predict_request`` and ``predict_many`` hand each row to the compiled walks as packed float64
+    bytes: their p50 and p90 are bit for bit those of LightGBM's own prediction of the same row."""
+    import json
+
+    predictor = LengthPredictor.load()
+    assert predictor._walks is not None
+    lines = (shared_data / "lengths" / "alpaca_eval_prompts.jsonl").read_text().splitlines()[:200]
+    calls = [
+        (json.loads(line)["instruction"], "m", limit, 0.7, None, None, None)
+        for line, limit in zip(lines, [None, 4096, 64, 1] * 50, strict=True)
+    ]
+    row = (ctypes.c_double * N_COLUMNS)()
+    heads = [FastBooster(head, N_COLUMNS, row, compiled=False) for head in (predictor.bundle.p50, predictor.bundle.p90)]
+    batched = predictor.predict_many(calls)
+    for call, together in zip(calls, batched, strict=True):
+        alone = predictor.predict_request(*call)
+        row[:] = together.row
+        reference = predictor._finish(heads[0].predict_loaded(), heads[1].predict_loaded(), call[2])
+        assert (alone.p50, alone.p90) == (together.p50, together.p90) == reference

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import math
 import struct
-from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +51,9 @@ class LengthPredictor:
         self._row_bytes = bytearray(8 * N_COLUMNS)
         self._row = (ctypes.c_double * N_COLUMNS).from_buffer(self._row_bytes)
         self._pack_row = struct.Struct(f"{N_COLUMNS}d").pack_into
+        # A row as float64 bytes for the compiled walks: struct packs the 32 floats in a third of the
+        # time array("d", row) takes (which converts element by element); the bytes are the same.
+        self._doubles = struct.Struct(f"{N_COLUMNS}d").pack
         self._p50 = FastBooster(bundle.p50, N_COLUMNS, self._row)
         self._p90 = FastBooster(bundle.p90, N_COLUMNS, self._row)
         walk50, walk90 = self._p50.compiled_walk, self._p90.compiled_walk
@@ -97,7 +99,7 @@ class LengthPredictor:
     def _predict_row(self, row: list[float], max_tokens: int | None) -> tuple[float, float]:
         if self._walks is not None:
             walk50, walk90 = self._walks
-            values = array("d", row)
+            values = self._doubles(*row)
             return self._finish(walk50(values), walk90(values), max_tokens)
         self._pack_row(self._row_bytes, 0, *row)
         return self._finish(self._p50.predict_loaded(), self._p90.predict_loaded(), max_tokens)
@@ -147,7 +149,8 @@ class LengthPredictor:
         rows = [self.row(f) for f in features]
         if self._walks is not None:  # each row converted once, read by both heads
             walk50, walk90 = self._walks
-            doubles = [array("d", row) for row in rows]
+            pack = self._doubles
+            doubles = [pack(*row) for row in rows]
             raw50 = [walk50(values) for values in doubles]  # one head over all rows, then the other
             finish = self._finish
             return [
