@@ -1,0 +1,699 @@
+"""The real peer routers against sloproxy's policies, in front of one emulated fleet: SLO attainment per load.
+
+Peers, each installed from PyPI into its own virtualenv under ``build/peers/<name>/`` (kept and reused):
+vLLM's router ``vllm-router`` (round_robin, power_of_two, cache_aware), SGLang's router ``sglang-router``
+(cache_aware, power_of_two) and the LiteLLM proxy ``litellm[proxy]`` (simple-shuffle, least-busy); against
+them sloproxy (``sloproxy serve``) with its round-robin, least-load and slo policies.
+
+The fleet: one model (llama-3-8b) on vLLM H100, vLLM A100-40G, SGLang A100-80G and SGLang A100-40G, every
+context window 8,192 tokens, the workload as its lengths file, started fresh for every (router, load) so no
+prefix cache, queue or counter carries from one run to the next. The workload: a long-prompt conversation
+trace built with the project's builder from the Azure conversation trace, its input sizes scaled x5 and
+clipped to the 8,192 window (mean prompt ~4.0 k tokens), replies the Llama-3-8B-Instruct's own lengths,
+capped at 256 / 512 / 1024 for the half of the requests that send ``max_tokens`` (mean ~370), 60% interactive
+/ 40% batch. Each load replays the same requests with arrivals divided by the load (``sweep``'s scales), open
+loop, at speedup K; attainment is ``sloproxy report``'s (``summarize``), the same SLO rule for every router;
+capacity is ``sweep.capacity`` (the highest load up to which attainment stays >= 90%), with the crossing
+interpolated linearly between that load and the next.
+
+Fairness: all routers see the same fleet, workload and speedup. Durations a router acts on are divided by K
+as ``agreement.scaled_config`` does for sloproxy: the two Rust routers' load-polling interval (their
+``--worker-startup-check-interval``, 30 s by default) becomes 30/K s. Every run records each router's CPU
+(user + system, its child processes included) as a share of one core over the replay, and the replayer's
+send lag, so a router that ran out of CPU shows in the JSON (``router_cpu``; the machine has 2 cores).
+
+    .venv/bin/python bench/peers_slo.py [--loads 1,1.5,2] [--only ROUTER,...] [--seconds 45] [--start 30]
+        [--speedup 1] [--out bench/out/peers_slo.json] [--png docs/figures/peers_slo.png]
+
+``--only`` takes router labels (``vllm-router/cache_aware``, ``sloproxy/slo``, ...) or a family
+(``litellm``); results merge into an existing ``--out`` made with the same setup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from sloproxy.emulator.fleet import FleetSpec, InstanceSpec
+from sloproxy.emulator.tokens import count_tokens, render_chat
+from sloproxy.evaluation.agreement import base_config, scaled_config
+from sloproxy.evaluation.build import BuildOptions, build_workload, parse_models
+from sloproxy.evaluation.records import write_run
+from sloproxy.evaluation.replay import replay_run
+from sloproxy.evaluation.report import summarize
+from sloproxy.evaluation.simulate import proxy_config
+from sloproxy.evaluation.sweep import TARGET, capacity
+from sloproxy.evaluation.workload import WorkloadRequest, write_workload
+from sloproxy.processes import EmulatorProcess, ProxyProcess, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+PEERS_DIR = ROOT / "build" / "peers"
+MODEL = "llama-3-8b"
+WINDOW = 8192
+FLEET = [  # name, engine, profile
+    ("vllm-h100", "vllm", "h100-llama3-8b"),
+    ("vllm-a100-40g", "vllm", "a100-40g-llama3-8b"),
+    ("sglang-a100-80g", "sglang", "a100-80g-llama3-8b"),
+    ("sglang-a100-40g", "sglang", "a100-40g-llama3-8b"),
+]
+# The workload (see the module docstring): what makes Azure conv a long-prompt, long-reply trace.
+TRACE = "azure_conv_2023.csv"
+GENERATOR = "Meta-Llama-3-8B-Instruct"
+INPUT_SCALE = 5.0
+MAX_TOKENS_CAPS = (256, 512, 1024)
+SEED = 7
+DEFAULT_LOADS = (1.0, 1.5, 2.0)
+TIMEOUT_S = 120.0  # trace seconds; past the batch deadline (60 s) a request has missed its SLO anyway
+PEER_POLL_S = 30  # both Rust routers' default load-polling interval (--worker-startup-check-interval)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A peer's virtualenv: what to install and which distributions' versions to record."""
+
+    name: str
+    requirements: tuple[str, ...]
+    dists: tuple[str, ...]
+
+
+PEERS = {
+    "vllm-router": Peer("vllm-router", ("vllm-router==0.1.17",), ("vllm-router",)),
+    "sglang-router": Peer("sglang-router", ("sglang-router==0.3.2",), ("sglang-router",)),
+    "litellm": Peer("litellm", ("litellm[proxy]==1.110.2",), ("litellm", "litellm-proxy-extras", "litellm-enterprise")),
+}
+
+
+@dataclass(frozen=True)
+class Router:
+    label: str  # family/policy
+    family: str  # a PEERS key or "sloproxy"
+    policy: str
+
+
+ROUTERS = [
+    Router("vllm-router/round_robin", "vllm-router", "round_robin"),
+    Router("vllm-router/power_of_two", "vllm-router", "power_of_two"),
+    Router("vllm-router/cache_aware", "vllm-router", "cache_aware"),
+    Router("sglang-router/cache_aware", "sglang-router", "cache_aware"),
+    Router("sglang-router/power_of_two", "sglang-router", "power_of_two"),
+    Router("litellm/simple-shuffle", "litellm", "simple-shuffle"),
+    Router("litellm/least-busy", "litellm", "least-busy"),
+    Router("sloproxy/round-robin", "sloproxy", "round-robin"),
+    Router("sloproxy/least-load", "sloproxy", "least-load"),
+    Router("sloproxy/slo", "sloproxy", "slo"),
+]
+
+
+# ---------------------------------------------------------------------------------------------- peers
+
+
+def pip(venv: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *args],
+        capture_output=True,
+        text=True,
+    )
+
+
+def install_litellm_without_companion_pins(venv: Path, requirement: str) -> None:
+    """``litellm[proxy]`` pins companion distributions to the exact release (``litellm-proxy``,
+    ``litellm-proxy-extras``, ``litellm-enterprise``); where the index lacks those releases the extra cannot
+    resolve. Then: litellm itself, the proxy extra's other requirements as its own metadata lists them,
+    and the newest companions the index has (the proxy runs without ``litellm-proxy``: no database here)."""
+    version = requirement.split("==", 1)[1]
+    done = pip(venv, f"litellm=={version}")
+    if done.returncode:
+        raise RuntimeError(f"pip install litellm=={version} failed:\n{done.stderr[-2000:]}")
+    script = (
+        "import importlib.metadata as m, re\n"
+        "for r in m.requires('litellm') or []:\n"
+        "    if \"extra == 'proxy'\" in r and not r.startswith('litellm-'):\n"
+        "        print(re.split(r'\\s*;', r)[0])\n"
+    )
+    listed = subprocess.run([str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True, check=True)
+    done = pip(venv, *listed.stdout.splitlines(), "litellm-proxy-extras", "litellm-enterprise")
+    if done.returncode:
+        raise RuntimeError(f"installing litellm's proxy requirements failed:\n{done.stderr[-2000:]}")
+
+
+def ensure_peer(peer: Peer) -> Path:
+    """The peer's virtualenv, created and installed on first use; a stamp file names what it holds, so a
+    changed pin reinstalls and an unchanged one costs nothing."""
+    venv = PEERS_DIR / peer.name
+    stamp = venv / ".installed"
+    wanted = "\n".join(peer.requirements)
+    if stamp.exists() and stamp.read_text() == wanted:
+        return venv
+    print(f"installing {' '.join(peer.requirements)} into {venv} ...", file=sys.stderr, flush=True)
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    done = pip(venv, *peer.requirements)
+    if done.returncode:
+        if peer.name != "litellm":
+            raise RuntimeError(f"pip install {' '.join(peer.requirements)} failed:\n{done.stderr[-2000:]}")
+        install_litellm_without_companion_pins(venv, peer.requirements[0])
+    stamp.write_text(wanted)
+    return venv
+
+
+def peer_versions(peer: Peer, venv: Path) -> dict[str, str]:
+    script = (
+        "import importlib.metadata as m, json, sys\n"
+        f"print(json.dumps({{d: m.version(d) for d in {list(peer.dists)!r}}}))\n"
+    )
+    done = subprocess.run([str(venv / "bin" / "python"), "-c", script], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+def get_json(url: str, timeout: float = 2.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read() or b"null")
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (OSError, urllib.error.HTTPError):
+        return False
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from /proc (a router may fork workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    tree, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        tree.append(current)
+        pending.extend(children.get(current, []))
+    return tree
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its living descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+class Command:
+    """One router in a child process (its own session, so stopping it stops what it forked), ready once
+    ``ready()`` holds; logs to ``log``."""
+
+    def __init__(self, argv: list[str], ready: Callable[[], bool], log: Path, env: dict[str, str] | None = None):
+        self.argv, self.ready, self.log, self.env = argv, ready, log, env
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def __enter__(self) -> Command:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self._out = open(self.log, "wb")  # closed in __exit__
+        self.process = subprocess.Popen(
+            self.argv, stdout=self._out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
+        deadline = time.monotonic() + 180
+        while not self.ready():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"{self.argv[0]} did not start (see {self.log}):\n{tail(self.log)}")
+            time.sleep(0.2)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # the group this process created, nothing else
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._out.close()
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def rust_router(router: Router, venv: Path, urls: list[str], port: int, speedup: float, log: Path) -> Command:
+    """vllm-router or sglang-router with the policy; metrics on a free port, the load-polling interval
+    divided by the speedup (an integer number of seconds: these CLIs take whole seconds)."""
+    poll = str(max(1, round(PEER_POLL_S / speedup)))
+    common = ["--host", "127.0.0.1", "--port", str(port), "--worker-urls", *urls, "--policy", router.policy]
+    common += ["--worker-startup-check-interval", poll, "--prometheus-port", str(free_port())]
+    common += [
+        "--prometheus-host",
+        "127.0.0.1",
+        "--log-level",
+        "warn" if router.family == "sglang-router" else "warning",
+    ]
+    base = f"http://127.0.0.1:{port}"
+    if router.family == "vllm-router":
+        # Serves only once a worker answers /health; /health is then "All servers healthy".
+        return Command([str(venv / "bin" / "vllm-router"), *common], lambda: answers(base + "/health"), log)
+
+    def registered() -> bool:
+        # sglang-router serves at once and registers workers in the background: wait for all of them.
+        try:
+            workers = get_json(base + "/workers")["workers"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return len(workers) == len(urls) and all(w.get("is_healthy") for w in workers)
+
+    argv = [str(venv / "bin" / "python"), "-m", "sglang_router.launch_router", *common]
+    return Command(argv, registered, log)
+
+
+def litellm_proxy(router: Router, venv: Path, urls: list[str], port: int, workdir: Path, log: Path) -> Command:
+    """LiteLLM's proxy: one deployment per engine under the one model name, the routing strategy; no master
+    key (the replayer sends none, as against sloproxy in open mode) via LiteLLM's explicit local-development
+    opt-in, and offline mode, which keeps it from fetching a Hugging Face tokenizer for "llama-3" names and
+    its remote cost map (no internet here; it falls back to tiktoken / the bundled map)."""
+    config = {
+        "model_list": [
+            {
+                "model_name": MODEL,
+                "litellm_params": {"model": f"openai/{MODEL}", "api_base": f"{url}/v1", "api_key": "none"},
+            }
+            for url in urls
+        ],
+        "router_settings": {"routing_strategy": router.policy},
+        "general_settings": {"dangerously_permit_weak_or_unset_master_key": True},
+    }
+    path = workdir / f"litellm-{router.policy}.json"
+    path.write_text(json.dumps(config, indent=1))  # YAML is a superset of JSON
+    env = {
+        **os.environ,
+        "LITELLM_OFFLINE_MODE": "true",
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "LITELLM_LOG": "ERROR",
+    }
+    env.pop("LITELLM_MASTER_KEY", None)
+    argv = [str(venv / "bin" / "litellm"), "--config", str(path), "--host", "127.0.0.1", "--port", str(port)]
+    argv += ["--num_workers", "1"]
+    base = f"http://127.0.0.1:{port}"
+    return Command(argv, lambda: answers(base + "/health/readiness"), log, env=env)
+
+
+class SloproxyRouter:
+    """``sloproxy serve`` (ProxyProcess) with a policy, every duration divided by the speedup; ready once
+    a backend is healthy."""
+
+    def __init__(self, router: Router, specs: list[InstanceSpec], speedup: float) -> None:
+        config = scaled_config(proxy_config(FleetSpec(instances=specs), router.policy, base=base_config()), speedup)
+        self.proxy = ProxyProcess(msgspec.to_builtins(config))
+
+    @property
+    def pid(self) -> int:
+        assert self.proxy.process is not None
+        return self.proxy.process.pid
+
+    def __enter__(self) -> SloproxyRouter:
+        self.proxy.start()
+        deadline = time.monotonic() + 30
+        while not answers(self.proxy.url + "/ready"):
+            if time.monotonic() > deadline:
+                self.proxy.stop()
+                raise RuntimeError("sloproxy never became ready:\n" + self.proxy.output()[-2000:])
+            time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proxy.__exit__()
+
+
+# ---------------------------------------------------------------------------------------------- workload
+
+
+def build(seconds: float, start: float) -> list[WorkloadRequest]:
+    return build_workload(
+        BuildOptions(
+            trace=str(DATA / "traces" / TRACE),
+            lengths_dir=str(DATA / "lengths"),
+            models=parse_models(f"{MODEL}={GENERATOR}"),
+            start_s=start,
+            duration_s=seconds,
+            seed=SEED,
+            output_lengths="dataset",
+            max_tokens_caps=MAX_TOKENS_CAPS,
+            max_context=WINDOW,
+            input_scale=INPUT_SCALE,
+        )
+    )
+
+
+def describe(requests: Sequence[WorkloadRequest]) -> dict[str, Any]:
+    prompts = sorted(count_tokens(render_chat(r.messages)) for r in requests)
+    replies = sorted(r.output_tokens for r in requests)
+    span = requests[-1].arrival_s
+    return {
+        "requests": len(requests),
+        "span_s": span,
+        "rate_rps_at_load_1": len(requests) / span if span else None,
+        "prompt_tokens_mean": round(sum(prompts) / len(prompts)),
+        "prompt_tokens_median": prompts[len(prompts) // 2],
+        "reply_tokens_mean": round(sum(replies) / len(replies)),
+        "reply_tokens_median": replies[len(replies) // 2],
+        "interactive_share": round(sum(r.slo_class == "interactive" for r in requests) / len(requests), 3),
+        "fit_window": sum(
+            count_tokens(render_chat(r.messages)) + (r.max_tokens or r.output_tokens) < WINDOW for r in requests
+        ),
+    }
+
+
+def at_load(requests: Sequence[WorkloadRequest], load: float) -> list[WorkloadRequest]:
+    return [msgspec.structs.replace(r, arrival_s=round(r.arrival_s / load, 6)) for r in requests]
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def fleet_instances() -> list[dict[str, Any]]:
+    return [
+        {
+            "name": name,
+            "engine": engine,
+            "model": MODEL,
+            "profile": profile,
+            "port": free_port(),
+            "max_model_len": WINDOW,
+        }
+        for name, engine, profile in FLEET
+    ]
+
+
+async def one_run(
+    router: Router, load: float, requests: list[WorkloadRequest], workload_path: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    """A fresh fleet, a fresh router, one open-loop replay; the run's summary and conditions."""
+    instances = fleet_instances()
+    key = f"{router.label.replace('/', '_')}@{load:g}"
+    logs = args.workdir / "logs"
+    with EmulatorProcess(instances, speedup=args.speedup, extra={"lengths": str(workload_path)}) as fleet:
+        urls = [fleet.url(i["name"]) for i in instances]
+        port = free_port()
+        if router.family == "sloproxy":
+            specs = [msgspec.convert(i, InstanceSpec) for i in instances]
+            handle: Any = SloproxyRouter(router, specs, args.speedup)
+        elif router.family == "litellm":
+            venv = PEERS_DIR / "litellm"
+            handle = litellm_proxy(router, venv, urls, port, args.workdir, logs / f"{key}.log")
+        else:
+            handle = rust_router(router, PEERS_DIR / router.family, urls, port, args.speedup, logs / f"{key}.log")
+        with handle as running:
+            target = running.proxy.url if router.family == "sloproxy" else f"http://127.0.0.1:{port}"
+            assert fleet.process is not None
+            cpu_router, cpu_fleet = cpu_seconds(running.pid), cpu_seconds(fleet.process.pid)
+            wall = time.monotonic()
+            meta, records = await replay_run(
+                at_load(requests, load),
+                target,
+                workload=str(workload_path),
+                label=router.label,
+                speedup=args.speedup,
+                timeout_s=TIMEOUT_S,
+            )
+            wall = time.monotonic() - wall
+            cpu_router = cpu_seconds(running.pid) - cpu_router
+            cpu_fleet = cpu_seconds(fleet.process.pid) - cpu_fleet
+            served = {}
+            for i in instances:
+                state = get_json(fleet.url(i["name"]) + "/_emulator/state")
+                served[i["name"]] = sum(state["finished"].values())
+    meta = msgspec.structs.replace(
+        meta,
+        trace=TRACE,
+        window_s=[args.start, args.start + args.seconds],
+        fleet=[{"name": n, "engine": e, "model": MODEL, "profile": p} for n, e, p in FLEET],
+    )
+    write_run(args.workdir / "runs" / f"{key}.jsonl", meta, records)
+    summary = summarize(meta, records)
+    overall = summary["overall"]
+    return {
+        "attainment": overall["slo_attainment"],
+        "classes": {name: block["slo_attainment"] for name, block in summary["classes"].items()},
+        "outcomes": {k: overall[k] for k in ("requests", "ok", "rejected", "errors", "timeouts", "client_errors")},
+        "ttft_s": overall["ttft_s"],
+        "e2e_s": overall["e2e_s"],
+        "served_per_instance": served,
+        "wall_s": round(wall, 1),
+        "router_cpu": round(cpu_router / wall, 3),  # share of one core over the replay
+        "fleet_cpu": round(cpu_fleet / wall, 3),
+        "send_lag_p99_ms": round(1e3 * meta.extra.get("send_lag_s", {}).get("p99", 0.0), 1),
+        "loadavg_after": os.getloadavg()[0],
+    }
+
+
+def interpolated(attainment: dict[float, float], target: float = TARGET) -> float | None:
+    """Where attainment crosses ``target``, linearly between ``sweep.capacity``'s load and the next one
+    (that load itself when nothing above it was measured; None when the lowest load already misses)."""
+    best = capacity(attainment, target)
+    if best is None:
+        return None
+    above = sorted(load for load in attainment if load > best)
+    if not above:
+        return best
+    a0, a1 = attainment[best], attainment[above[0]]
+    return best + (a0 - target) / (a0 - a1) * (above[0] - best) if a0 != a1 else best
+
+
+def capacities(result: dict[str, Any]) -> None:
+    values = {float(k): v["attainment"] for k, v in result["runs"].items() if v.get("attainment") is not None}
+    result["attainment"] = {f"{k:g}": v for k, v in sorted(values.items())}
+    result["capacity"] = capacity(values)
+    result["capacity_interpolated"] = interpolated(values)
+    result["capacity_at_least"] = bool(values) and all(v >= TARGET for v in values.values())
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def render_table(results: dict[str, Any], loads: list[float]) -> str:
+    rate = results["setup"]["workload"]["rate_rps_at_load_1"]
+    head = ["router"] + [f"x{load:g} ({load * rate:.1f} req/s)" for load in loads]
+    head += ["capacity", "interpolated", "router CPU (max)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, result in results["routers"].items():
+        runs = result["runs"]
+        cells = [label]
+        for load in loads:
+            run = runs.get(f"{load:g}")
+            cells.append("—" if run is None or run["attainment"] is None else f"{run['attainment']:.1%}")
+        cap, interp = result["capacity"], result["capacity_interpolated"]
+        if cap is None:
+            cells += [f"< x{min(loads):g}", "—"]
+        else:
+            at_least = ">= " if result["capacity_at_least"] else ""
+            cells += [f"{at_least}x{cap:g}", f"{at_least}x{interp:.2f}"]
+        cpu = max((run["router_cpu"] for run in runs.values()), default=None)
+        cells.append("—" if cpu is None else f"{cpu:.0%} of a core")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+STYLES = {"sloproxy": "-", "vllm-router": "--", "sglang-router": "-.", "litellm": ":"}
+MARKERS = {"sloproxy": "o", "vllm-router": "s", "sglang-router": "^", "litellm": "D"}
+COLOURS = {  # sloproxy's in strong colours, each peer family in its own hue
+    "sloproxy/slo": "#d62728",
+    "sloproxy/least-load": "#ff7f0e",
+    "sloproxy/round-robin": "#7f7f7f",
+    "vllm-router/round_robin": "#9ecae1",
+    "vllm-router/power_of_two": "#3182bd",
+    "vllm-router/cache_aware": "#08306b",
+    "sglang-router/cache_aware": "#31a354",
+    "sglang-router/power_of_two": "#a1d99b",
+    "litellm/simple-shuffle": "#c994c7",
+    "litellm/least-busy": "#7a0177",
+}
+CPU_BOUND = 0.5  # a router using half a core or more on this shared 2-core machine is marked as CPU-bound
+
+
+def figure(results: dict[str, Any], path: Path) -> None:
+    """Attainment vs offered load, one line per router; hollow markers where the router was CPU-bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    setup = results["setup"]
+    rate = setup["workload"]["rate_rps_at_load_1"]
+    fig, ax = plt.subplots(figsize=(12, 6.4), dpi=110)
+    for label, result in results["routers"].items():
+        family = label.split("/", 1)[0]
+        points = sorted((float(k), run) for k, run in result["runs"].items() if run["attainment"] is not None)
+        if not points:
+            continue
+        xs, ys = [load * rate for load, _ in points], [100 * run["attainment"] for _, run in points]
+        cap = result["capacity"]
+        if cap is None:
+            name = f"{label}  (capacity: none)"
+        else:
+            name = f"{label}  (capacity {'>= ' if result['capacity_at_least'] else ''}x{cap:g})"
+        if any(run["router_cpu"] >= CPU_BOUND for _, run in points):
+            name += ", CPU-bound"
+        colour = COLOURS.get(label, "black")
+        ax.plot(xs, ys, STYLES.get(family, "-"), color=colour, linewidth=2.6 if family == "sloproxy" else 1.6)
+        for x, y, (_, run) in zip(xs, ys, points, strict=True):
+            hollow = run["router_cpu"] >= CPU_BOUND
+            ax.plot(
+                x,
+                y,
+                MARKERS.get(family, "o"),
+                color=colour,
+                markersize=8,
+                markerfacecolor="white" if hollow else colour,
+            )
+        ax.plot([], [], STYLES.get(family, "-"), marker=MARKERS.get(family, "o"), color=colour, label=name)
+    ax.axhline(100 * TARGET, color="black", linewidth=1, linestyle=(0, (4, 4)))
+    ax.text(ax.get_xlim()[0], 100 * TARGET + 0.6, " 90% target", va="bottom", fontsize=9)
+    ax.set_xlabel("offered load, requests/s (the trace window's rate x load)", fontsize=11)
+    ax.set_ylabel("overall SLO attainment, %", fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.set_ylim(min(40.0, ax.get_ylim()[0]), 101)
+    loads = sorted({float(k) for r in results["routers"].values() for k in r["runs"]})
+    top = ax.secondary_xaxis("top", functions=(lambda x: x / rate, lambda x: x * rate))
+    top.set_xticks(loads)
+    top.set_xticklabels([f"x{load:g}" for load in loads])
+    top.set_xlabel("load (rate scale)", fontsize=10)
+    w = setup["workload"]
+    fig.suptitle(
+        f"Peer routers vs sloproxy, same fleet and workload: {w['requests']} requests of Azure conv (prompts x"
+        f"{INPUT_SCALE:g}, mean {w['prompt_tokens_mean']} tokens; replies mean {w['reply_tokens_mean']}), "
+        f"{round(100 * w['interactive_share'])}% interactive\nfleet: vLLM H100, vLLM A100-40G, SGLang A100-80G, "
+        f"SGLang A100-40G (llama-3-8b, 8k windows), speedup {setup['speedup']:g}; hollow markers: router used"
+        f" >= {CPU_BOUND:.0%} of a core",
+        x=0.01,
+        ha="left",
+        fontsize=10,
+    )
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def selected(only: str | None) -> list[Router]:
+    if not only:
+        return list(ROUTERS)
+    wanted = [w.strip() for w in only.split(",") if w.strip()]
+    known = {r.label for r in ROUTERS} | {r.family for r in ROUTERS}
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+        raise SystemExit(f"--only: unknown {', '.join(unknown)}; known: {', '.join(r.label for r in ROUTERS)}")
+    return [r for r in ROUTERS if r.label in wanted or r.family in wanted]
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--loads", default=",".join(f"{x:g}" for x in DEFAULT_LOADS), help="rate scales")
+    parser.add_argument("--only", help="routers or families, comma-separated (default: all)")
+    parser.add_argument("--seconds", type=float, default=45.0, help="trace seconds of the window (before scaling)")
+    parser.add_argument("--start", type=float, default=30.0, help="trace second the window starts at")
+    parser.add_argument("--speedup", type=float, default=1.0, help="emulated fleet's speedup K (all routers)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "peers_slo.json")
+    parser.add_argument("--png", type=Path, default=ROOT / "docs" / "figures" / "peers_slo.png")
+    args = parser.parse_args()
+    loads = sorted(float(x) for x in args.loads.split(",") if x.strip())
+    routers = selected(args.only)
+    args.workdir = args.out.with_suffix("")  # bench/out/peers_slo/: workload, run files, router logs
+    (args.workdir / "runs").mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+
+    versions = {}
+    for family in sorted({r.family for r in routers} - {"sloproxy"}):
+        venv = ensure_peer(PEERS[family])
+        versions[family] = peer_versions(PEERS[family], venv)
+    requests = build(args.seconds, args.start)
+    workload_path = args.workdir / "workload.jsonl"
+    write_workload(workload_path, requests)
+    setup = {
+        "trace": TRACE,
+        "window_s": [args.start, args.start + args.seconds],
+        "input_scale": INPUT_SCALE,
+        "max_tokens_caps": list(MAX_TOKENS_CAPS),
+        "seed": SEED,
+        "speedup": args.speedup,
+        "timeout_s": TIMEOUT_S,
+        "fleet": [{"name": n, "engine": e, "profile": p, "max_model_len": WINDOW} for n, e, p in FLEET],
+        "workload": describe(requests),
+    }
+    results: dict[str, Any] = {"setup": setup, "versions": {}, "routers": {}}
+    if args.out.exists():
+        previous = json.loads(args.out.read_text())
+        if previous.get("setup") == setup:  # same experiment: keep the routers this run does not redo
+            results = previous
+    results["versions"].update(versions)
+    print(
+        f"workload: {setup['workload']['requests']} requests, {setup['workload']['rate_rps_at_load_1']:.2f} req/s at"
+        f" x1; {len(routers)} routers x {len(loads)} loads at speedup {args.speedup:g}",
+        file=sys.stderr,
+        flush=True,
+    )
+    for router in routers:
+        result = results["routers"].setdefault(router.label, {"runs": {}})
+        for load in loads:
+            run = await one_run(router, load, requests, workload_path, args)
+            result["runs"][f"{load:g}"] = run
+            print(
+                f"{router.label:28s} x{load:<4g} attainment {run['attainment']:.1%}  router CPU {run['router_cpu']:.0%}"
+                f"  fleet CPU {run['fleet_cpu']:.0%}  send lag p99 {run['send_lag_p99_ms']:.0f} ms"
+                f"  served {list(run['served_per_instance'].values())}  ({run['wall_s']:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+        capacities(result)
+    order = [r.label for r in ROUTERS if r.label in results["routers"]]
+    results["routers"] = {label: results["routers"][label] for label in order}
+    all_loads = sorted({float(k) for r in results["routers"].values() for k in r["runs"]})
+    results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    results["last_run_wall_s"] = round(time.monotonic() - started)
+    table = render_table(results, all_loads)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    args.out.with_suffix(".md").write_text(table + "\n")
+    figure(results, args.png)
+    print(table)
+    print(f"\n{args.out}, {args.out.with_suffix('.md')}, {args.png}; {results['last_run_wall_s']} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
