@@ -19,6 +19,7 @@ run only at the end (``--held-out``; ``--all`` for both). Results go to ``bench/
 and a figure ``docs/figures/policy_spread.png``.
 
     .venv/bin/python bench/policy_spread.py [--held-out | --all] [--only CASE,...] [--jobs 2] [--phases 2]
+    .venv/bin/python bench/policy_spread.py --only conv-long,mooncake --noise   # per-phase spread on the grid
 """
 
 from __future__ import annotations
@@ -180,6 +181,33 @@ def run_case(case: Case, jobs: int, phases: int) -> dict[str, Any]:
     }
 
 
+PHASES_S = (0.0, 0.25, 0.5, 0.75)  # load-polling phases (the interval is 1 s): arbitrary live
+
+
+def phase_spread(case: Case, saved: dict[str, Any]) -> str:
+    """least-load and slo at each grid load of a case already run, once per polling phase: how far one phase
+    moves a point (the noise ``slo`` is compared with least-load within)."""
+    from sloproxy.evaluation.report import summarize
+    from sloproxy.evaluation.simulate import simulate
+
+    spec, requests = fleet(case.fleet), workload(case)
+    lines = [f"{case.name}: attainment per polling phase {', '.join(f'{p:g}' for p in PHASES_S)} s"]
+    for scale in sorted(float(s) for s in saved["grid"]["slo"]):
+        cells = []
+        for policy in ("least-load", "slo"):
+            values = [
+                100
+                * summarize(*simulate(spec, requests, policy, scale=scale, poll_phase_s=phase))["overall"][
+                    "slo_attainment"
+                ]
+                for phase in PHASES_S
+            ]
+            shown = " / ".join(f"{v:.1f}" for v in values)
+            cells.append(f"{policy} {shown} (mean {sum(values) / len(values):.2f})")
+        lines.append(f"  x{scale:g}: " + "; ".join(cells))
+    return "\n".join(lines)
+
+
 def render(result: dict[str, Any]) -> str:
     labels = list(result["capacity"])
     caps = result["capacity"]
@@ -250,6 +278,9 @@ def main() -> None:
     which.add_argument("--only", help="comma-separated case names")
     parser.add_argument("--jobs", type=int, default=1, help="simulations in parallel (forked workers)")
     parser.add_argument("--phases", type=int, default=1, help="load-polling phases averaged per point")
+    parser.add_argument(
+        "--noise", action="store_true", help="for cases already run: least-load and slo per polling phase on the grid"
+    )
     args = parser.parse_args()
     if args.only:
         wanted = set(args.only.split(","))
@@ -262,6 +293,11 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "policy_spread.json"
     saved = {r["case"]: r for r in json.loads(path.read_text())} if path.exists() else {}
+    if args.noise:
+        for case in cases:
+            if case.name in saved:
+                print(phase_spread(case, saved[case.name]), flush=True)
+        return
     for case in cases:
         result = run_case(case, args.jobs, args.phases)
         saved[case.name] = result
