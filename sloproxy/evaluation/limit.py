@@ -2,8 +2,8 @@
 
 SLO capacity (``sweep.py``) says how much load a policy serves *within the SLOs*; this says how much the
 fleet can serve at all, so that each capacity can be read as a share of what was possible (EVALUATION.md's
-"how close to the limit"). The limit is measured by simulation with schedulers that know every reply's
-true length and have no deadline to meet (every SLO class's deadline pushed out of reach, so nothing is
+"how close to the limit"). The limit is measured by simulation with a scheduler that knows every reply's
+true length and has no deadline to meet (every SLO class's deadline pushed out of reach, so nothing is
 refused for being late, and no client timeout). By default that scheduler is least-load: a queued policy
 without deadlines holds work in its queue at its budgets and reads lower (``slo`` came out 15-40% under
 least-load on the bench's fleets). On KV-bound fleets least-load's queues grow gradually rather than at a
@@ -15,7 +15,8 @@ prompt longer than every window is the request's fault and not counted) and the 
 median time to first token of the last third of the arrivals is at most ``ttft_bound_s``. Above the limit
 a queue grows for as long as requests keep arriving, so that median grows with the trace's length (hundreds
 of seconds on a ten-minute window) while below it it stays near the prefill time; the limit therefore
-hardly depends on the bound (the bench reports it at two bounds to show that). The scale is found by the
+hardly depends on the bound where the knee is sharp (each scale's tail TTFT is returned, so that can be
+checked: docs/evaluation.md gives one case). The scale is found by the
 sweep's bisection (:func:`sweep.next_scales`) to within ``resolution``.
 """
 
