@@ -91,12 +91,11 @@ def _simulate(args: argparse.Namespace) -> int:
     from .report import render_text, report_json, summarize
     from .simprep import load_inputs
     from .simulate import simulate
-    from .sweep import LENGTH_SUFFIXES
+    from .sweep import split_label
 
-    policy, lengths = args.policy, "oracle" if args.oracle else "predicted"
-    for suffix, known in LENGTH_SUFFIXES.items():
-        if policy.endswith(suffix):
-            policy, lengths = policy.removesuffix(suffix), known
+    policy, lengths = split_label(args.policy)
+    if args.oracle:
+        lengths = "oracle"
     if args.scale <= 0:
         raise ValueError("--scale must be positive")
     base = _base_config(args.config)

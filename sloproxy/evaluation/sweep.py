@@ -47,6 +47,14 @@ class PolicyRun:
     lengths: str = "predicted"  # simulate.LENGTHS
 
 
+def split_label(label: str) -> tuple[str, str]:
+    """``edf+oracle`` -> ``("edf", "oracle")``; a label without a length suffix runs with the predictor."""
+    for suffix, lengths in LENGTH_SUFFIXES.items():
+        if label.endswith(suffix):
+            return label.removesuffix(suffix), lengths
+    return label, "predicted"
+
+
 def parse_policies(text: str) -> list[PolicyRun]:
     """``A,B+oracle,C+median,...``; the baselines are added when missing. Names are checked by loading them."""
     from ..plugins import load_policy
@@ -55,10 +63,7 @@ def parse_policies(text: str) -> list[PolicyRun]:
     for label in (part.strip() for part in text.split(",")):
         if not label:
             continue
-        policy, lengths = label, "predicted"
-        for suffix, known in LENGTH_SUFFIXES.items():
-            if label.endswith(suffix):
-                policy, lengths = label.removesuffix(suffix), known
+        policy, lengths = split_label(label)
         load_policy(policy)  # ValueError naming the known policies
         if label not in {r.label for r in runs}:
             runs.append(PolicyRun(label, policy, lengths))
