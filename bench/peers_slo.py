@@ -23,7 +23,7 @@ as ``agreement.scaled_config`` does for sloproxy: the two Rust routers' load-pol
 send lag, so a router that ran out of CPU shows in the JSON (``router_cpu``; the machine has 2 cores).
 
     .venv/bin/python bench/peers_slo.py [--loads 1,1.5,2] [--only ROUTER,...] [--seconds 45] [--start 30]
-        [--speedup 1] [--out bench/out/peers_slo.json] [--png docs/figures/peers_slo.png]
+        [--speedup 1] [--workload conv|mooncake] [--out bench/out/peers_slo.json] [--png docs/figures/peers_slo.png]
 
 ``--only`` takes router labels (``vllm-router/cache_aware``, ``sloproxy/slo``, ...) or a family
 (``litellm``); results merge into an existing ``--out`` made with the same setup.
@@ -72,12 +72,28 @@ FLEET = [  # name, engine, profile
     ("sglang-a100-80g", "sglang", "a100-80g-llama3-8b"),
     ("sglang-a100-40g", "sglang", "a100-40g-llama3-8b"),
 ]
-# The workload (see the module docstring): what makes Azure conv a long-prompt, long-reply trace.
-TRACE = "azure_conv_2023.csv"
 GENERATOR = "Meta-Llama-3-8B-Instruct"
-INPUT_SCALE = 5.0
-MAX_TOKENS_CAPS = (256, 512, 1024)
-SEED = 7
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A workload the bench can replay: a trace and the builder options that give it its shape."""
+
+    trace: str
+    title: str  # for the figure
+    input_scale: float = 1.0
+    output_lengths: str = "match"
+    max_tokens_caps: tuple[int, ...] = (256, 512, 1024)
+    seed: int = 7
+
+
+SHAPES = {
+    # the default (see the module docstring): what makes Azure conv a long-prompt, long-reply trace
+    "conv": Shape("azure_conv_2023.csv", "Azure conv (prompts x5", input_scale=5.0, output_lengths="dataset"),
+    # Mooncake's rows clipped to the window: ~7-8k-token prompts whose hash ids share 512-token prefixes (the
+    # emulators cache them, so cache-aware routing has hits to find), short replies
+    "mooncake": Shape("mooncake_synthetic.jsonl", "Mooncake (clipped to 8k, shared prefixes", seed=8),
+}
 DEFAULT_LOADS = (1.0, 1.5, 2.0)
 TIMEOUT_S = 120.0  # trace seconds; past the batch deadline (60 s) a request has missed its SLO anyway
 PEER_POLL_S = 30  # both Rust routers' default load-polling interval (--worker-startup-check-interval)
@@ -360,19 +376,19 @@ class SloproxyRouter:
 # ---------------------------------------------------------------------------------------------- workload
 
 
-def build(seconds: float, start: float) -> list[WorkloadRequest]:
+def build(shape: Shape, seconds: float, start: float) -> list[WorkloadRequest]:
     return build_workload(
         BuildOptions(
-            trace=str(DATA / "traces" / TRACE),
+            trace=str(DATA / "traces" / shape.trace),
             lengths_dir=str(DATA / "lengths"),
             models=parse_models(f"{MODEL}={GENERATOR}"),
             start_s=start,
             duration_s=seconds,
-            seed=SEED,
-            output_lengths="dataset",
-            max_tokens_caps=MAX_TOKENS_CAPS,
+            seed=shape.seed,
+            output_lengths=shape.output_lengths,
+            max_tokens_caps=shape.max_tokens_caps,
             max_context=WINDOW,
-            input_scale=INPUT_SCALE,
+            input_scale=shape.input_scale,
         )
     )
 
@@ -457,7 +473,7 @@ async def one_run(
                 served[i["name"]] = sum(state["finished"].values())
     meta = msgspec.structs.replace(
         meta,
-        trace=TRACE,
+        trace=SHAPES[args.workload].trace,
         window_s=[args.start, args.start + args.seconds],
         fleet=[{"name": n, "engine": e, "model": MODEL, "profile": p} for n, e, p in FLEET],
     )
@@ -592,8 +608,8 @@ def figure(results: dict[str, Any], path: Path) -> None:
     top.set_xlabel("load (rate scale)", fontsize=10)
     w = setup["workload"]
     fig.suptitle(
-        f"Peer routers vs sloproxy, same fleet and workload: {w['requests']} requests of Azure conv (prompts x"
-        f"{INPUT_SCALE:g}, mean {w['prompt_tokens_mean']} tokens; replies mean {w['reply_tokens_mean']}), "
+        f"Peer routers vs sloproxy, same fleet and workload: {w['requests']} requests of {setup['title']}, mean"
+        f" {w['prompt_tokens_mean']} tokens; replies mean {w['reply_tokens_mean']}), "
         f"{round(100 * w['interactive_share'])}% interactive\nfleet: vLLM H100, vLLM A100-40G, SGLang A100-80G, "
         f"SGLang A100-40G (llama-3-8b, 8k windows), speedup {setup['speedup']:g}; hollow markers: router used"
         f" >= {CPU_BOUND:.0%} of a core",
@@ -629,9 +645,13 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=45.0, help="trace seconds of the window (before scaling)")
     parser.add_argument("--start", type=float, default=30.0, help="trace second the window starts at")
     parser.add_argument("--speedup", type=float, default=1.0, help="emulated fleet's speedup K (all routers)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "peers_slo.json")
-    parser.add_argument("--png", type=Path, default=ROOT / "docs" / "figures" / "peers_slo.png")
+    parser.add_argument("--workload", choices=sorted(SHAPES), default="conv", help="the trace replayed (SHAPES)")
+    parser.add_argument("--out", type=Path, help="results JSON (default bench/out/peers_slo[_WORKLOAD].json)")
+    parser.add_argument("--png", type=Path, help="figure (default docs/figures/peers_slo[_WORKLOAD].png)")
     args = parser.parse_args()
+    suffix = "" if args.workload == "conv" else f"_{args.workload}"
+    args.out = args.out or ROOT / "bench" / "out" / f"peers_slo{suffix}.json"
+    args.png = args.png or ROOT / "docs" / "figures" / f"peers_slo{suffix}.png"
     loads = sorted(float(x) for x in args.loads.split(",") if x.strip())
     routers = selected(args.only)
     args.workdir = args.out.with_suffix("")  # bench/out/peers_slo/: workload, run files, router logs
@@ -642,15 +662,18 @@ async def main() -> None:
     for family in sorted({r.family for r in routers} - {"sloproxy"}):
         venv = ensure_peer(PEERS[family])
         versions[family] = peer_versions(PEERS[family], venv)
-    requests = build(args.seconds, args.start)
+    shape = SHAPES[args.workload]
+    requests = build(shape, args.seconds, args.start)
     workload_path = args.workdir / "workload.jsonl"
     write_workload(workload_path, requests)
     setup = {
-        "trace": TRACE,
+        "trace": shape.trace,
+        "title": shape.title,
         "window_s": [args.start, args.start + args.seconds],
-        "input_scale": INPUT_SCALE,
-        "max_tokens_caps": list(MAX_TOKENS_CAPS),
-        "seed": SEED,
+        "input_scale": shape.input_scale,
+        "output_lengths": shape.output_lengths,
+        "max_tokens_caps": list(shape.max_tokens_caps),
+        "seed": shape.seed,
         "speedup": args.speedup,
         "timeout_s": TIMEOUT_S,
         "fleet": [{"name": n, "engine": e, "profile": p, "max_model_len": WINDOW} for n, e, p in FLEET],
