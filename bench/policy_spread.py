@@ -32,6 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mixed_fleet
+import peers_slo
+
 from sloproxy.emulator.fleet import FleetSpec, InstanceSpec
 from sloproxy.evaluation.build import BuildOptions, build_workload, parse_models, parse_shares
 from sloproxy.evaluation.limit import throughput_limit
@@ -47,26 +50,12 @@ GRID = (0.5, 0.75, 1.0, 1.25, 1.5)  # x least-load's capacity: the common loads 
 LLAMA = "llama-3-8b=Meta-Llama-3-8B-Instruct"
 TWO_MODELS = "llama-3-8b=Meta-Llama-3-8B-Instruct,qwen-7b=Infinity-Instruct-3M-0625-Qwen2-7B:0.5"
 
-# name: (engine, model, profile, window)
+# name: [(instance, engine, model, profile, window)]
 FLEETS: dict[str, list[tuple[str, str, str, str, int]]] = {
-    # the long-prompt fleet: one model, two engines, every window 8,192
-    "four": [
-        ("vllm-h100", "vllm", "llama-3-8b", "h100-llama3-8b", 8192),
-        ("vllm-a100-40", "vllm", "llama-3-8b", "a100-40g-llama3-8b", 8192),
-        ("sglang-a100-80", "sglang", "llama-3-8b", "a100-80g-llama3-8b", 8192),
-        ("sglang-a100-40", "sglang", "llama-3-8b", "a100-40g-llama3-8b", 8192),
-    ],
+    # the peer bench's long-prompt fleet: one model, two engines, every window 8,192
+    "four": [(n, e, peers_slo.MODEL, p, peers_slo.WINDOW) for n, e, p in peers_slo.FLEET],
     # eight instances, three engines, windows of 4,096 and 8,192 (bench/mixed_fleet.py's)
-    "eight": [
-        ("vllm-h100", "vllm", "llama-3-8b", "h100-llama3-8b", 8192),
-        ("vllm-a100", "vllm", "llama-3-8b", "a100-80g-llama3-8b", 8192),
-        ("vllm-a10", "vllm", "llama-3-8b", "a10-llama2-7b", 4096),
-        ("sglang-a100", "sglang", "llama-3-8b", "a100-80g-llama3-8b", 8192),
-        ("sglang-a100-40", "sglang", "llama-3-8b", "a100-40g-llama3-8b", 4096),
-        ("tgi-a10-1", "tgi", "llama-3-8b", "a10-llama2-7b", 4096),
-        ("tgi-a10-2", "tgi", "llama-3-8b", "a10-llama2-7b", 4096),
-        ("tgi-a100", "tgi", "llama-3-8b", "a100-40g-llama3-8b", 8192),
-    ],
+    "eight": [(n, e, "llama-3-8b", p, w) for n, e, p, w in mixed_fleet.INSTANCES],
     # two models, KV-bound A10s beside A100s
     "two-models": [
         ("vllm-a100", "vllm", "llama-3-8b", "a100-40g-llama3-8b", 8192),
