@@ -2,7 +2,7 @@
 
 ``slo`` was tuned on Azure conv and code windows with ~1,000-token prompts on one mixed fleet. This bench
 builds a spread of other traffic from every trace in ``../shared/data`` and from synthetic shapes (long
-prompts, long replies, bursts, one model vs two, mostly interactive), on three fleets, and simulates each
+prompts, long replies, bursts, one model vs two, mostly interactive), on four fleets, and simulates each
 with the live scheduler and policies (``sloproxy sweep``'s code). Per case it reports:
 
 * each policy's SLO capacity (highest rate scale with >= 90% overall attainment, found by bisection to 5%):
@@ -56,6 +56,13 @@ FLEETS: dict[str, list[tuple[str, str, str, str, int]]] = {
     "four": [(n, e, peers_slo.MODEL, p, peers_slo.WINDOW) for n, e, p in peers_slo.FLEET],
     # eight instances, three engines, windows of 4,096 and 8,192 (bench/mixed_fleet.py's)
     "eight": [(n, e, "llama-3-8b", p, w) for n, e, p, w in mixed_fleet.INSTANCES],
+    # one model, KV-bound A10s (4,096 windows) beside an A100 (8,192): long requests fit only the A100
+    "kv-one": [
+        ("vllm-a100", "vllm", "llama-3-8b", "a100-40g-llama3-8b", 8192),
+        ("vllm-a10", "vllm", "llama-3-8b", "a10-llama2-7b", 4096),
+        ("sglang-a10", "sglang", "llama-3-8b", "a10-llama2-7b", 4096),
+        ("tgi-a10", "tgi", "llama-3-8b", "a10-llama2-7b", 4096),
+    ],
     # two models, KV-bound A10s beside A100s
     "two-models": [
         ("vllm-a100", "vllm", "llama-3-8b", "a100-40g-llama3-8b", 8192),
@@ -89,6 +96,7 @@ CASES = [
     Case("mooncake", "four", "mooncake_synthetic.jsonl", 0, 1030, 6, False, "Mooncake, clipped to 8k windows"),
     Case("code-eight", "eight", "azure_code_2023.csv", 2400, 600, 7, False, "Azure code (bursty), unclipped"),
     Case("conv-two", "two-models", "azure_conv_2023.csv", 2400, 300, 8, False, "Azure conv, two models"),
+    Case("conv-kv", "kv-one", "azure_conv_2023.csv", 2400, 300, 9, False, "Azure conv, one model, KV-bound A10s"),
     # ----- held out: run once, at the end -----
     Case("conv-long-replies", "four", "azure_conv_2023.csv", 600, 600, 21, True,
          "Azure conv, verbose generator (replies p50 ~550), prompts x2",

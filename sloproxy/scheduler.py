@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -514,6 +513,9 @@ class Scheduler:
         backend.mine = self.state.reserve(backend.name, request.id, tokens)
         backend.in_flight = backend.mine + backend.remote_in_flight
         backend.dispatched_since_reading += 1
+        name = self._class_name(request)
+        self._class_band[name] = request.band
+        self.drain.dispatched((request.model, name))
         self._reserve_kv(backend, request, kv_footprint(request))
         self._running[id(request)] = request
         if self.policy.refusal is not None and request.slo is not None and request.slo.sheddable:
@@ -677,12 +679,14 @@ class Scheduler:
         return now + (ahead + 1) / rate > request.urgent_deadline
 
     def shed_outwaited(self, now: float) -> None:
-        """Shed queued sheddable work that, at its queue's drain rate, would wait past its deadline.
+        """Shed queued sheddable work that, at the rate its model leaves to its class, would wait past
+        its deadline.
 
         :meth:`outwaited` judges arrivals; this judges those already waiting, in deadline order (the
-        k-th still kept waits about k / rate). It catches what joined before the rate was known: at
-        5x overload, batch that arrived in the first seconds otherwise got its 429 after 55 s of a
-        60 s deadline (bench/overload.py). Runs every ``OUTWAIT_CHECK_S`` from the timer."""
+        k-th still kept waits behind k of its class and the classes ahead). It catches what joined
+        before the rate was known: at 5x overload, batch that arrived in the first seconds otherwise
+        got its 429 after 55 s of a 60 s deadline (bench/overload.py). Runs every ``OUTWAIT_CHECK_S``
+        from the timer."""
         shed_tpot = self.config.shed_tpot_s
         for model, queue in self.queues.items():
             by_class: dict[str, list[ProxyRequest]] = {}
@@ -691,13 +695,12 @@ class Scheduler:
                 if slo is not None and slo.sheddable and request.deadline is not None:
                     by_class.setdefault(slo.name, []).append(request)
             for name, waiting in by_class.items():
-                rate = self.drain.rate((model, name))
-                if rate is None:
-                    continue
                 waiting.sort(key=lambda r: r.deadline)  # type: ignore[arg-type,return-value]
                 kept = 0
                 for request in waiting:
-                    wait = (kept + 1) / rate if rate > 0 else math.inf
+                    wait = self._wait_s(model, name, kept)
+                    if wait is None:
+                        break
                     if now + wait + request.est_output_tokens * shed_tpot < request.deadline:  # type: ignore[operator]
                         kept += 1
                         continue
@@ -713,6 +716,14 @@ class Scheduler:
                             headers=self._retry_after(),
                         ),
                     )
+
+    def _wait_s(self, model: str, name: str, ahead: int) -> float | None:
+        """How long a request of class ``name`` with ``ahead`` of its class before it would wait: behind
+        the waiters of more important bands, at what its model drains at less what those bands take
+        (``DrainRates.wait_behind_s``). None: too little seen to judge."""
+        band = self._class_band.get(name, 1)
+        classes_ahead = [other for other, b in self._class_band.items() if b < band]
+        return self.drain.wait_behind_s((model, name), ahead, classes_ahead)
 
     def hopeless(self, request: ProxyRequest, now: float) -> bool:
         """Sheddable work that can no longer finish by its deadline, even if dispatched now:
@@ -730,7 +741,8 @@ class Scheduler:
         slo = request.slo
         if not (self.config.shed_outwaited and slo and slo.sheddable and request.deadline is not None):
             return False
-        wait = self.drain.wait_s((request.model, slo.name))
+        waiting = self.drain.waiting[(request.model, slo.name)]
+        wait = self._wait_s(request.model, slo.name, waiting) if waiting > 0 else 0.0
         return wait is not None and now + wait + request.est_output_tokens * self.config.shed_tpot_s >= request.deadline
 
     def _on_load_update(self, backend: Backend) -> None:

@@ -120,6 +120,43 @@ def test_drain_rate_estimates_the_wait_behind_a_class_queue():
     assert drain.wait_s(key) == 0.0
 
 
+def test_a_class_behind_a_burst_is_projected_from_what_the_model_leaves_it():
+    """Batch starved by an interactive burst: its own rate says it never moves, but the model drains
+    8/s while busy and interactive took ~4.6/s on average over the batch deadline's memory (60 s
+    half-life: 2/s for two minutes, then 8/s for 40 s), so the 30 batch requests behind the burst's
+    10 interactive ones wait about (10 + 30 + 1) / (8 - 4.6) = 12 s; when interactive goes on taking
+    all the model drains, forever."""
+    from sloproxy.drain import DrainRates
+
+    drain, batch, interactive = DrainRates(half_life_s=20.0), ("m", "batch"), ("m", "interactive")
+    drain.advance(0.0)
+    drain.joined(batch, 60.0)
+    drain.left(batch)
+    assert drain.wait_behind_s(batch, 0, ["interactive"]) is None  # nothing seen yet
+    for second in range(1, 121):  # a quiet spell: 2 interactive requests a second, placed at once
+        drain.dispatched(interactive)
+        drain.dispatched(interactive)
+        drain.advance(float(second))
+    for _ in range(30):
+        drain.joined(batch)
+    for _ in range(10):
+        drain.joined(interactive)
+    for second in range(121, 161):  # then a burst: 8/s leave, all of them interactive
+        for _ in range(8):
+            drain.dispatched(interactive)
+            drain.served(interactive)
+        drain.advance(float(second))
+    assert drain.rate(batch) == 0.0  # its own rate: starved
+    wait = drain.wait_behind_s(batch, 30, ["interactive"])
+    assert wait is not None and 10.0 < wait < 15.0
+    for second in range(161, 400):  # sustained: interactive takes everything the model drains
+        for _ in range(8):
+            drain.dispatched(interactive)
+            drain.served(interactive)
+        drain.advance(float(second))
+    assert drain.wait_behind_s(batch, 30, ["interactive"]) > 120  # past its 60 s deadline: shed
+
+
 def test_a_deadline_class_rate_is_trusted_only_after_half_its_deadline_of_busy_time():
     """Batch starved by an interactive burst drains slowly for a while, then all at once: a rate
     judged on a few seconds of that would refuse work that meets its deadline."""

@@ -350,7 +350,9 @@ def test_outwaited_sheddable_work_is_refused_unless_that_shedding_is_off():
     for shed, refused in ((True, True), (False, False)):
         s = scheduler(shed_tpot_s=0.05, shed_outwaited=shed)
         batch = request(slo="batch", max_tokens=200)  # 10 s of work, deadline in 60 s
-        s.drain.wait_s = lambda key: 55.0  # type: ignore[method-assign]  # the queue ahead drains in 55 s
+        s.drain.waiting[(batch.model, "batch")] = 5
+        # the queue ahead (and the classes before it) drains in 55 s
+        s.drain.wait_behind_s = lambda key, ahead, classes_ahead: 55.0  # type: ignore[method-assign]
         assert s.outwaited(batch, batch.received_at) is refused
         assert not s.hopeless(batch, batch.received_at)  # dispatched now, it would still finish in time
 
