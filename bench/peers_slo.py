@@ -23,7 +23,8 @@ as ``agreement.scaled_config`` does for sloproxy: the two Rust routers' load-pol
 send lag, so a router that ran out of CPU shows in the JSON (``router_cpu``; the machine has 2 cores).
 
     .venv/bin/python bench/peers_slo.py [--loads 1,1.5,2] [--only ROUTER,...] [--seconds 45] [--start 30]
-        [--speedup 1] [--workload conv|mooncake] [--out bench/out/peers_slo.json] [--png docs/figures/peers_slo.png]
+        [--speedup 1] [--workload conv|mooncake|code] [--out bench/out/peers_slo.json]
+        [--png docs/figures/peers_slo.png]
 
 ``--only`` takes router labels (``vllm-router/cache_aware``, ``sloproxy/slo``, ...) or a family
 (``litellm``); results merge into an existing ``--out`` made with the same setup.
@@ -93,6 +94,8 @@ SHAPES = {
     # Mooncake's rows clipped to the window: ~7-8k-token prompts whose hash ids share 512-token prefixes (the
     # emulators cache them, so cache-aware routing has hits to find), short replies
     "mooncake": Shape("mooncake_synthetic.jsonl", "Mooncake (clipped to 8k, shared prefixes", seed=8),
+    # Azure code as it is (clipped to the window): bursty arrivals, ~2k-token prompts, short replies
+    "code": Shape("azure_code_2023.csv", "Azure code (bursty, clipped to 8k", seed=7),
 }
 DEFAULT_LOADS = (1.0, 1.5, 2.0)
 TIMEOUT_S = 120.0  # trace seconds; past the batch deadline (60 s) a request has missed its SLO anyway
