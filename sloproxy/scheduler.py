@@ -61,21 +61,16 @@ def _first_token_bound(request: ProxyRequest) -> bool:
     return slo is not None and not slo.sheddable and slo.ttft_s is not None
 
 
-def _room_from(serving: Sequence[Backend], start: int) -> int:
-    """The index of the first healthy backend of ``serving``, from ``start`` on, below its most
-    permissive cap (urgent work's), or ``len(serving)`` if none is: then :meth:`Scheduler._place` finds
-    room for no request. With a queue held at the budget this is what most dispatch calls find;
-    checking it first skips ordering and admission.
+def _with_room(backends: Iterable[Backend]) -> list[Backend]:
+    """Those of ``backends`` that are healthy and below their most permissive cap (urgent work's), in
+    their order. No request can be placed on any other (:meth:`Scheduler._place` filters by the cap
+    of the request's band, never above ``urgent_cap``), so with a queue held at the budget, when this
+    is empty, dispatch need not look at the queue at all.
 
     Within one :meth:`Scheduler.dispatch` call the only backend that changes is the one a request was
-    just placed on, and it only fills up: the backends before the index found stay without room, so
-    the next check starts there (with 64 backends and one freed slot, one pass over the fleet per
-    decision instead of one and a half)."""
-    for index in range(start, len(serving)):
-        b = serving[index]
-        if b.mine < b.urgent_cap and b.healthy:
-            return index
-    return len(serving)
+    just placed on, and it only fills up: the next check filters the previous answer (a few backends)
+    rather than the fleet, so a decision reads the fleet once, in one comprehension."""
+    return [b for b in backends if b.mine < b.urgent_cap and b.healthy]
 
 
 class Scheduler:
@@ -428,20 +423,17 @@ class Scheduler:
             return
         snapshot: Snapshot | None = None  # taken once something may be placed: most calls find the fleet full
         serving = self.pool.by_model.get(model, ())
-        room = 0  # serving[:room] has no room (see _room_from)
+        with_room = _with_room(serving)
         while True:
-            room = _room_from(serving, room)
-            if room == len(serving) and any(b.healthy for b in serving):
+            if not with_room and any(b.healthy for b in serving):
                 return  # nothing can be placed (see _place): the queue is not even looked at
             request = queue.peek()
             if request is None:
                 return
             if snapshot is None:
                 snapshot = self.snapshot()
-            if self.regions is None:  # those without room would not pass _place's first filter anyway
-                regional = serving[room:] if room else serving
-            else:
-                regional = self.regions.serving(request, serving)
+            # Without regions, those without room would not pass _place's first filter anyway.
+            regional = with_room if self.regions is None else self.regions.serving(request, serving)
             backend = self._place(request, regional, snapshot)
             if backend is None:
                 if not any(b.healthy and b.name not in request.excluded for b in serving) and not self._wakeable(model):
@@ -459,6 +451,7 @@ class Scheduler:
                 continue
             self.drain.served((model, self._class_name(request)))
             waiter.set_result(self._dispatched(request, backend))  # type: ignore[arg-type]
+            with_room = _with_room(with_room)  # only `backend` changed, and it only filled up
 
     @staticmethod
     def _take(queue: Ordering, request: ProxyRequest) -> None:
