@@ -41,6 +41,7 @@ from .drain import DrainRates
 from .errors import ProxyError
 from .policies.base import Ordering, Policy, Snapshot, Swap
 from .request import ProxyRequest, kv_footprint
+from .room import RoomIndex
 from .scheduler_config import SchedulingConfig
 from .state import LocalState, SchedulerState, SharedState
 
@@ -67,9 +68,10 @@ def _with_room(backends: Iterable[Backend]) -> list[Backend]:
     of the request's band, never above ``urgent_cap``), so with a queue held at the budget, when this
     is empty, dispatch need not look at the queue at all.
 
-    Within one :meth:`Scheduler.dispatch` call the only backend that changes is the one a request was
-    just placed on, and it only fills up: the next check filters the previous answer (a few backends)
-    rather than the fleet, so a decision reads the fleet once, in one comprehension."""
+    A :meth:`Scheduler.dispatch` call takes its first answer from the room index (``room.py``: the
+    backends a release or a budget change opened, not the fleet); within the call the only backend
+    that changes is the one a request was just placed on, and it only fills up, so the next check
+    filters the previous answer (a few backends)."""
     return [b for b in backends if b.mine < b.urgent_cap and b.healthy]
 
 
@@ -111,9 +113,11 @@ class Scheduler:
         self.regions: RegionRouter | None = None
         # (request, its backend if placed, else the future its acquire awaits): the loop's next turn's batch
         self._to_predict: list[tuple[ProxyRequest, Backend | None, asyncio.Future[Backend] | None]] = []
+        self._room = RoomIndex(pool.by_model)  # told of every change to a backend's `mine` or caps
         for backend in pool.backends:
             self._set_budget(backend, self.state.budget(backend.name, self.config.budget_initial))
             backend.mine = backend.in_flight = self.state.in_flight(backend.name)
+            self._room.update(backend)
         pool.on_load_update = self._on_load_update
         for backend in pool.backends:
             backend.on_failed = self.evacuate
@@ -297,6 +301,7 @@ class Scheduler:
             breaker.trial_ended(id(request))
         backend.mine = self.state.release(backend.name, request.id)
         backend.in_flight = backend.mine + backend.remote_in_flight
+        self._room.update(backend)
         if self.shared is not None and backend.mine >= backend.cap:
             # The slot freed is beyond this replica's share now: the fleet learns of it at a sync,
             # so ask for one soon rather than at the next interval (slots idled ~1 interval each).
@@ -423,7 +428,7 @@ class Scheduler:
             return
         snapshot: Snapshot | None = None  # taken once something may be placed: most calls find the fleet full
         serving = self.pool.by_model.get(model, ())
-        with_room = _with_room(serving)
+        with_room = self._room.with_room(model)
         while True:
             if not with_room and any(b.healthy for b in serving):
                 return  # nothing can be placed (see _place): the queue is not even looked at
@@ -506,6 +511,7 @@ class Scheduler:
         tokens = request.est_prompt_tokens + request.est_output_tokens
         backend.mine = self.state.reserve(backend.name, request.id, tokens)
         backend.in_flight = backend.mine + backend.remote_in_flight
+        self._room.update(backend)
         backend.dispatched_since_reading += 1
         self._reserve_kv(backend, request, kv_footprint(request))
         self._running[id(request)] = request
@@ -825,11 +831,12 @@ class Scheduler:
         shared = self.shared
         if shared is None:
             backend.cap, backend.urgent_cap = backend.budget, backend.urgent_budget
-            return
-        cap = max(0, min(backend.budget, shared.share(backend.name)))
-        margin = backend.urgent_budget - backend.budget
-        backend.cap = cap
-        backend.urgent_cap = cap + (margin * cap // backend.budget if backend.budget > 0 else 0)
+        else:
+            cap = max(0, min(backend.budget, shared.share(backend.name)))
+            margin = backend.urgent_budget - backend.budget
+            backend.cap = cap
+            backend.urgent_cap = cap + (margin * cap // backend.budget if backend.budget > 0 else 0)
+        self._room.update(backend)
 
     # ----- several replicas ---------------------------------------------------------------------------
     def _report_to_fleet(self) -> None:
