@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -88,8 +88,9 @@ class LateLastEDF(Ordering):
         self._on_time = HeapOrdering(_deadline_key)
         # Band -> how many on-time requests of it wait; a band leaves when none do, and so does a band's
         # late queue when it empties: the next request is then found from the bands present (the
-        # smallest key of each) rather than by asking every queue its length.
-        self._on_time_bands: Counter[int] = Counter()
+        # smallest key of each) rather than by asking every queue its length. A plain dict: a Counter's
+        # missing key and deletion are Python-level methods, run on every request that falls overdue.
+        self._on_time_bands: dict[int, int] = {}
         self._late: dict[int, HeapOrdering] = {}  # band -> its overdue requests (while there are any)
         self._late_count = 0  # how many overdue requests wait, over all bands
         # What peek() returned: pop() takes exactly that request. Time moves between the two calls
@@ -133,7 +134,8 @@ class LateLastEDF(Ordering):
 
     def push(self, request: ProxyRequest) -> None:
         self._on_time.push(request)
-        self._on_time_bands[request.band] += 1
+        bands = self._on_time_bands
+        bands[request.band] = bands.get(request.band, 0) + 1
 
     def on_time_ahead(self, request: ProxyRequest) -> int:
         """The on-time requests of its band or a more important one (same-class arrivals before it have
