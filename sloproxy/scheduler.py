@@ -62,19 +62,6 @@ def _first_token_bound(request: ProxyRequest) -> bool:
     return slo is not None and not slo.sheddable and slo.ttft_s is not None
 
 
-def _with_room(backends: Iterable[Backend]) -> list[Backend]:
-    """Those of ``backends`` that are healthy and below their most permissive cap (urgent work's), in
-    their order. No request can be placed on any other (:meth:`Scheduler._place` filters by the cap
-    of the request's band, never above ``urgent_cap``), so with a queue held at the budget, when this
-    is empty, dispatch need not look at the queue at all.
-
-    A :meth:`Scheduler.dispatch` call takes its first answer from the room index (``room.py``: the
-    backends a release or a budget change opened, not the fleet); within the call the only backend
-    that changes is the one a request was just placed on, and it only fills up, so the next check
-    filters the previous answer (a few backends)."""
-    return [b for b in backends if b.mine < b.urgent_cap and b.healthy]
-
-
 class Scheduler:
     def __init__(
         self,
@@ -428,6 +415,11 @@ class Scheduler:
             return
         snapshot: Snapshot | None = None  # taken once something may be placed: most calls find the fleet full
         serving = self.pool.by_model.get(model, ())
+        # The healthy backends below their most permissive cap (urgent work's): no request can be placed
+        # on another (_place filters by its band's cap, never above urgent_cap), so while there are none
+        # the queue is not even looked at. The room index lists them (room.py: the few a release or a
+        # budget change opened, not the fleet); within this call only a backend just placed on changes,
+        # and it only fills up, so the list is kept by dropping it when it does.
         with_room = self._room.with_room(model)
         while True:
             if not with_room and any(b.healthy for b in serving):
@@ -450,13 +442,14 @@ class Scheduler:
                     continue
                 return  # head-of-line: the policy's order is the order of service
             self._take(queue, request)
-            self._left_queue(request)
+            drained = self._left_queue(request)
             waiter = self._waiters.get(id(request))
             if waiter is None or waiter.done():
                 continue
-            self.drain.served((model, self._class_name(request)))
+            self.drain.served(drained)
             waiter.set_result(self._dispatched(request, backend))  # type: ignore[arg-type]
-            with_room = _with_room(with_room)  # only `backend` changed, and it only filled up
+            if backend in with_room and not (backend.mine < backend.urgent_cap and backend.healthy):
+                with_room.remove(backend)
 
     @staticmethod
     def _take(queue: Ordering, request: ProxyRequest) -> None:
@@ -546,12 +539,15 @@ class Scheduler:
     def _class_name(request: ProxyRequest) -> str:
         return request.slo.name if request.slo is not None else "none"
 
-    def _left_queue(self, request: ProxyRequest) -> None:
+    def _left_queue(self, request: ProxyRequest) -> tuple[str, str]:
+        """``request`` is out of its queue: the counts follow. Returns its (model, class) drain key."""
         self._queued_bytes -= len(request.raw)
         self._queued -= 1
         name = self._class_name(request)
         self.state.queue_changed(request.model, name, -1)
-        self.drain.left((request.model, name))
+        key = (request.model, name)
+        self.drain.left(key)
+        return key
 
     def _fail(self, request: ProxyRequest, error: ProxyError) -> None:
         """``request`` was taken out of its queue: its waiter gets ``error``."""
