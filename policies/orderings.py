@@ -175,6 +175,10 @@ class LateLastEDF(Ordering):
     def __len__(self) -> int:
         return len(self._on_time) + self._late_count
 
+    def __bool__(self) -> bool:
+        """Whether anything waits, without asking the on-time heap its length (every dispatch asks)."""
+        return bool(self._on_time_bands) or self._late_count > 0
+
     def __iter__(self) -> Iterator[ProxyRequest]:
         yield from self._on_time
         for queue in self._late.values():
