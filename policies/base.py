@@ -60,9 +60,11 @@ class BackendState(Protocol):
     def load_is_stale(self) -> bool: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Snapshot:
-    """The world a decision sees: the time (monotonic seconds) and the fleet."""
+    """The world a decision sees: the time (monotonic seconds) and the fleet. Read-only by contract;
+    not a frozen dataclass, whose ``__init__`` sets each field through ``object.__setattr__``: about
+    a microsecond more, paid on every dispatch decision (a twentieth of one at 10,000 waiting)."""
 
     now: float
     backends: Sequence[BackendState]

@@ -40,6 +40,7 @@ from .drain import DrainRates
 from .errors import ProxyError
 from .policies.base import Ordering, Policy, Snapshot, Swap
 from .request import ProxyRequest, kv_footprint
+from .room import RoomIndex
 from .scheduler_config import SchedulingConfig
 from .state import LocalState, SchedulerState, SharedState
 
@@ -58,23 +59,6 @@ def _first_token_bound(request: ProxyRequest) -> bool:
     """Interactive work: a first-token target, and not sheddable (what refuse_overrun and a policy's refusal judge)."""
     slo = request.slo
     return slo is not None and not slo.sheddable and slo.ttft_s is not None
-
-
-def _room_from(serving: Sequence[Backend], start: int) -> int:
-    """The index of the first healthy backend of ``serving``, from ``start`` on, below its most
-    permissive cap (urgent work's), or ``len(serving)`` if none is: then :meth:`Scheduler._place` finds
-    room for no request. With a queue held at the budget this is what most dispatch calls find;
-    checking it first skips ordering and admission.
-
-    Within one :meth:`Scheduler.dispatch` call the only backend that changes is the one a request was
-    just placed on, and it only fills up: the backends before the index found stay without room, so
-    the next check starts there (with 64 backends and one freed slot, one pass over the fleet per
-    decision instead of one and a half)."""
-    for index in range(start, len(serving)):
-        b = serving[index]
-        if b.mine < b.urgent_cap and b.healthy:
-            return index
-    return len(serving)
 
 
 class Scheduler:
@@ -115,9 +99,11 @@ class Scheduler:
         self.regions: RegionRouter | None = None
         # (request, its backend if placed, else the future its acquire awaits): the loop's next turn's batch
         self._to_predict: list[tuple[ProxyRequest, Backend | None, asyncio.Future[Backend] | None]] = []
+        self._room = RoomIndex(pool.by_model)  # told of every change to a backend's `mine` or caps
         for backend in pool.backends:
             self._set_budget(backend, self.state.budget(backend.name, self.config.budget_initial))
             backend.mine = backend.in_flight = self.state.in_flight(backend.name)
+            self._room.update(backend)
         pool.on_load_update = self._on_load_update
         for backend in pool.backends:
             backend.on_failed = self.evacuate
@@ -301,6 +287,7 @@ class Scheduler:
             breaker.trial_ended(id(request))
         backend.mine = self.state.release(backend.name, request.id)
         backend.in_flight = backend.mine + backend.remote_in_flight
+        self._room.update(backend)
         if self.shared is not None and backend.mine >= backend.cap:
             # The slot freed is beyond this replica's share now: the fleet learns of it at a sync,
             # so ask for one soon rather than at the next interval (slots idled ~1 interval each).
@@ -427,20 +414,22 @@ class Scheduler:
             return
         snapshot: Snapshot | None = None  # taken once something may be placed: most calls find the fleet full
         serving = self.pool.by_model.get(model, ())
-        room = 0  # serving[:room] has no room (see _room_from)
+        # The healthy backends below their most permissive cap (urgent work's): no request can be placed
+        # on another (_place filters by its band's cap, never above urgent_cap), so while there are none
+        # the queue is not even looked at. The room index lists them (room.py: the few a release or a
+        # budget change opened, not the fleet); within this call only a backend just placed on changes,
+        # and it only fills up, so the list is kept by dropping it when it does.
+        with_room = self._room.with_room(model)
         while True:
-            room = _room_from(serving, room)
-            if room == len(serving) and any(b.healthy for b in serving):
+            if not with_room and any(b.healthy for b in serving):
                 return  # nothing can be placed (see _place): the queue is not even looked at
             request = queue.peek()
             if request is None:
                 return
             if snapshot is None:
                 snapshot = self.snapshot()
-            if self.regions is None:  # those without room would not pass _place's first filter anyway
-                regional = serving[room:] if room else serving
-            else:
-                regional = self.regions.serving(request, serving)
+            # Without regions, those without room would not pass _place's first filter anyway.
+            regional = with_room if self.regions is None else self.regions.serving(request, serving)
             backend = self._place(request, regional, snapshot)
             if backend is None:
                 if not any(b.healthy and b.name not in request.excluded for b in serving) and not self._wakeable(model):
@@ -452,12 +441,14 @@ class Scheduler:
                     continue
                 return  # head-of-line: the policy's order is the order of service
             self._take(queue, request)
-            self._left_queue(request)
+            drained = self._left_queue(request)
             waiter = self._waiters.get(id(request))
             if waiter is None or waiter.done():
                 continue
-            self.drain.served((model, self._class_name(request)))
+            self.drain.served(drained)
             waiter.set_result(self._dispatched(request, backend))  # type: ignore[arg-type]
+            if backend in with_room and not (backend.mine < backend.urgent_cap and backend.healthy):
+                with_room.remove(backend)
 
     @staticmethod
     def _take(queue: Ordering, request: ProxyRequest) -> None:
@@ -512,6 +503,7 @@ class Scheduler:
         tokens = request.est_prompt_tokens + request.est_output_tokens
         backend.mine = self.state.reserve(backend.name, request.id, tokens)
         backend.in_flight = backend.mine + backend.remote_in_flight
+        self._room.update(backend)
         backend.dispatched_since_reading += 1
         name = self._class_name(request)
         self._class_band[name] = request.band
@@ -549,12 +541,15 @@ class Scheduler:
     def _class_name(request: ProxyRequest) -> str:
         return request.slo.name if request.slo is not None else "none"
 
-    def _left_queue(self, request: ProxyRequest) -> None:
+    def _left_queue(self, request: ProxyRequest) -> tuple[str, str]:
+        """``request`` is out of its queue: the counts follow. Returns its (model, class) drain key."""
         self._queued_bytes -= len(request.raw)
         self._queued -= 1
         name = self._class_name(request)
         self.state.queue_changed(request.model, name, -1)
-        self.drain.left((request.model, name))
+        key = (request.model, name)
+        self.drain.left(key)
+        return key
 
     def _fail(self, request: ProxyRequest, error: ProxyError) -> None:
         """``request`` was taken out of its queue: its waiter gets ``error``."""
@@ -844,11 +839,12 @@ class Scheduler:
         shared = self.shared
         if shared is None:
             backend.cap, backend.urgent_cap = backend.budget, backend.urgent_budget
-            return
-        cap = max(0, min(backend.budget, shared.share(backend.name)))
-        margin = backend.urgent_budget - backend.budget
-        backend.cap = cap
-        backend.urgent_cap = cap + (margin * cap // backend.budget if backend.budget > 0 else 0)
+        else:
+            cap = max(0, min(backend.budget, shared.share(backend.name)))
+            margin = backend.urgent_budget - backend.budget
+            backend.cap = cap
+            backend.urgent_cap = cap + (margin * cap // backend.budget if backend.budget > 0 else 0)
+        self._room.update(backend)
 
     # ----- several replicas ---------------------------------------------------------------------------
     def _report_to_fleet(self) -> None:

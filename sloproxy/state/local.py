@@ -12,7 +12,9 @@ class LocalState(SchedulerState):
         self._reservations: dict[str, dict[str, int]] = defaultdict(dict)  # backend -> request id -> tokens
         self._budgets: dict[str, int] = {}
         self._tenants: Counter[str] = Counter()
-        self._queues: Counter[tuple[str, str]] = Counter()
+        # (model, class) -> requests waiting; a plain dict, as a Counter's missing key and deletion are
+        # Python-level methods (each request leaving its queue passes here: a dispatch decision)
+        self._queues: dict[tuple[str, str], int] = {}
 
     def reserve(self, backend: str, request_id: str, tokens: int) -> int:
         held = self._reservations[backend]
@@ -44,9 +46,12 @@ class LocalState(SchedulerState):
         return self._tenants[tenant]
 
     def queue_changed(self, model: str, slo_class: str, delta: int) -> None:
-        self._queues[(model, slo_class)] += delta
-        if self._queues[(model, slo_class)] <= 0:
-            del self._queues[(model, slo_class)]
+        key = (model, slo_class)
+        count = self._queues.get(key, 0) + delta
+        if count > 0:
+            self._queues[key] = count
+        else:
+            self._queues.pop(key, None)
 
     def queue_depths(self) -> dict[tuple[str, str], int]:
         return dict(self._queues)
