@@ -76,6 +76,10 @@ class Ordering(ABC):
     # Orderings that look at the time read it here; the scheduler sets its own clock (virtual in the
     # simulator) on every queue it creates.
     clock: Callable[[], float] = staticmethod(time.monotonic)
+    # True where the head, removed right after a peek and pushed back, is the head again and is queued
+    # once (no marked twin left behind): the scheduler then sets aside a head confined to backends that
+    # are full to reach the work behind it (Scheduler._park). False: the head of line waits.
+    restores_removed_head: bool = False
 
     @abstractmethod
     def push(self, request: ProxyRequest) -> None: ...

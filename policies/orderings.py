@@ -24,6 +24,8 @@ class HeapOrdering(Ordering):
     costs a nested tuple comparison at every sift step; with 10,000 waiting a pop's ~14 steps of them
     were most of EDF's share of a dispatch decision. An ordering by one number returns the number."""
 
+    restores_removed_head = True
+
     def __init__(self, key: Callable[[ProxyRequest], Any]) -> None:
         self._key = key
         self._heap: list[tuple[Any, int, ProxyRequest]] = []
@@ -49,10 +51,16 @@ class HeapOrdering(Ordering):
         return request
 
     def remove(self, request: ProxyRequest) -> bool:
+        """Take ``request`` out. The head's entry leaves the heap at once (the scheduler sets a head aside
+        and pushes it back within one dispatch: a marked entry left behind would then count as the
+        pushed one's twin); any other is marked and skipped later."""
         if id(request) not in self._live:
             return False
         self._live.discard(id(request))
-        if len(self._heap) > 64 and len(self._heap) > 2 * len(self._live):  # keep dead entries bounded
+        heap = self._heap
+        if heap[0][2] is request:
+            heapq.heappop(heap)
+        elif len(heap) > 64 and len(self._heap) > 2 * len(self._live):  # keep dead entries bounded
             self._heap = [entry for entry in self._heap if id(entry[2]) in self._live]
             heapq.heapify(self._heap)
         return True
@@ -107,6 +115,8 @@ class LateLastEDF(Ordering):
     request in it misses (the domino effect): in a burst above capacity, on-time work lined up behind
     requests already lost. Nothing is dropped here; overdue work is only served after on-time work.
     """
+
+    restores_removed_head = True
 
     def __init__(self) -> None:
         self._on_time = _DeadlineHeap()

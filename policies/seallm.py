@@ -58,6 +58,8 @@ def level(predicted_tokens: float, budget: float) -> int:
 class SeaLLMOrdering(Ordering):
     """Band, then level, then normalised deadline; the profile learns from served requests."""
 
+    restores_removed_head = True  # a HeapOrdering inside
+
     def __init__(self, profile: ServiceProfile, stretch: float, prefill_s: float, tpot_s: float) -> None:
         self.profile = profile
         self.stretch = stretch

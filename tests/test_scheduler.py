@@ -648,3 +648,62 @@ async def test_a_head_that_falls_overdue_while_it_is_placed_is_the_one_dispatche
     assert not waiting[1].done() and [r.id for r in s.queues["m"]] == [late.id]
     s.release(early, backend)
     assert (await asyncio.wait_for(waiting[1], 1)) is backend and not s.queues["m"]
+
+
+async def test_a_confined_head_does_not_hold_back_work_for_backends_it_cannot_use():
+    """A head that only one full backend can hold (a window too small elsewhere) is set aside for the
+    call: the request behind it goes to the backend it cannot use, never to the one it waits for, and
+    it is the queue's head again afterwards, queued once. Confined by something else than size (the
+    same windows), it holds the queue as before."""
+    for small_window, set_aside in ((4096, True), (8192, False)):
+        pool = BackendPool(
+            [
+                BackendConfig(
+                    name="big", engine="vllm", url="http://127.0.0.1:9", models=["m"], max_context_tokens=8192
+                ),
+                BackendConfig(
+                    name="small", engine="vllm", url="http://127.0.0.1:9", models=["m"], max_context_tokens=small_window
+                ),
+            ],
+            HealthConfig(),
+            LoadPolling(),
+        )
+        await _confined_head(pool, set_aside)
+
+
+async def _confined_head(pool: BackendPool, set_aside: bool) -> None:
+    s = Scheduler(load_policy("edf"), pool, SchedulingConfig(budget_initial=1))
+    running, confined, behind = request(), request(), request()
+    running.excluded.add("small")
+    confined.excluded.add("small")
+    assert (await s.acquire(running)).name == "big"
+    head = asyncio.ensure_future(s.acquire(confined))
+    await asyncio.sleep(0)
+    assert not head.done()  # big is full and small cannot hold it
+    queue = s.queues["m"]
+    if not set_aside:
+        waiting = asyncio.ensure_future(s.acquire(behind))
+        await asyncio.sleep(0)
+        assert not waiting.done() and len(queue) == 2  # the head of line holds
+        s.release(running, pool.backends[0])
+        assert (await head).name == "big" and (await waiting).name == "small"
+        return
+    assert (await asyncio.wait_for(s.acquire(behind), 5)).name == "small"  # not held back by the head
+    assert len(queue) == 1 and list(queue) == [confined] and queue.peek() is confined
+    s.release(running, pool.backends[0])
+    assert (await head).name == "big"
+    assert len(queue) == 0 and list(queue) == []
+
+
+def test_an_ordering_restores_a_removed_head_once():
+    from sloproxy.policies.orderings import edf, fifo
+
+    for make in (fifo, edf):
+        queue = make()
+        first, second = request(), request()
+        queue.push(first)
+        queue.push(second)
+        assert queue.peek() is first and queue.remove(first)
+        queue.push(first)
+        assert queue.peek() is first and len(queue) == 2 and sorted(map(id, queue)) == sorted(map(id, (first, second)))
+        assert queue.pop() is first and queue.pop() is second and list(queue) == []
