@@ -22,9 +22,17 @@ as ``agreement.scaled_config`` does for sloproxy: the two Rust routers' load-pol
 (user + system, its child processes included) as a share of one core over the replay, and the replayer's
 send lag, so a router that ran out of CPU shows in the JSON (``router_cpu``; the machine has 2 cores).
 
+With ``--fleet eight`` the fleet is instead bench/mixed_fleet.py's eight instances of the model over vLLM,
+SGLang and TGI with windows of 4,096 and 8,192, and requests are not clipped to a window (as policy_spread.py
+does for fleets with unlike windows): some fit only the 8,192 engines. A router that sends one to a smaller
+window gets that engine's refusal, judged as ``summarize`` judges it (a 4xx is a client error, not judged; a
+refusal inside an HTTP 200 stream, as TGI and SGLang's scheduler send, is a failure, a miss); each run also
+records the requests refused for length and its attainment with every such refusal a miss
+(``attainment_length_misses``).
+
     .venv/bin/python bench/peers_slo.py [--loads 1,1.5,2] [--only ROUTER,...] [--seconds 45] [--start 30]
-        [--speedup 1] [--workload conv|mooncake|code] [--out bench/out/peers_slo.json]
-        [--png docs/figures/peers_slo.png]
+        [--speedup 1] [--workload conv|mooncake|code|conv-plain] [--fleet four|eight]
+        [--out bench/out/peers_slo[_WORKLOAD][_FLEET].json] [--png docs/figures/peers_slo[_WORKLOAD][_FLEET].png]
 
 ``--only`` takes router labels (``vllm-router/cache_aware``, ``sloproxy/slo``, ...) or a family
 (``litellm``); results merge into an existing ``--out`` made with the same setup.
@@ -34,8 +42,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,13 +58,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import mixed_fleet
 import msgspec
 
 from sloproxy.emulator.fleet import FleetSpec, InstanceSpec
 from sloproxy.emulator.tokens import count_tokens, render_chat
 from sloproxy.evaluation.agreement import base_config, scaled_config
 from sloproxy.evaluation.build import BuildOptions, build_workload, parse_models
-from sloproxy.evaluation.records import write_run
+from sloproxy.evaluation.records import outcome, write_run
 from sloproxy.evaluation.replay import replay_run
 from sloproxy.evaluation.report import summarize
 from sloproxy.evaluation.simulate import proxy_config
@@ -73,6 +84,13 @@ FLEET = [  # name, engine, profile
     ("sglang-a100-80g", "sglang", "a100-80g-llama3-8b"),
     ("sglang-a100-40g", "sglang", "a100-40g-llama3-8b"),
 ]
+# name: [(instance, engine, profile, window)]
+FLEETS = {
+    "four": [(name, engine, profile, WINDOW) for name, engine, profile in FLEET],
+    # bench/mixed_fleet.py's eight instances over vLLM, SGLang and TGI, windows of 4,096 and 8,192: requests are
+    # not clipped to a window, so the longest fit only the 8,192 engines
+    "eight": [(name, engine, profile, window) for name, engine, profile, window in mixed_fleet.INSTANCES],
+}
 GENERATOR = "Meta-Llama-3-8B-Instruct"
 
 
@@ -96,6 +114,8 @@ SHAPES = {
     "mooncake": Shape("mooncake_synthetic.jsonl", "Mooncake (clipped to 8k, shared prefixes", seed=8),
     # Azure code as it is (clipped to the window): bursty arrivals, ~2k-token prompts, short replies
     "code": Shape("azure_code_2023.csv", "Azure code (bursty, clipped to 8k", seed=7),
+    # Azure conv as it is, for --fleet eight (never clipped there): ~1k-token prompts, a tail longer than 4k
+    "conv-plain": Shape("azure_conv_2023.csv", "Azure conv (unclipped", seed=13),
 }
 DEFAULT_LOADS = (1.0, 1.5, 2.0)
 TIMEOUT_S = 120.0  # trace seconds; past the batch deadline (60 s) a request has missed its SLO anyway
@@ -351,7 +371,8 @@ def litellm_proxy(router: Router, venv: Path, urls: list[str], port: int, workdi
 
 class SloproxyRouter:
     """``sloproxy serve`` (ProxyProcess) with a policy, every duration divided by the speedup; ready once
-    a backend is healthy."""
+    every backend is healthy and its context window known (``/admin/fleet``; open mode), so that no early
+    request is placed before the proxy has learned the windows it routes by."""
 
     def __init__(self, router: Router, specs: list[InstanceSpec], speedup: float) -> None:
         config = scaled_config(proxy_config(FleetSpec(instances=specs), router.policy, base=base_config()), speedup)
@@ -365,12 +386,19 @@ class SloproxyRouter:
     def __enter__(self) -> SloproxyRouter:
         self.proxy.start()
         deadline = time.monotonic() + 30
-        while not answers(self.proxy.url + "/ready"):
+        while not (answers(self.proxy.url + "/ready") and self.windows_known()):
             if time.monotonic() > deadline:
                 self.proxy.stop()
                 raise RuntimeError("sloproxy never became ready:\n" + self.proxy.output()[-2000:])
             time.sleep(0.1)
         return self
+
+    def windows_known(self) -> bool:
+        try:
+            backends = get_json(self.proxy.url + "/admin/fleet")["backends"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return all(b["healthy"] and b["context_window"] is not None for b in backends)
 
     def __exit__(self, *exc: object) -> None:
         self.proxy.__exit__()
@@ -379,7 +407,8 @@ class SloproxyRouter:
 # ---------------------------------------------------------------------------------------------- workload
 
 
-def build(shape: Shape, seconds: float, start: float) -> list[WorkloadRequest]:
+def build(shape: Shape, seconds: float, start: float, max_context: int | None = WINDOW) -> list[WorkloadRequest]:
+    """The shape's requests in the trace window, clipped to ``max_context`` (None: as long as the trace says)."""
     return build_workload(
         BuildOptions(
             trace=str(DATA / "traces" / shape.trace),
@@ -390,17 +419,27 @@ def build(shape: Shape, seconds: float, start: float) -> list[WorkloadRequest]:
             seed=shape.seed,
             output_lengths=shape.output_lengths,
             max_tokens_caps=shape.max_tokens_caps,
-            max_context=WINDOW,
+            max_context=max_context,
             input_scale=shape.input_scale,
         )
     )
 
 
-def describe(requests: Sequence[WorkloadRequest]) -> dict[str, Any]:
+def fits(request: WorkloadRequest, window: int) -> bool:
+    """The prompt and its reply limit (``max_tokens``, else the true reply) fit ``window`` whole."""
+    return count_tokens(render_chat(request.messages)) + (request.max_tokens or request.output_tokens) < window
+
+
+def fits_no_window(request: WorkloadRequest, windows: Sequence[int]) -> bool:
+    """The prompt alone fills the largest window: every engine refuses it, whatever the reply limit."""
+    return count_tokens(render_chat(request.messages)) >= max(windows)
+
+
+def describe(requests: Sequence[WorkloadRequest], windows: Sequence[int] = (WINDOW,)) -> dict[str, Any]:
     prompts = sorted(count_tokens(render_chat(r.messages)) for r in requests)
     replies = sorted(r.output_tokens for r in requests)
     span = requests[-1].arrival_s
-    return {
+    described: dict[str, Any] = {
         "requests": len(requests),
         "span_s": span,
         "rate_rps_at_load_1": len(requests) / span if span else None,
@@ -409,10 +448,15 @@ def describe(requests: Sequence[WorkloadRequest]) -> dict[str, Any]:
         "reply_tokens_mean": round(sum(replies) / len(replies)),
         "reply_tokens_median": replies[len(replies) // 2],
         "interactive_share": round(sum(r.slo_class == "interactive" for r in requests) / len(requests), 3),
-        "fit_window": sum(
-            count_tokens(render_chat(r.messages)) + (r.max_tokens or r.output_tokens) < WINDOW for r in requests
-        ),
+        "fit_window": sum(fits(r, WINDOW) for r in requests),
     }
+    if len(set(windows)) > 1:  # unlike windows: who fits where
+        described["prompt_tokens_p99"] = prompts[min(len(prompts) - 1, round(0.99 * len(prompts)))]
+        described["prompt_tokens_max"] = prompts[-1]
+        described["fit_window"] = sum(fits(r, max(windows)) for r in requests)  # the largest
+        described["fit_smallest_window"] = sum(fits(r, min(windows)) for r in requests)
+        described["fit_no_window"] = sum(fits_no_window(r, windows) for r in requests)
+    return described
 
 
 def at_load(requests: Sequence[WorkloadRequest], load: float) -> list[WorkloadRequest]:
@@ -422,7 +466,7 @@ def at_load(requests: Sequence[WorkloadRequest], load: float) -> list[WorkloadRe
 # ---------------------------------------------------------------------------------------------- runs
 
 
-def fleet_instances() -> list[dict[str, Any]]:
+def fleet_instances(fleet: str = "four") -> list[dict[str, Any]]:
     return [
         {
             "name": name,
@@ -430,17 +474,42 @@ def fleet_instances() -> list[dict[str, Any]]:
             "model": MODEL,
             "profile": profile,
             "port": free_port(),
-            "max_model_len": WINDOW,
+            "max_model_len": window,
         }
-        for name, engine, profile in FLEET
+        for name, engine, profile, window in FLEETS[fleet]
     ]
+
+
+LENGTH_REFUSAL = re.compile(  # each engine's refusal of a request over its window, and sloproxy's
+    r"context length|context_length|max_model_len|maximum allowed length|`inputs`|max_total_tokens", re.IGNORECASE
+)
+
+
+def failures(records: Sequence[Any], no_window: set[str]) -> dict[str, Any]:
+    """What went wrong in a run: failed requests by (outcome, HTTP status, cause with numbers taken out), the
+    requests refused for their length (by any engine's or sloproxy's message, in a 4xx or inside a stream),
+    and of those the ones some window of the fleet holds (a router that knew the windows could have placed them)."""
+    failed: collections.Counter[str] = collections.Counter()
+    length, placeable = 0, 0
+    for r in records:
+        if r.status == "ok":
+            continue
+        failed[f"{outcome(r)} {r.http_status}: {re.sub(r'[0-9]+', 'N', (r.error or '')[:70])}"] += 1
+        if LENGTH_REFUSAL.search(r.error or ""):
+            length += 1
+            placeable += r.id not in no_window
+    return {
+        "refused_for_length": length,
+        "refused_for_length_placeable": placeable,
+        "failures": dict(failed.most_common()),
+    }
 
 
 async def one_run(
     router: Router, load: float, requests: list[WorkloadRequest], workload_path: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
     """A fresh fleet, a fresh router, one open-loop replay; the run's summary and conditions."""
-    instances = fleet_instances()
+    instances = fleet_instances(args.fleet)
     key = f"{router.label.replace('/', '_')}@{load:g}"
     logs = args.workdir / "logs"
     with EmulatorProcess(instances, speedup=args.speedup, extra={"lengths": str(workload_path)}) as fleet:
@@ -478,11 +547,16 @@ async def one_run(
         meta,
         trace=SHAPES[args.workload].trace,
         window_s=[args.start, args.start + args.seconds],
-        fleet=[{"name": n, "engine": e, "model": MODEL, "profile": p} for n, e, p in FLEET],
+        fleet=[{"name": n, "engine": e, "model": MODEL, "profile": p} for n, e, p, _ in FLEETS[args.fleet]],
     )
     write_run(args.workdir / "runs" / f"{key}.jsonl", meta, records)
     summary = summarize(meta, records)
     overall = summary["overall"]
+    extra: dict[str, Any] = {}
+    if args.fleet != "four":  # unlike windows: refusals for length, and attainment with each one a miss
+        extra = failures(records, args.no_window)
+        judged = len(records) - len(args.no_window)
+        extra["attainment_length_misses"] = overall["slo_met"] / judged if judged else None
     return {
         "attainment": overall["slo_attainment"],
         "classes": {name: block["slo_attainment"] for name, block in summary["classes"].items()},
@@ -495,6 +569,7 @@ async def one_run(
         "fleet_cpu": round(cpu_fleet / wall, 3),
         "send_lag_p99_ms": round(1e3 * meta.extra.get("send_lag_s", {}).get("p99", 0.0), 1),
         "loadavg_after": os.getloadavg()[0],
+        **extra,
     }
 
 
@@ -526,6 +601,9 @@ def render_table(results: dict[str, Any], loads: list[float]) -> str:
     rate = results["setup"]["workload"]["rate_rps_at_load_1"]
     head = ["router"] + [f"x{load:g} ({load * rate:.1f} req/s)" for load in loads]
     head += ["capacity", "interpolated", "router CPU (max)"]
+    windows = any("refused_for_length" in run for r in results["routers"].values() for run in r["runs"].values())
+    if windows:
+        head += ["refused for length (per load)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, result in results["routers"].items():
         runs = result["runs"]
@@ -541,6 +619,9 @@ def render_table(results: dict[str, Any], loads: list[float]) -> str:
             cells += [f"{at_least}x{cap:g}", f"{at_least}x{interp:.2f}"]
         cpu = max((run["router_cpu"] for run in runs.values()), default=None)
         cells.append("—" if cpu is None else f"{cpu:.0%} of a core")
+        if windows:
+            counts = [runs[f"{load:g}"].get("refused_for_length") for load in loads if f"{load:g}" in runs]
+            cells.append(" / ".join("—" if c is None else str(c) for c in counts))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -572,6 +653,7 @@ def figure(results: dict[str, Any], path: Path) -> None:
     setup = results["setup"]
     rate = setup["workload"]["rate_rps_at_load_1"]
     fig, ax = plt.subplots(figsize=(12, 6.4), dpi=110)
+    strict_drawn = False
     for label, result in results["routers"].items():
         family = label.split("/", 1)[0]
         points = sorted((float(k), run) for k, run in result["runs"].items() if run["attainment"] is not None)
@@ -585,6 +667,9 @@ def figure(results: dict[str, Any], path: Path) -> None:
             name = f"{label}  (capacity {'>= ' if result['capacity_at_least'] else ''}x{cap:g})"
         if any(run["router_cpu"] >= CPU_BOUND for _, run in points):
             name += ", CPU-bound"
+        refused = max((run.get("refused_for_length", 0) for _, run in points), default=0)
+        if "refused_for_length" in points[0][1]:
+            name += f", up to {refused} refused for length" if refused else ", none refused for length"
         colour = COLOURS.get(label, "black")
         ax.plot(xs, ys, STYLES.get(family, "-"), color=colour, linewidth=2.6 if family == "sloproxy" else 1.6)
         for x, y, (_, run) in zip(xs, ys, points, strict=True):
@@ -598,6 +683,20 @@ def figure(results: dict[str, Any], path: Path) -> None:
                 markerfacecolor="white" if hollow else colour,
             )
         ax.plot([], [], STYLES.get(family, "-"), marker=MARKERS.get(family, "o"), color=colour, label=name)
+        if refused:  # the same runs with every request refused for its length counted as a miss
+            strict = [100 * run["attainment_length_misses"] for _, run in points]
+            ax.plot(xs, strict, ":", marker="x", color=colour, linewidth=1, markersize=6, alpha=0.8)
+            strict_drawn = True
+    if strict_drawn:
+        ax.plot(
+            [],
+            [],
+            ":",
+            marker="x",
+            color="grey",
+            linewidth=1,
+            label="dotted, x: the same runs, refusals for length as misses",
+        )
     ax.axhline(100 * TARGET, color="black", linewidth=1, linestyle=(0, (4, 4)))
     ax.text(ax.get_xlim()[0], 100 * TARGET + 0.6, " 90% target", va="bottom", fontsize=9)
     ax.set_xlabel("offered load, requests/s (the trace window's rate x load)", fontsize=11)
@@ -610,12 +709,23 @@ def figure(results: dict[str, Any], path: Path) -> None:
     top.set_xticklabels([f"x{load:g}" for load in loads])
     top.set_xlabel("load (rate scale)", fontsize=10)
     w = setup["workload"]
+    if setup.get("fleet_name", "four") == "four":
+        fleet = "vLLM H100, vLLM A100-40G, SGLang A100-80G, SGLang A100-40G (llama-3-8b, 8k windows), "
+    else:
+        engines = collections.Counter(i["engine"] for i in setup["fleet"])
+        windows = sorted({i["max_model_len"] for i in setup["fleet"]})
+        fleet = (
+            f"{len(setup['fleet'])} instances of llama-3-8b ("
+            + ", ".join(f"{n} {e}" for e, n in engines.items())
+            + f"), windows {' and '.join(f'{x:,}' for x in windows)} (not clipped: "
+            f"{w['requests'] - w['fit_smallest_window']} requests do not fit the smallest window, "
+            f"{w['fit_no_window']} fit none);\n"
+        )
     fig.suptitle(
         f"Peer routers vs sloproxy, same fleet and workload: {w['requests']} requests of {setup['title']}, mean"
         f" {w['prompt_tokens_mean']} tokens; replies mean {w['reply_tokens_mean']}), "
-        f"{round(100 * w['interactive_share'])}% interactive\nfleet: vLLM H100, vLLM A100-40G, SGLang A100-80G, "
-        f"SGLang A100-40G (llama-3-8b, 8k windows), speedup {setup['speedup']:g}; hollow markers: router used"
-        f" >= {CPU_BOUND:.0%} of a core",
+        f"{round(100 * w['interactive_share'])}% interactive\nfleet: {fleet}speedup {setup['speedup']:g}; hollow"
+        f" markers: router used >= {CPU_BOUND:.0%} of a core",
         x=0.01,
         ha="left",
         fontsize=10,
@@ -649,10 +759,12 @@ async def main() -> None:
     parser.add_argument("--start", type=float, default=30.0, help="trace second the window starts at")
     parser.add_argument("--speedup", type=float, default=1.0, help="emulated fleet's speedup K (all routers)")
     parser.add_argument("--workload", choices=sorted(SHAPES), default="conv", help="the trace replayed (SHAPES)")
-    parser.add_argument("--out", type=Path, help="results JSON (default bench/out/peers_slo[_WORKLOAD].json)")
-    parser.add_argument("--png", type=Path, help="figure (default docs/figures/peers_slo[_WORKLOAD].png)")
+    parser.add_argument("--fleet", choices=sorted(FLEETS), default="four", help="the emulated fleet (FLEETS)")
+    parser.add_argument("--out", type=Path, help="results JSON (default bench/out/peers_slo[_WORKLOAD][_FLEET].json)")
+    parser.add_argument("--png", type=Path, help="figure (default docs/figures/peers_slo[_WORKLOAD][_FLEET].png)")
     args = parser.parse_args()
     suffix = "" if args.workload == "conv" else f"_{args.workload}"
+    suffix += "" if args.fleet == "four" else f"_{args.fleet}"
     args.out = args.out or ROOT / "bench" / "out" / f"peers_slo{suffix}.json"
     args.png = args.png or ROOT / "docs" / "figures" / f"peers_slo{suffix}.png"
     loads = sorted(float(x) for x in args.loads.split(",") if x.strip())
@@ -666,7 +778,10 @@ async def main() -> None:
         venv = ensure_peer(PEERS[family])
         versions[family] = peer_versions(PEERS[family], venv)
     shape = SHAPES[args.workload]
-    requests = build(shape, args.seconds, args.start)
+    windows = [window for *_, window in FLEETS[args.fleet]]
+    # one window: clipped to it; unlike windows: as long as the trace says (policy_spread.py's rule)
+    requests = build(shape, args.seconds, args.start, WINDOW if len(set(windows)) == 1 else None)
+    args.no_window = {r.id for r in requests if fits_no_window(r, windows)}
     workload_path = args.workdir / "workload.jsonl"
     write_workload(workload_path, requests)
     setup = {
@@ -679,9 +794,11 @@ async def main() -> None:
         "seed": shape.seed,
         "speedup": args.speedup,
         "timeout_s": TIMEOUT_S,
-        "fleet": [{"name": n, "engine": e, "profile": p, "max_model_len": WINDOW} for n, e, p in FLEET],
-        "workload": describe(requests),
+        "fleet": [{"name": n, "engine": e, "profile": p, "max_model_len": w} for n, e, p, w in FLEETS[args.fleet]],
+        "workload": describe(requests, windows),
     }
+    if args.fleet != "four":
+        setup |= {"fleet_name": args.fleet, "max_context": None}
     results: dict[str, Any] = {"setup": setup, "versions": {}, "routers": {}}
     if args.out.exists():
         previous = json.loads(args.out.read_text())
