@@ -146,8 +146,8 @@ class DrainRates:
             other = (key[0], name)
             before += self.waiting[other]
             taken = self._taken.get(other)
-            if taken is not None and taken.busy_s > 0:
-                spare -= taken.served / taken.busy_s
+            if taken is not None:  # a class first seen a moment ago is averaged over the trust period
+                spare -= taken.served / max(taken.busy_s, taken.trust_s, 1e-9)
         return (before + 1) / spare if spare > 0 else math.inf
 
     def wait_s(self, key: Key) -> float | None:

@@ -157,6 +157,25 @@ def test_a_class_behind_a_burst_is_projected_from_what_the_model_leaves_it():
     assert drain.wait_behind_s(batch, 30, ["interactive"]) > 120  # past its 60 s deadline: shed
 
 
+def test_a_class_first_seen_a_moment_ago_is_averaged_over_the_trust_period():
+    """Ten dispatches of a class seen for the first time a second ago are not ten a second: until its
+    window has the model's trust period of time behind it, they are spread over that period."""
+    from sloproxy.drain import DrainRates
+
+    drain, batch, vip = DrainRates(half_life_s=20.0), ("m", "batch"), ("m", "vip")
+    drain.advance(0.0)
+    drain.joined(batch, 60.0)
+    for second in range(1, 121):  # two minutes: batch waits and drains 4/s
+        for _ in range(4):
+            drain.dispatched(batch)
+        drain.advance(float(second))
+    for _ in range(10):
+        drain.dispatched(vip)
+    drain.advance(121.0)
+    wait = drain.wait_behind_s(batch, 0, ["vip"])
+    assert wait is not None and wait < 1.0  # 4/s less 10 over the 30 s trust period: ~0.3 s, not forever
+
+
 def test_a_deadline_class_rate_is_trusted_only_after_half_its_deadline_of_busy_time():
     """Batch starved by an interactive burst drains slowly for a while, then all at once: a rate
     judged on a few seconds of that would refuse work that meets its deadline."""
