@@ -137,18 +137,28 @@ class DrainRates:
         every waiter of ``classes_ahead`` (same model): all of them at the model's busy rate less what
         those classes take on average. None while too little was seen to judge; infinite when the
         classes ahead take all the model drains."""
+        outlook = self.behind(key, classes_ahead)
+        if outlook is None:
+            return None
+        waiting_ahead, spare = outlook
+        return (waiting_ahead + ahead + 1) / spare if spare > 0 else math.inf
+
+    def behind(self, key: Key, classes_ahead: list[str]) -> tuple[int, float] | None:
+        """What :meth:`wait_behind_s` projects from, for a caller judging many requests of ``key`` at
+        once: the waiters of ``classes_ahead`` and the rate the model leaves ``key``'s class (requests
+        per second; <= 0 when the classes ahead take it all). None while too little was seen."""
         model = self._models.get(key[0])
         if model is None or model.busy_s < model.trust_s or model.served <= 0:
             return None
         spare = model.served / model.busy_s
-        before = ahead
+        waiting_ahead = 0
         for name in classes_ahead:
             other = (key[0], name)
-            before += self.waiting[other]
+            waiting_ahead += self.waiting[other]
             taken = self._taken.get(other)
             if taken is not None:  # a class first seen a moment ago is averaged over the trust period
                 spare -= taken.served / max(taken.busy_s, taken.trust_s, 1e-9)
-        return (before + 1) / spare if spare > 0 else math.inf
+        return waiting_ahead, spare
 
     def wait_s(self, key: Key) -> float | None:
         """Expected wait of a request joining ``key``'s queue now: those already waiting divided by the

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -485,7 +486,8 @@ class Scheduler:
         if len(windows) < len(usable):
             return False  # a window unknown: no telling what confines it
         others = [b for b in with_room if b.name not in usable and b.name not in held]
-        if not others or any(b.context is None or b.context.total >= min(windows) for b in others):
+        smallest = min(windows, default=0)
+        if not others or any(b.context is None or b.context.total >= smallest for b in others):
             return False  # no room it leaves to others, or room it is kept from by something else than size
         queue.remove(request)  # not a pop: nothing is charged to it (a fair ordering's deficit), it comes back
         parked.append(request)
@@ -745,12 +747,14 @@ class Scheduler:
                 if slo is not None and slo.sheddable and request.deadline is not None:
                     by_class.setdefault(slo.name, []).append(request)
             for name, waiting in by_class.items():
+                outlook = self.drain.behind((model, name), self._classes_ahead(name))
+                if outlook is None:
+                    continue
+                waiting_ahead, spare = outlook
                 waiting.sort(key=lambda r: r.deadline)  # type: ignore[arg-type,return-value]
                 kept = 0
                 for request in waiting:
-                    wait = self._wait_s(model, name, kept)
-                    if wait is None:
-                        break
+                    wait = (waiting_ahead + kept + 1) / spare if spare > 0 else math.inf
                     if now + wait + request.est_output_tokens * shed_tpot < request.deadline:  # type: ignore[operator]
                         kept += 1
                         continue
@@ -767,13 +771,11 @@ class Scheduler:
                         ),
                     )
 
-    def _wait_s(self, model: str, name: str, ahead: int) -> float | None:
-        """How long a request of class ``name`` with ``ahead`` of its class before it would wait: behind
-        the waiters of more important bands, at what its model drains at less what those bands take
-        (``DrainRates.wait_behind_s``). None: too little seen to judge."""
+    def _classes_ahead(self, name: str) -> list[str]:
+        """The classes of more important bands than ``name``'s: their waiters go first, and what they
+        take of the model is not left to it (``DrainRates.wait_behind_s``)."""
         band = self._class_band.get(name, 1)
-        classes_ahead = [other for other, b in self._class_band.items() if b < band]
-        return self.drain.wait_behind_s((model, name), ahead, classes_ahead)
+        return [other for other, b in self._class_band.items() if b < band]
 
     def hopeless(self, request: ProxyRequest, now: float) -> bool:
         """Sheddable work that can no longer finish by its deadline, even if dispatched now:
@@ -792,7 +794,11 @@ class Scheduler:
         if not (self.config.shed_outwaited and slo and slo.sheddable and request.deadline is not None):
             return False
         waiting = self.drain.waiting[(request.model, slo.name)]
-        wait = self._wait_s(request.model, slo.name, waiting) if waiting > 0 else 0.0
+        wait = (
+            self.drain.wait_behind_s((request.model, slo.name), waiting, self._classes_ahead(slo.name))
+            if waiting > 0
+            else 0.0
+        )
         return wait is not None and now + wait + request.est_output_tokens * self.config.shed_tpot_s >= request.deadline
 
     def _on_load_update(self, backend: Backend) -> None:
